@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from typing import Final, final
 
-__all__ = ["TOMBSTONE", "Tombstone", "check_capacity", "check_limit", "check_now", "check_tick", "check_ttl"]
+__all__ = [
+    "TOMBSTONE",
+    "Tombstone",
+    "check_capacity",
+    "check_limit",
+    "check_now",
+    "check_tick",
+    "check_ttl",
+]
 
 # The wheel has four levels of 256 buckets; with the default tick of 10 ms it spans about
 # 497 days before an entry needs rescheduling from the top level (which is handled lazily).
@@ -78,7 +86,9 @@ def check_now(now: object) -> float:
 
 def check_capacity(capacity: object) -> int:
     """Return `capacity` if it is an int between 1 and 2**31 - 2**16, else raise."""
-    if type(capacity) is not int and not (isinstance(capacity, int) and not isinstance(capacity, bool)):
+    if type(capacity) is not int and not (
+        isinstance(capacity, int) and not isinstance(capacity, bool)
+    ):
         raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
     if not 1 <= capacity <= MAX_CAPACITY:
         raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY}, got {capacity!r}")
@@ -88,10 +98,14 @@ def check_capacity(capacity: object) -> int:
 def check_tick(tick: object) -> float:
     """Return `tick` as a float of seconds, or raise if it is not in [1 ms, 60 s]."""
     if not _is_number(tick):
-        raise TypeError(f"tick must be a number of seconds (int or float), not {type(tick).__name__}")
+        raise TypeError(
+            f"tick must be a number of seconds (int or float), not {type(tick).__name__}"
+        )
     value = float(tick)  # type: ignore[arg-type]
     if not (MIN_TICK <= value <= MAX_TICK_SECONDS):
-        raise ValueError(f"tick must be between {MIN_TICK} and {MAX_TICK_SECONDS} seconds, got {tick!r}")
+        raise ValueError(
+            f"tick must be between {MIN_TICK} and {MAX_TICK_SECONDS} seconds, got {tick!r}"
+        )
     return value
 
 

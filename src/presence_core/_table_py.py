@@ -68,7 +68,7 @@ def _check_clock(clock: object) -> Callable[[], float]:
         return time.monotonic
     if not callable(clock):
         raise TypeError(f"clock must be a callable returning seconds, not {type(clock).__name__}")
-    return clock  # type: ignore[return-value]
+    return clock
 
 
 class PresenceTable(Generic[K, V]):
@@ -260,7 +260,9 @@ class PresenceTable(Generic[K, V]):
         self._version += 1
         self._counts[2] += 1
 
-    def touch_many(self, keys: Iterable[K], ttl: float | None = None, now: float | None = None) -> int:
+    def touch_many(
+        self, keys: Iterable[K], ttl: float | None = None, now: float | None = None
+    ) -> int:
         """`touch` every key in order; returns how many were live.
 
         Every key is hashed and looked up before anything changes.
@@ -324,7 +326,7 @@ class PresenceTable(Generic[K, V]):
             return expired
         if target > current:
             due = self._collect(current, target)
-            self._current = target
+            self._current = current = target
             for key in due:
                 entry = self._lru[key]
                 if entry[_DEADLINE] <= now_s:
@@ -333,7 +335,6 @@ class PresenceTable(Generic[K, V]):
                     self._schedule(key, entry, now_s)
         pending = self._buckets[_PENDING]
         if pending:
-            current = self._current
             for key in list(pending):
                 entry = self._lru[key]
                 if entry[_DEADLINE] <= now_s:
@@ -415,6 +416,20 @@ class PresenceTable(Generic[K, V]):
     def __repr__(self) -> str:
         return f"<PresenceTable len={len(self._lru)} capacity={self._capacity} (python)>"
 
+    def __reduce__(self) -> Any:
+        raise TypeError("PresenceTable cannot be pickled")
+
+    def check_invariants(self) -> None:
+        """Walk every structure and raise AssertionError on the first inconsistency (O(n))."""
+        on_wheel = 0
+        for number, bucket in enumerate(self._buckets):
+            for key in bucket:
+                assert key in self._lru, "dead entry on the wheel"
+                assert self._lru[key][_BUCKET] == number, "bucket number"
+                on_wheel += 1
+        assert on_wheel == len(self._lru), f"wheel holds {on_wheel}, len is {len(self._lru)}"
+        assert self._track_dirty or not self._dirty, "dirty keys while not tracking"
+
 
 def _pairs(items: Iterable[Any]) -> list[tuple[Any, Any]]:
     pairs = []
@@ -437,4 +452,3 @@ def _sizeof(table: PresenceTable[Any, Any]) -> int:
     size += sum(sys.getsizeof(entry) for entry in table._lru.values())
     size += sum(sys.getsizeof(bucket) for bucket in table._buckets)
     return size
-

@@ -1,0 +1,43 @@
+"""Every table test runs against both implementations: `c` (compiled) and `py` (the twin).
+
+In CI (`CI=true`) or with `PRESENCE_CORE_REQUIRE_EXTENSION=1`, a missing compiled module is
+an error, never a skip: a broken build must not pass as a green run of the twin alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from impls import _FAST_ERROR, REQUIRE_EXTENSION, _fast, impl
+
+settings.register_profile(
+    "default", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ci" if REQUIRE_EXTENSION else "default")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import presence_core
+
+    state = "compiled" if _fast is not None else f"NOT BUILT ({_FAST_ERROR})"
+    return (
+        f"presence_core: extension {state}; "
+        f"USING_EXTENSION={presence_core.USING_EXTENSION}; require={REQUIRE_EXTENSION}"
+    )
+
+
+@pytest.fixture(params=["c", "py"])
+def Table(request: pytest.FixtureRequest) -> Any:
+    """The PresenceTable class of one implementation."""
+    return impl(request.param)
+
+
+@pytest.fixture
+def both() -> tuple[Any, Any]:
+    """Both implementations, for tests that compare them directly."""
+    return impl("c"), impl("py")
