@@ -1,0 +1,450 @@
+"""The Phoenix codec: round trips, malformed frames, and frames made by Supabase's real client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from realtime import AsyncRealtimeChannel, AsyncRealtimeClient
+from realtime.message import PresenceDiffMessage, PresenceStateMessage, ServerMessageAdapter
+
+from presence_core.phoenix import (
+    EVENT_JOIN,
+    EVENT_PRESENCE,
+    EVENT_PRESENCE_DIFF,
+    EVENT_PRESENCE_STATE,
+    ClientPresence,
+    Message,
+    PhoenixProtocolError,
+    client_presence_message,
+    decode,
+    encode,
+    parse_client_presence,
+    presence_diff_message,
+    presence_key_from_join,
+    presence_state_message,
+)
+
+FULL = Message(
+    topic="realtime:room",
+    event="presence_diff",
+    payload={"joins": {"u1": {"metas": [{"phx_ref": "F1", "x": [1, 2.5, None]}]}}, "leaves": {}},
+    ref="7",
+    join_ref="3",
+)
+BARE = Message(topic="realtime:room", event="presence_state", payload={})
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("msg", [FULL, BARE], ids=["full", "bare"])
+def test_round_trip(msg: Message, version: Any) -> None:
+    data = encode(msg, version)
+    assert isinstance(data, bytes)
+    assert decode(data, version) == msg
+    assert decode(data) == msg  # auto-detected
+    assert decode(data.decode()) == msg  # str input
+
+
+def test_v2_layout() -> None:
+    assert orjson.loads(encode(FULL)) == ["3", "7", FULL.topic, FULL.event, FULL.payload]
+    assert orjson.loads(encode(BARE, 2)) == [None, None, BARE.topic, BARE.event, {}]
+
+
+def test_v1_layout_always_has_ref_and_join_ref_only_when_set() -> None:
+    assert orjson.loads(encode(FULL, 1)) == {
+        "join_ref": "3",
+        "ref": "7",
+        "topic": FULL.topic,
+        "event": FULL.event,
+        "payload": FULL.payload,
+    }
+    assert orjson.loads(encode(BARE, 1)) == {
+        "ref": None,
+        "topic": BARE.topic,
+        "event": BARE.event,
+        "payload": {},
+    }
+
+
+def test_autodetect_and_input_types() -> None:
+    v1 = b' {"topic": "t", "event": "e", "payload": {}, "ref": null} '
+    v2 = b'\n["1", "2", "t", "e", {"a": 1}]'
+    assert decode(v1) == Message("t", "e", {})
+    assert decode(v2) == Message("t", "e", {"a": 1}, ref="2", join_ref="1")
+    assert decode(bytearray(v2)) == decode(memoryview(v2)) == decode(v2)
+
+
+def test_v1_join_ref_optional_and_unknown_keys_ignored() -> None:
+    frame = {"topic": "t", "event": "e", "payload": [], "ref": "1", "extra": 5}
+    assert decode(orjson.dumps(frame)) == Message("t", "e", [], ref="1")
+    frame["join_ref"] = "9"
+    assert decode(orjson.dumps(frame)).join_ref == "9"
+
+
+def test_message_is_frozen_with_slots() -> None:
+    with pytest.raises(AttributeError):
+        FULL.topic = "other"  # type: ignore[misc]
+    assert not hasattr(FULL, "__dict__")
+
+
+# --- malformed input --------------------------------------------------------------------------
+
+V1_OK: dict[str, Any] = {"join_ref": None, "ref": None, "topic": "t", "event": "e", "payload": {}}
+
+MALFORMED = {
+    "empty": b"",
+    "truncated": b'{"topic": "t"',
+    "not json": b"hello",
+    "invalid utf-8": b"\xff\xfe",
+    "trailing garbage": b'[null, null, "t", "e", {}] x',
+    "number": b"1",
+    "string": b'"frame"',
+    "null": b"null",
+    "bool": b"true",
+    "v2 empty": b"[]",
+    "v2 four": b'[null, null, "t", "e"]',
+    "v2 six": b'[null, null, "t", "e", {}, 1]',
+    "v2 topic int": b'[null, null, 1, "e", {}]',
+    "v2 topic null": b'[null, null, null, "e", {}]',
+    "v2 event list": b'[null, null, "t", [], {}]',
+    "v2 ref int": b'[null, 1, "t", "e", {}]',
+    "v2 ref bool": b'[null, true, "t", "e", {}]',
+    "v2 join_ref object": b'[{}, null, "t", "e", {}]',
+    **{
+        f"v1 missing {name}": orjson.dumps({k: v for k, v in V1_OK.items() if k != name})
+        for name in ("topic", "event", "payload", "ref")
+    },
+    "v1 topic int": orjson.dumps({**V1_OK, "topic": 5}),
+    "v1 event null": orjson.dumps({**V1_OK, "event": None}),
+    "v1 ref int": orjson.dumps({**V1_OK, "ref": 12}),
+    "v1 join_ref float": orjson.dumps({**V1_OK, "join_ref": 1.5}),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_frames_raise_protocol_error(data: bytes) -> None:
+    versions: tuple[Literal[1, 2] | None, ...] = (None, 1, 2)
+    for version in versions:
+        with pytest.raises(PhoenixProtocolError):
+            decode(data, version)
+
+
+def test_protocol_error_is_a_value_error() -> None:
+    assert issubclass(PhoenixProtocolError, ValueError)
+
+
+def test_version_mismatch_and_unknown_version() -> None:
+    v1, v2 = encode(FULL, 1), encode(FULL, 2)
+    with pytest.raises(PhoenixProtocolError, match="expected a v1 frame"):
+        decode(v2, 1)
+    with pytest.raises(PhoenixProtocolError, match="expected a v2 frame"):
+        decode(v1, 2)
+    with pytest.raises(PhoenixProtocolError, match="unknown protocol version"):
+        decode(v1, 3)  # type: ignore[arg-type]
+    with pytest.raises(PhoenixProtocolError, match="unknown protocol version"):
+        encode(FULL, 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data", [None, 5, ["t"], {"topic": "t"}])
+def test_decode_rejects_non_text_input(data: Any) -> None:
+    with pytest.raises(PhoenixProtocolError, match="bytes or str"):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Message("t", "e", object()),
+        Message("t", "e", {1: "non-string key"}),
+        Message("t", "e", {"s": {1, 2}}),
+        Message("t", "e", "\ud800"),
+        Message(1, "e", {}),  # type: ignore[arg-type]
+        Message("t", None, {}),  # type: ignore[arg-type]
+        Message("t", "e", {}, ref=1),  # type: ignore[arg-type]
+        Message("t", "e", {}, join_ref=b"1"),  # type: ignore[arg-type]
+    ],
+    ids=["object", "int key", "set", "surrogate", "topic", "event", "ref", "join_ref"],
+)
+@pytest.mark.parametrize("version", [1, 2])
+def test_encode_rejects_what_cannot_go_on_the_wire(msg: Message, version: Any) -> None:
+    with pytest.raises(PhoenixProtocolError):
+        encode(msg, version)
+
+
+# --- hypothesis -------------------------------------------------------------------------------
+
+_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=20,
+)
+_messages = st.builds(
+    Message,
+    topic=_text,
+    event=_text,
+    payload=_json,
+    ref=st.none() | _text,
+    join_ref=st.none() | _text,
+)
+
+
+@given(msg=_messages, version=st.sampled_from([1, 2]))
+def test_round_trip_property(msg: Message, version: Any) -> None:
+    data = encode(msg, version)
+    assert decode(data) == msg
+    assert decode(data, version) == msg
+
+
+@given(value=_json)
+def test_any_json_decodes_or_raises_protocol_error(value: Any) -> None:
+    try:
+        decode(orjson.dumps(value))
+    except PhoenixProtocolError:
+        pass
+
+
+@given(data=st.binary(max_size=64))
+def test_any_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
+    try:
+        decode(data)
+    except PhoenixProtocolError:
+        pass
+
+
+# --- presence pushes --------------------------------------------------------------------------
+
+STATE = {"alice": {"metas": [{"phx_ref": "F1", "status": "online"}]}}
+DIFF = {
+    "joins": {"bob": {"metas": [{"phx_ref": "F3", "phx_ref_prev": "F2", "status": "away"}]}},
+    "leaves": {"bob": {"metas": [{"phx_ref": "F2", "status": "online"}]}},
+}
+
+
+def test_presence_push_messages() -> None:
+    state = presence_state_message("realtime:room", STATE)
+    diff = presence_diff_message("realtime:room", DIFF)
+    assert (state.event, state.payload, state.ref, state.join_ref) == (
+        EVENT_PRESENCE_STATE,
+        STATE,
+        None,
+        None,
+    )
+    assert (diff.event, diff.payload, diff.ref, diff.join_ref) == (
+        EVENT_PRESENCE_DIFF,
+        DIFF,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize("diff", [{}, {"joins": {}}, {"leaves": {}}])
+def test_presence_diff_needs_joins_and_leaves(diff: dict[str, Any]) -> None:
+    with pytest.raises(PhoenixProtocolError, match="joins"):
+        presence_diff_message("t", diff)
+
+
+def test_v1_presence_pushes_pass_the_real_clients_validation() -> None:
+    state = ServerMessageAdapter.validate_json(encode(presence_state_message("t", STATE), 1))
+    diff = ServerMessageAdapter.validate_json(encode(presence_diff_message("t", DIFF), 1))
+    assert isinstance(state, PresenceStateMessage) and state.payload == STATE
+    assert isinstance(diff, PresenceDiffMessage) and diff.payload == DIFF
+
+
+# --- frames built by Supabase's real Python client --------------------------------------------
+
+
+class _RecordingSocket:
+    """Stands in for the websocket connection; the client only calls `send(str)` on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, data: str) -> None:
+        self.sent.append(data)
+
+
+def _client_frames(
+    key: str | None,
+    action: Callable[[AsyncRealtimeChannel], Awaitable[None]],
+) -> list[Message]:
+    """Join a channel with the real client, run `action`, and decode every frame it sent."""
+
+    async def run() -> list[str]:
+        client = AsyncRealtimeClient("ws://localhost:4000", auto_reconnect=False)
+        recorder = _RecordingSocket()
+        # Marks the client connected without a network; send() then writes to the recorder.
+        client._ws_connection = recorder  # type: ignore[assignment]
+        params: Any = None
+        if key is not None:
+            params = {"config": {"presence": {"key": key, "enabled": True}, "private": False}}
+        channel = client.channel("room", params)
+        channel._prepare_join(None)
+        await channel.join_push.send()
+        await action(channel)
+        # Every push armed a timeout task; cancel them so the loop closes cleanly.
+        channel.join_push.destroy()
+        for push in list(channel.messages_waiting_for_ack.values()):
+            push.destroy()
+        await asyncio.sleep(0)
+        return recorder.sent
+
+    return [decode(frame) for frame in asyncio.run(run())]
+
+
+async def _track_then_untrack(channel: AsyncRealtimeChannel) -> None:
+    await channel.track({"status": "online", "device": {"kind": "phone"}})
+    await channel.untrack()
+
+
+def test_real_client_join_track_untrack() -> None:
+    join, track, untrack = _client_frames("alice", _track_then_untrack)
+
+    assert join.topic == "realtime:room" and join.event == EVENT_JOIN
+    assert join.ref is not None and join.join_ref == join.ref
+    assert join.payload["config"]["presence"] == {"key": "alice", "enabled": True}
+    assert presence_key_from_join(join.payload) == "alice"
+
+    for push in (track, untrack):
+        assert push.topic == "realtime:room" and push.event == EVENT_PRESENCE
+        assert push.join_ref == join.ref and push.ref not in (None, join.ref)
+
+    assert track.payload == {
+        "event": "track",
+        "payload": {"status": "online", "device": {"kind": "phone"}},
+    }
+    assert untrack.payload == {"event": "untrack", "payload": {}}
+    assert parse_client_presence(track) == ClientPresence(
+        "track", {"status": "online", "device": {"kind": "phone"}}
+    )
+    assert parse_client_presence(untrack) == ClientPresence("untrack", {})
+
+    # Our encoder without "type" builds exactly what the Python client sends.
+    ours = client_presence_message(
+        "realtime:room",
+        "track",
+        {"status": "online", "device": {"kind": "phone"}},
+        ref=track.ref,
+        join_ref=track.join_ref,
+        with_type=False,
+    )
+    assert ours == track
+    assert (
+        client_presence_message(
+            "realtime:room", "untrack", ref=untrack.ref, join_ref=untrack.join_ref, with_type=False
+        )
+        == untrack
+    )
+
+
+async def _nothing(channel: AsyncRealtimeChannel) -> None:
+    return None
+
+
+def test_real_client_default_join_has_no_presence_key() -> None:
+    (join,) = _client_frames(None, _nothing)
+    assert join.payload["config"]["presence"] == {"key": "", "enabled": False}
+    assert presence_key_from_join(join.payload) is None
+
+
+# --- client presence events -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_type", [True, False])
+def test_client_presence_round_trip(with_type: bool) -> None:
+    track = client_presence_message("t", "track", {"s": 1}, ref="5", with_type=with_type)
+    untrack = client_presence_message("t", "untrack", with_type=with_type)
+    assert ("type" in track.payload) is with_type
+    for version in (1, 2):
+        assert parse_client_presence(decode(encode(track, version))) == ClientPresence(
+            "track", {"s": 1}
+        )
+        assert parse_client_presence(decode(encode(untrack, version))) == ClientPresence(
+            "untrack", {}
+        )
+
+
+def test_untrack_without_payload_as_js_client_sends_it() -> None:
+    msg = Message("t", EVENT_PRESENCE, {"type": "presence", "event": "untrack"})
+    assert parse_client_presence(msg) == ClientPresence("untrack", {})
+
+
+@pytest.mark.parametrize(
+    ("event", "payload"),
+    [
+        ("broadcast", {"event": "track", "payload": {}}),
+        (EVENT_PRESENCE, None),
+        (EVENT_PRESENCE, ["track", {}]),
+        (EVENT_PRESENCE, {"type": "broadcast", "event": "track", "payload": {}}),
+        (EVENT_PRESENCE, {"payload": {}}),
+        (EVENT_PRESENCE, {"event": "update", "payload": {}}),
+        (EVENT_PRESENCE, {"event": None, "payload": {}}),
+        (EVENT_PRESENCE, {"event": "track"}),
+        (EVENT_PRESENCE, {"event": "track", "payload": None}),
+        (EVENT_PRESENCE, {"event": "track", "payload": [1]}),
+        (EVENT_PRESENCE, {"event": "untrack", "payload": "x"}),
+    ],
+)
+def test_bad_client_presence(event: str, payload: Any) -> None:
+    with pytest.raises(PhoenixProtocolError):
+        parse_client_presence(Message("t", event, payload))
+
+
+def test_client_presence_message_argument_checks() -> None:
+    with pytest.raises(PhoenixProtocolError):
+        client_presence_message("t", "track")
+    with pytest.raises(PhoenixProtocolError):
+        client_presence_message("t", "untrack", {"s": 1})
+    with pytest.raises(PhoenixProtocolError):
+        client_presence_message("t", "join", {})  # type: ignore[arg-type]
+
+
+# --- join config ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "key"),
+    [
+        ({"config": {"presence": {"key": "u1", "enabled": True}}}, "u1"),
+        ({"config": {"presence": {"key": "u1"}, "broadcast": None}}, "u1"),
+        ({"config": {"presence": {"key": "", "enabled": False}}}, None),
+        ({"config": {"presence": {"enabled": True}}}, None),
+        ({"config": {"presence": {"key": None}}}, None),
+        ({"config": {"presence": None}}, None),
+        ({"config": {"broadcast": {"self": True}}}, None),
+        ({"config": None}, None),
+        ({}, None),
+        ({"access_token": "x"}, None),
+    ],
+)
+def test_presence_key_from_join(payload: dict[str, Any], key: str | None) -> None:
+    assert presence_key_from_join(payload) == key
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        None,
+        [],
+        {"config": []},
+        {"config": "presence"},
+        {"config": {"presence": True}},
+        {"config": {"presence": {"key": 5}}},
+        {"config": {"presence": {"key": ["u1"]}}},
+    ],
+)
+def test_presence_key_from_bad_join(payload: Any) -> None:
+    with pytest.raises(PhoenixProtocolError):
+        presence_key_from_join(payload)
