@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import pickle
 import random
+import weakref
 from typing import Any
 
 import pytest
@@ -513,6 +515,23 @@ def test_drain_dirty_bad_limit(Table: Any) -> None:
     with pytest.raises(TypeError, match="limit must be an int or None"):
         t.drain_dirty(limit=1.0)
     assert snapshot(t) == before
+
+
+def test_values_referring_to_their_table_are_collected(Table: Any) -> None:
+    class Holder:
+        table: Any = None
+
+    t = Table(10, tick=TICK)
+    holder = Holder()
+    holder.table = t
+    t.upsert("k", holder, 5.0, now=0.0)
+    t.upsert(("key", "refers"), [t], 5.0, now=0.0)
+    t.upsert("gone", 1, 5.0, now=0.0)
+    t.pop("gone")  # removed but not drained: the key is still held
+    ref = weakref.ref(t)
+    del t, holder
+    gc.collect()
+    assert ref() is None
 
 
 def test_not_picklable(Table: Any) -> None:

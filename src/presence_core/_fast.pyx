@@ -32,7 +32,10 @@ and are freed by `drain_dirty()`; with `track_dirty=False` there are none.
 cimport cython
 from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.object cimport Py_EQ, PyObject, PyObject_Hash, PyObject_RichCompareBool
+from cpython.object cimport (
+    Py_EQ, PyObject, PyObject_Hash, PyObject_RichCompareBool, PyTypeObject, inquiry,
+    traverseproc, visitproc,
+)
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport floor, isfinite
@@ -274,6 +277,53 @@ cdef class PresenceTable:
         e.dirty_next = NOT_DIRTY
         e.lru_next = self._free_head
         self._free_head = slot
+
+    cdef void _reset(self) noexcept:
+        """Forget every entry without releasing references (the caller owns them now)."""
+        cdef uint32_t s
+        for s in range(FIRST_SLOT):
+            self._entries[s].wheel_prev = s
+            self._entries[s].wheel_next = s
+            self._entries[s].lru_prev = s
+            self._entries[s].lru_next = s
+        memset(&self._entries[FIRST_SLOT], 0,
+               <size_t>(self._entries_cap - FIRST_SLOT) * sizeof(Entry))
+        memset(self._index, 0, <size_t>(self._index_mask + 1) * sizeof(uint64_t))
+        self._high = FIRST_SLOT
+        self._free_head = NO_SLOT
+        self._index_used = 0
+        self._len = 0
+        self._dirty_head = QUEUE_END
+        self._dirty_tail = QUEUE_END
+        self._dirty_count = 0
+        self._tombstones = 0
+        self._version += 1
+        self._layout += 1
+
+    cdef int _clear_for_gc(self) except -1:
+        # Called by the collector to break a cycle through our entries.  The table is made
+        # consistent (empty) before any reference is dropped, because a dropped value may run
+        # arbitrary code that still reaches this table.
+        cdef Py_ssize_t n = 0, i
+        cdef uint32_t s
+        cdef PyObject **refs
+        if self._entries == NULL or self._high == FIRST_SLOT:
+            return 0
+        refs = <PyObject **>PyMem_Malloc(<size_t>(self._high - FIRST_SLOT) * 2 * sizeof(PyObject *))
+        if refs == NULL:
+            raise MemoryError()
+        for s in range(FIRST_SLOT, self._high):
+            if self._entries[s].key != NULL:
+                refs[n] = self._entries[s].key
+                n += 1
+            if self._entries[s].value != NULL:
+                refs[n] = self._entries[s].value
+                n += 1
+        self._reset()
+        for i in range(n):
+            Py_DECREF(<object>refs[i])
+        PyMem_Free(refs)
+        return 0
 
     # -- index ----------------------------------------------------------------------------
 
@@ -882,6 +932,40 @@ cdef class PresenceTable:
             if self._index[i] != 0:
                 used += 1
         assert used == <Py_ssize_t>self._index_used, "index words"
+
+
+# Cyclic GC: Cython's generated traverse/clear only know the object attributes (the clock and
+# the eviction list).  Chain our own so the collector also sees every key and value held in the
+# C arrays; otherwise a value that refers back to its table would keep both alive forever.
+cdef traverseproc _base_traverse = (<PyTypeObject *>PresenceTable).tp_traverse
+cdef inquiry _base_clear = (<PyTypeObject *>PresenceTable).tp_clear
+
+
+cdef int _table_traverse(PyObject *o, visitproc visit, void *arg) noexcept:
+    cdef PresenceTable table = <PresenceTable>o
+    cdef uint32_t s
+    cdef int r = _base_traverse(o, visit, arg)
+    if r != 0 or table._entries == NULL:
+        return r
+    for s in range(FIRST_SLOT, table._high):
+        if table._entries[s].key != NULL:
+            r = visit(table._entries[s].key, arg)
+            if r != 0:
+                return r
+        if table._entries[s].value != NULL:
+            r = visit(table._entries[s].value, arg)
+            if r != 0:
+                return r
+    return 0
+
+
+cdef int _table_clear(object o) except -1:
+    (<PresenceTable>o)._clear_for_gc()
+    return _base_clear(o)
+
+
+(<PyTypeObject *>PresenceTable).tp_traverse = <traverseproc>_table_traverse
+(<PyTypeObject *>PresenceTable).tp_clear = <inquiry>_table_clear
 
 
 def _describe(item):
