@@ -66,9 +66,12 @@ class Model:
     def pop(self, key: Any) -> Any:
         return self._remove(key)[0] if key in self.live else None
 
-    def expire(self, now: float) -> dict[Any, Any]:
-        gone = [k for k, (_, deadline, _) in self.live.items() if deadline <= now]
-        return {k: self._remove(k)[0] for k in gone}
+    def expire(self, now: float, order: list[Any]) -> dict[Any, Any]:
+        # Which entries expire is the model's to say; in what order is the wheel's, and it
+        # matters afterwards (the dirty list keeps the order of removal), so follow it.
+        gone = {k for k, (_, deadline, _) in self.live.items() if deadline <= now}
+        assert gone == set(order), (gone, order)
+        return {k: self._remove(k)[0] for k in order}
 
     def drain_dirty(self, limit: int | None) -> list[tuple[Any, Any]]:
         keys = list(self.dirty)[: len(self.dirty) if limit is None else limit]
@@ -145,7 +148,7 @@ class TableMachine(RuleBasedStateMachine):
     def expire(self) -> None:
         got = self.both("expire", now=self.now)
         assert len({k for k, _ in got}) == len(got)
-        assert dict(got) == self.model.expire(self.now)
+        assert dict(got) == self.model.expire(self.now, [k for k, _ in got])
 
     @rule(limit=st.one_of(st.none(), st.integers(min_value=0, max_value=4)))
     def drain_dirty(self, limit: int | None) -> None:
