@@ -1,7 +1,62 @@
-"""presence-core: who is here right now, fast, in the Phoenix Presence model."""
+"""presence-core: who is here right now, fast, in the Phoenix Presence model.
+
+The public surface is re-exported here; `presence_core.phoenix` (wire codec),
+`presence_core.testing` (helpers for users' tests) and `presence_core.scaling` /
+`presence_core.metrics` / `presence_core.hooks` are modules of their own.
+"""
 
 from ._common import TOMBSTONE, Tombstone
+from .errors import (
+    InvalidMeta,
+    LimitExceeded,
+    MetaTooLarge,
+    NotTracked,
+    PresenceError,
+    PresenceTypeError,
+    PresenceValueError,
+    QuotaExceeded,
+    RateLimited,
+    UnknownPlan,
+)
+from .hooks import LoadSample, ScaleDecision, Scaler, Transport
+from .limits import DEFAULT_PLAN, Limits
+from .metrics import Metrics
+from .scaling import LoadCalendar, Threshold, ThresholdScaler
 from .table import USING_EXTENSION, PresenceTable
+from .tracker import AWAY, BUSY, OFFLINE, ONLINE, ConnId, Totals, Tracker, UserStatus
 
-__all__ = ["TOMBSTONE", "USING_EXTENSION", "PresenceTable", "Tombstone"]
+__all__ = [
+    "AWAY",
+    "BUSY",
+    "DEFAULT_PLAN",
+    "OFFLINE",
+    "ONLINE",
+    "TOMBSTONE",
+    "USING_EXTENSION",
+    "ConnId",
+    "InvalidMeta",
+    "LimitExceeded",
+    "Limits",
+    "LoadCalendar",
+    "LoadSample",
+    "MetaTooLarge",
+    "Metrics",
+    "NotTracked",
+    "PresenceError",
+    "PresenceTable",
+    "PresenceTypeError",
+    "PresenceValueError",
+    "QuotaExceeded",
+    "RateLimited",
+    "ScaleDecision",
+    "Scaler",
+    "Threshold",
+    "ThresholdScaler",
+    "Tombstone",
+    "Totals",
+    "Tracker",
+    "Transport",
+    "UnknownPlan",
+    "UserStatus",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""The exceptions the Tracker raises.
+
+Every one derives from `PresenceError`, so a host can catch them all in one clause.  Bad input
+also derives from the built-in exception a Python programmer would expect (`TypeError` for a value
+of the wrong type, `ValueError` for a value of the right type that is out of range), so code that
+already catches those keeps working.
+
+A refused call never changes anything: the Tracker checks every argument, quota and rate limit
+before it touches its state.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidMeta",
+    "LimitExceeded",
+    "MetaTooLarge",
+    "NotTracked",
+    "PresenceError",
+    "PresenceTypeError",
+    "PresenceValueError",
+    "QuotaExceeded",
+    "RateLimited",
+    "UnknownPlan",
+]
+
+
+class PresenceError(Exception):
+    """Base class of every error raised by presence_core's Tracker."""
+
+
+class PresenceTypeError(PresenceError, TypeError):
+    """An argument has the wrong type (a topic that is not a str, a meta that is not a dict)."""
+
+
+class PresenceValueError(PresenceError, ValueError):
+    """An argument has the right type but a value that is not allowed (empty, too long...)."""
+
+
+class InvalidMeta(PresenceTypeError):
+    """A meta is not a dict with str keys that orjson can serialise."""
+
+
+class MetaTooLarge(PresenceValueError):
+    """A meta's orjson encoding is longer than the plan's ``max_meta_bytes``.
+
+    Attributes:
+        size: The encoded size in bytes.
+        limit: The limit that was exceeded.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"meta is {size} bytes as JSON, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class UnknownPlan(PresenceValueError):
+    """A connection was registered with a plan name the Tracker was not configured with."""
+
+
+class NotTracked(PresenceError, LookupError):
+    """`Tracker.update` was called for a (connection, topic, key) that has no presence."""
+
+
+class LimitExceeded(PresenceError):
+    """Base class of the refusals that depend on load rather than on the arguments themselves.
+
+    Attributes:
+        conn: The connection whose limit was hit.
+        limit: The name of the `presence_core.limits.Limits` field that refused the call.
+    """
+
+    def __init__(self, message: str, conn: str | int, limit: str) -> None:
+        super().__init__(message)
+        self.conn = conn
+        self.limit = limit
+
+
+class QuotaExceeded(LimitExceeded):
+    """A track would exceed a quota: presences or topics per connection, metas per key.
+
+    Attributes:
+        value: The configured maximum.
+    """
+
+    def __init__(self, conn: str | int, limit: str, value: int) -> None:
+        super().__init__(f"connection {conn!r} reached its {limit} quota of {value}", conn, limit)
+        self.value = value
+
+
+class RateLimited(LimitExceeded):
+    """A connection sent writes faster than its plan's token bucket allows.
+
+    Attributes:
+        retry_after: Seconds until the same call would be accepted.
+    """
+
+    def __init__(self, conn: str | int, retry_after: float) -> None:
+        super().__init__(
+            f"connection {conn!r} is rate limited; retry after {retry_after:.3f} s",
+            conn,
+            "rate_per_second",
+        )
+        self.retry_after = retry_after

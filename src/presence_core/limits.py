@@ -1,0 +1,94 @@
+"""Per-plan limits: sizes, quotas and write rates a connection may use.
+
+A host configures one `Limits` per plan (free, pro, an enterprise tenant...) and passes them to
+the Tracker as ``plans={"free": Limits(...), "pro": Limits(...)}``; each connection is registered
+with a plan name and every call made for it is checked against that plan.  The defaults suit a
+typical Supabase-style service: keys are user ids, metas are a few fields, a client joins a
+handful of channels.
+
+The write rate is a token bucket per connection (implemented as GCRA, the "generic cell rate
+algorithm", which is the same bucket kept as one timestamp instead of a token count and a
+timestamp): a connection may make ``burst`` writes at once and ``rate_per_second`` writes per
+second after that.  Only writes that add or change presences (``track``, ``update``) spend
+tokens: leaving, disconnecting and heartbeating are never refused, because refusing them would
+keep stale presences alive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Final
+
+__all__ = ["DEFAULT_PLAN", "MAX_CONNECTION_ID_LENGTH", "Limits"]
+
+DEFAULT_PLAN: Final = "default"
+"""The plan name a connection gets when the host does not name one."""
+
+MAX_CONNECTION_ID_LENGTH: Final = 256
+"""Connection ids are the host's own (a socket id, a UUID); longer str ids are refused."""
+
+# Fields that are counts and must be positive ints; the rest are checked one by one below.
+_COUNTS: Final = (
+    "max_key_length",
+    "max_topic_length",
+    "max_meta_bytes",
+    "max_presences_per_connection",
+    "max_topics_per_connection",
+    "max_metas_per_key",
+    "burst",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What one connection on a plan may do.
+
+    Attributes:
+        max_key_length: Longest presence key, in characters.
+        max_topic_length: Longest topic name, in characters.
+        max_meta_bytes: Largest meta, measured as its orjson encoding in bytes.
+        max_presences_per_connection: Presences one connection may hold at once.
+        max_topics_per_connection: Distinct topics one connection may be present in.
+        max_metas_per_key: Metas one key may have in one topic (one per connection or device),
+            counted over all connections.
+        rate_per_second: Sustained writes (track/update) per second per connection.
+        burst: Writes a connection may make at once before the sustained rate applies.
+    """
+
+    max_key_length: int = 256
+    max_topic_length: int = 256
+    max_meta_bytes: int = 2048
+    max_presences_per_connection: int = 100
+    max_topics_per_connection: int = 100
+    max_metas_per_key: int = 100
+    rate_per_second: float = 20.0
+    burst: int = 100
+
+    def __post_init__(self) -> None:
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Limits.{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"Limits.{name} must be >= 1, got {value}")
+        rate = self.rate_per_second
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+            raise TypeError(f"Limits.rate_per_second must be a number, not {type(rate).__name__}")
+        if not (0 < rate < math.inf):
+            raise ValueError(f"Limits.rate_per_second must be positive and finite, got {rate!r}")
+        object.__setattr__(self, "rate_per_second", float(rate))
+
+    @property
+    def emission_interval(self) -> float:
+        """Seconds one write costs in the token bucket (1 / rate_per_second)."""
+        return 1.0 / self.rate_per_second
+
+    @property
+    def burst_tolerance(self) -> float:
+        """How far ahead of the clock the bucket may run: (burst - 1) writes' worth, seconds."""
+        return (self.burst - 1) / self.rate_per_second
+
+    def as_dict(self) -> dict[str, float]:
+        """The limits by field name (for logs, config dumps and tests)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
