@@ -40,9 +40,12 @@ if TYPE_CHECKING:
 __all__ = [
     "BUCKET_BOUNDS",
     "CONNECTIONS",
+    "CONNECTION_EXPIRIES",
     "DIFF_PROPAGATION_SECONDS",
     "EVICTIONS",
     "EXPIRIES",
+    "HOOK_ERRORS",
+    "LAST_SEEN_EVICTIONS",
     "LIMIT_HITS",
     "OPS_COUNTERS",
     "OPS_DISCONNECT",
@@ -92,9 +95,15 @@ EVICTIONS: Final = "evictions"
 """Counter: entries evicted because a table reached its capacity."""
 LIMIT_HITS: Final = "limit_hits"
 """Counter: operations refused by a quota or rate limit."""
+CONNECTION_EXPIRIES: Final = "connection_expiries"
+"""Counter: connections removed because they stopped heartbeating."""
+LAST_SEEN_EVICTIONS: Final = "last_seen_evictions"
+"""Counter: last-seen records dropped because the last-seen table reached its capacity."""
+HOOK_ERRORS: Final = "hook_errors"
+"""Counter: exceptions raised by subscribers and transports (logged, never propagated)."""
 
 DIFF_PROPAGATION_SECONDS: Final = "diff_propagation_seconds"
-"""Histogram: from the change to the diff being handed to transports, seconds."""
+"""Histogram: from a `Tracker.flush()` call to the last hook of a topic receiving its diff."""
 
 STATUS_READS: Final = "status_reads"
 """Counter: user statuses asked for (each key of a bulk read counts)."""
@@ -117,7 +126,10 @@ _HELP: Final = {
     EXPIRIES: "Presences removed because their connection stopped heartbeating.",
     EVICTIONS: "Entries evicted because a table reached its capacity.",
     LIMIT_HITS: "Operations refused by a quota or rate limit.",
-    DIFF_PROPAGATION_SECONDS: "Time from a presence change to its diff reaching transports.",
+    CONNECTION_EXPIRIES: "Connections removed because they stopped heartbeating.",
+    LAST_SEEN_EVICTIONS: "Last-seen records dropped at the last-seen table's capacity.",
+    HOOK_ERRORS: "Exceptions raised by subscribers and transports.",
+    DIFF_PROPAGATION_SECONDS: "Time from a flush to the last hook of a topic receiving its diff.",
     STATUS_READS: "User statuses asked for.",
     STATUS_READ_HITS: "User statuses answered without Redis.",
     REDIS_FLUSH_LAG_SECONDS: "Age of the oldest change not yet written to Redis.",
