@@ -657,6 +657,7 @@ cdef class PresenceTable:
         cdef uint32_t *work
         cdef int64_t slot
         cdef Py_ssize_t touched = 0
+        cdef uint64_t ahead
         cdef Entry *entries
         work = <uint32_t *>PyMem_Malloc(<size_t>(n if n > 0 else 1) * sizeof(uint32_t))
         if work == NULL:
@@ -665,10 +666,16 @@ cdef class PresenceTable:
             # Pass 1: hash everything, so an unhashable key fails before any lookup.
             for i in range(n):
                 work[i] = _mix32(PyObject_Hash(<object>PyList_GET_ITEM(seq, i)))
-            # Pass 2: find the slots, prefetching index words ahead of the probe.
+            # Pass 2: find the slots.  Two steps of lookahead: the index word 2*AHEAD keys on,
+            # and the entry that the (by now cached) index word AHEAD keys on points at, so
+            # _find usually meets both of its cache lines already loaded.
             for i in range(n):
+                if i + 2 * BATCH_AHEAD < n:
+                    PC_PREFETCH(&self._index[work[i + 2 * BATCH_AHEAD] & self._index_mask])
                 if i + BATCH_AHEAD < n:
-                    PC_PREFETCH(&self._index[work[i + BATCH_AHEAD] & self._index_mask])
+                    ahead = self._index[work[i + BATCH_AHEAD] & self._index_mask]
+                    if ahead != 0:
+                        PC_PREFETCH(&self._entries[<uint32_t>ahead])
                 slot = self._find(<object>PyList_GET_ITEM(seq, i), work[i])
                 if slot >= 0 and self._entries[slot].value != NULL:
                     work[i] = <uint32_t>slot

@@ -5,7 +5,7 @@ any sequence of calls gives identical results, including the order of `expire()`
 `drain_dirty()`, `drain_evicted()` and iteration.  The test suite checks that with a hypothesis
 state machine.  Where the native table uses intrusive linked lists, this one uses insertion-
 ordered dicts, which have the same "append at the end, remove from anywhere, iterate from the
-front" behaviour.
+front" behaviour, and a deque for the change queue, which is only ever taken from the front.
 
 How entries move
 ----------------
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -89,6 +89,7 @@ class PresenceTable(Generic[K, V]):
         "_buckets",
         "_current",
         "_dirty",
+        "_dirty_order",
         "_evicted",
         "_version",
         "_counts",
@@ -110,7 +111,11 @@ class PresenceTable(Generic[K, V]):
         self._lru: OrderedDict[Any, list[Any]] = OrderedDict()  # last = most recent
         self._buckets: list[dict[Any, None]] = [{} for _ in range(_PENDING + 1)]
         self._current: int | None = None  # the wheel's tick; set by the first timed call
-        self._dirty: dict[Any, None] = {}
+        # The change queue: a set for "already queued?" and a deque for the order.  (An
+        # insertion-ordered dict would do both, but taking from its front after deletions
+        # rescans the deleted slots, which makes draining quadratic.)
+        self._dirty: set[Any] = set()
+        self._dirty_order: deque[Any] = deque()
         self._evicted: list[tuple[Any, Any]] = []
         self._version = 0
         # inserts, updates, touches, removals, expirations, evictions
@@ -170,7 +175,8 @@ class PresenceTable(Generic[K, V]):
 
     def _mark_dirty(self, key: Any) -> None:
         if self._track_dirty and key not in self._dirty:
-            self._dirty[key] = None
+            self._dirty.add(key)
+            self._dirty_order.append(key)
 
     def _remove(self, key: Any) -> list[Any]:
         entry = self._lru.pop(key)
@@ -377,11 +383,10 @@ class PresenceTable(Generic[K, V]):
         """
         count = len(self._dirty) if limit is None else check_limit(limit)
         out: list[tuple[Any, Any]] = []
-        dirty = self._dirty
-        lru = self._lru
-        while dirty and len(out) < count:
-            key = next(iter(dirty))
-            del dirty[key]
+        dirty, order, lru = self._dirty, self._dirty_order, self._lru
+        for _ in range(min(count, len(order))):
+            key = order.popleft()
+            dirty.remove(key)
             entry = lru.get(key)
             out.append((key, TOMBSTONE if entry is None else entry[_VALUE]))
         return out
@@ -429,6 +434,7 @@ class PresenceTable(Generic[K, V]):
                 on_wheel += 1
         assert on_wheel == len(self._lru), f"wheel holds {on_wheel}, len is {len(self._lru)}"
         assert self._track_dirty or not self._dirty, "dirty keys while not tracking"
+        assert len(self._dirty) == len(self._dirty_order), "dirty queue and set differ"
 
 
 def _pairs(items: Iterable[Any]) -> list[tuple[Any, Any]]:
@@ -449,6 +455,7 @@ def _describe(item: object) -> str:
 def _sizeof(table: PresenceTable[Any, Any]) -> int:
     # Containers only (not keys or values), so it compares with the native table's arrays.
     size = sys.getsizeof(table._lru) + sys.getsizeof(table._dirty) + sys.getsizeof(table._evicted)
+    size += sys.getsizeof(table._dirty_order)
     size += sum(sys.getsizeof(entry) for entry in table._lru.values())
     size += sum(sys.getsizeof(bucket) for bucket in table._buckets)
     return size
