@@ -66,6 +66,11 @@ def test_limits_are_frozen_and_keyword_only() -> None:
         ({"rate_per_second": math.inf}, ValueError),
         ({"rate_per_second": math.nan}, ValueError),
         ({"rate_per_second": "5"}, TypeError),
+        # a bucket whose arithmetic overflows would admit everything or fail on every write
+        ({"rate_per_second": 5e-324}, ValueError),
+        ({"burst": 10**400}, ValueError),
+        ({"burst": 2**63}, ValueError),
+        ({"rate_per_second": 1e-300, "burst": 10**10}, ValueError),
     ],
 )
 def test_limits_validation(kwargs: dict[str, Any], error: type[Exception]) -> None:
@@ -243,3 +248,28 @@ def test_reads_accept_keys_any_plan_allows(clock: ManualClock) -> None:
     assert tracker.user("longer-key").online
     with pytest.raises(PresenceValueError):
         tracker.track("c2", ROOM, "longer-key", {})  # c2 is on the default plan
+
+
+def test_a_tiny_rate_still_limits() -> None:
+    tracker = Tracker(
+        clock=ManualClock(0.0), plans={DEFAULT_PLAN: Limits(rate_per_second=1e-9, burst=1)}
+    )
+    tracker.track("c1", ROOM, "k", {})
+    with pytest.raises(RateLimited):
+        tracker.track("c1", ROOM, "k", {"v": 1})
+
+
+def test_leaving_is_possible_after_a_plan_downgrade(clock: ManualClock) -> None:
+    # Limits apply to what a connection adds; what it already holds it may always take away.
+    tracker = Tracker(
+        clock=clock,
+        plans={
+            DEFAULT_PLAN: Limits(max_topic_length=8, max_key_length=8),
+            "pro": Limits(max_topic_length=64, max_key_length=64),
+        },
+    )
+    tracker.connect("c1", plan="pro")
+    tracker.track("c1", "a-long-topic-name", "a-long-key-name", {})
+    tracker.connect("c1", plan=DEFAULT_PLAN)
+    assert tracker.untrack("c1", "a-long-topic-name", "a-long-key-name") == 1
+    assert tracker.totals().presences == 0

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import statistics
+import time
+from collections import OrderedDict
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from presence_core.errors import (
     InvalidMeta,
@@ -16,6 +23,8 @@ from presence_core.errors import (
     PresenceError,
     PresenceTypeError,
     PresenceValueError,
+    QuotaExceeded,
+    RateLimited,
     UnknownPlan,
 )
 from presence_core.hooks import LoadSample, ScaleDecision
@@ -25,6 +34,7 @@ from presence_core.metrics import (
     DIFF_PROPAGATION_SECONDS,
     EVICTIONS,
     EXPIRIES,
+    LIMIT_HITS,
     OPS_HEARTBEAT,
     OPS_TRACK,
     PRESENCES,
@@ -34,7 +44,7 @@ from presence_core.metrics import (
     Metrics,
 )
 from presence_core.testing import ClientView, ManualClock, RecordingTransport
-from presence_core.tracker import HOOK_ERRORS, Totals, Tracker, UserStatus
+from presence_core.tracker import HOOK_ERRORS, STATUS_ORDER, Totals, Tracker, UserStatus
 
 ROOM = "room:1"
 
@@ -851,12 +861,18 @@ def snapshot(tracker: Tracker) -> Any:
         },
         {k: tracker._user(k) for k in ("alice", "bob", "carol", "dave")},
         {
-            k: sorted(map(repr, v if isinstance(v, list) else [v]))
+            k: sorted(map(repr, v if isinstance(v, (list, dict)) else [v]))
             for k, v in tracker._users.items()
         },
         sorted(tracker._dirty),
         tracker._data_bytes,
         len(tracker._seen),
+        # Counters (a refusal may count itself in limit_hits, nothing else) and the tables.
+        {name: n for name, n in tracker._counts.items() if name != LIMIT_HITS},
+        tracker._n_heartbeat,
+        tracker._conns.stats(),
+        tracker._seen.stats(),
+        {t: tracker.user(t).status for t in ("alice", "bob", "carol", "dave", "erin")},
     )
 
 
@@ -865,7 +881,13 @@ def busy(clock: ManualClock) -> Tracker:
     tracker = Tracker(
         clock=clock,
         node="n",
-        plans={"default": Limits(max_meta_bytes=64), "tight": Limits(rate_per_second=1, burst=1)},
+        plans={
+            "default": Limits(max_meta_bytes=64, max_metas_per_key=3),
+            "tight": Limits(rate_per_second=1, burst=1),
+            "small": Limits(
+                max_presences_per_connection=2, max_topics_per_connection=2, max_metas_per_key=3
+            ),
+        },
     )
     tracker.track("c1", ROOM, "alice", {"status": "online"})
     tracker.track("c2", ROOM, "alice", {"status": "away"})
@@ -877,11 +899,28 @@ def busy(clock: ManualClock) -> Tracker:
     tracker.track("c2", ROOM, "dave", {})
     tracker.connect("slow", plan="tight")
     tracker.track("slow", ROOM, "alice", {})  # spends its only token
+    tracker.connect("small", plan="small")
+    tracker.track("small", ROOM, "erin", {})
+    tracker.track("small", "other", "erin", {})  # at its presence and topic quotas
+    tracker.track(7, "other", "erin", {})  # an int id, which True and 7.0 compare equal to
+    tracker.track(8, "other", "erin", {})  # erin now has max_metas_per_key metas in "other"
     return tracker
 
 
 class Unserialisable:
     pass
+
+
+class Sneaky(dict[str, Any]):
+    def __contains__(self, key: object) -> bool:
+        return False
+
+
+def deep(depth: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for _ in range(depth):
+        meta = {"a": meta}
+    return meta
 
 
 BAD_CALLS: list[tuple[str, Any, type[Exception]]] = [
@@ -974,6 +1013,67 @@ BAD_CALLS: list[tuple[str, Any, type[Exception]]] = [
     ("add_transport bad", lambda t: t.add_transport(None), PresenceTypeError),
     ("drain_last_seen bad", lambda t: t.drain_last_seen(-1), PresenceValueError),
     ("connection_presences bad", lambda t: t.connection_presences([]), PresenceTypeError),
+    # more of every public call: wrong types, bools for ints, non-finite times, huge input
+    ("track conn float equal", lambda t: t.track(7.0, ROOM, "k", {}), PresenceTypeError),
+    ("track key int", lambda t: t.track("c1", ROOM, 5, {}), PresenceTypeError),
+    ("track topic huge", lambda t: t.track("c1", "t" * 10**6, "k", {}), PresenceValueError),
+    ("track now -inf", lambda t: t.track("c1", ROOM, "k", {}, now=-math.inf), PresenceValueError),
+    ("track now complex", lambda t: t.track("c1", ROOM, "k", {}, now=1j), PresenceTypeError),
+    ("meta deep", lambda t: t.track("c1", ROOM, "k", deep(300)), InvalidMeta),
+    ("meta big int", lambda t: t.track("c1", ROOM, "k", {"n": 2**64}), InvalidMeta),
+    ("meta bytes", lambda t: t.track("c1", ROOM, "k", {"b": b"x"}), InvalidMeta),
+    ("meta tuple key", lambda t: t.track("c1", ROOM, "k", {("a",): 1}), InvalidMeta),
+    ("meta surrogate", lambda t: t.track("c1", ROOM, "k", {"s": "\ud800"}), InvalidMeta),
+    ("meta huge", lambda t: t.track("c1", ROOM, "k", {"x": "y" * 10**6}), MetaTooLarge),
+    ("update conn bool", lambda t: t.update(True, ROOM, "alice", {}), PresenceTypeError),
+    ("update meta list", lambda t: t.update("c1", ROOM, "alice", [1]), InvalidMeta),
+    ("untrack conn bool", lambda t: t.untrack(True, ROOM), PresenceTypeError),
+    ("disconnect conn bool", lambda t: t.disconnect(True), PresenceTypeError),
+    ("disconnect conn float", lambda t: t.disconnect(7.0), PresenceTypeError),
+    ("connect conn None", lambda t: t.connect(None), PresenceTypeError),
+    ("connect now inf", lambda t: t.connect("c1", now=math.inf), PresenceValueError),
+    ("heartbeat_many str", lambda t: t.heartbeat_many("c1"), PresenceTypeError),
+    ("heartbeat_many bytes", lambda t: t.heartbeat_many(b"\x07"), PresenceTypeError),
+    ("heartbeat_many None", lambda t: t.heartbeat_many(None), PresenceTypeError),
+    ("heartbeat_many bad now", lambda t: t.heartbeat_many([7], now="x"), PresenceTypeError),
+    ("heartbeat wrong id bad now", lambda t: t.heartbeat(7.0, now="x"), PresenceTypeError),
+    ("expire now bool", lambda t: t.expire(now=False), PresenceTypeError),
+    # quotas at their limit + 1
+    ("quota presences", lambda t: t.track("small", "third", "erin", {}), QuotaExceeded),
+    ("quota metas per key", lambda t: t.track("c9", "other", "erin", {}), QuotaExceeded),
+    ("rate limited retrack", lambda t: t.track("slow", ROOM, "alice", {"v": 2}), RateLimited),
+    # reads
+    ("count None", lambda t: t.count(None), PresenceTypeError),
+    ("list huge topic", lambda t: t.list("t" * 10**6), PresenceValueError),
+    ("initial_state bytes", lambda t: t.initial_state(b"r"), PresenceTypeError),
+    ("initial_state_json None", lambda t: t.initial_state_json(None), PresenceTypeError),
+    ("page cursor int", lambda t: t.page(ROOM, 5), PresenceTypeError),
+    ("page limit bool", lambda t: t.page(ROOM, limit=True), PresenceTypeError),
+    ("page limit float", lambda t: t.page(ROOM, limit=1.5), PresenceTypeError),
+    ("page limit zero", lambda t: t.page(ROOM, limit=0), PresenceValueError),
+    ("users None", lambda t: t.users(None), PresenceTypeError),
+    ("users int", lambda t: t.users(5), PresenceTypeError),
+    ("users bytes", lambda t: t.users(b"ab"), PresenceTypeError),
+    ("users endless", lambda t: t.users(itertools.repeat("alice")), PresenceValueError),
+    ("users bad now", lambda t: t.users(["alice"], now=math.nan), PresenceValueError),
+    ("last_seen int", lambda t: t.last_seen(5), PresenceTypeError),
+    ("connected None", lambda t: t.connected(None), PresenceTypeError),
+    ("send_state bad transport", lambda t: t.send_state(ROOM, None), PresenceTypeError),
+    ("send_state bad topic", lambda t: t.send_state(1, print), PresenceTypeError),
+    ("add_scaler bad", lambda t: t.add_scaler(None), PresenceTypeError),
+    ("run_scalers bad sample", lambda t: t.run_scalers(sample={}), PresenceTypeError),
+    ("load_sample bad now", lambda t: t.load_sample(now="x"), PresenceTypeError),
+    ("load_sample bad wall_time", lambda t: t.load_sample(wall_time="x"), PresenceTypeError),
+    ("load_sample bad memory", lambda t: t.load_sample(memory_bytes="x"), PresenceTypeError),
+    ("load_sample memory bool", lambda t: t.load_sample(memory_bytes=True), PresenceTypeError),
+    ("load_sample memory < 0", lambda t: t.load_sample(memory_bytes=-1), PresenceValueError),
+    ("drain_last_seen bool", lambda t: t.drain_last_seen(True), PresenceTypeError),
+    # a dict subclass that hides a reserved key from `in`; int ids too big to even print
+    ("meta hides phx_ref", lambda t: t.track("c1", ROOM, "k", Sneaky(phx_ref="x")), PresenceError),
+    ("track huge int conn", lambda t: t.track(10**5000, ROOM, "k", {}), PresenceValueError),
+    ("update huge int conn", lambda t: t.update(-(2**63) - 1, ROOM, "k", {}), PresenceValueError),
+    ("untrack huge int conn", lambda t: t.untrack(2**64, ROOM), PresenceValueError),
+    ("connect huge int conn", lambda t: t.connect(2**63), PresenceValueError),
 ]
 
 
@@ -1039,3 +1139,562 @@ def test_client_view_applies_like_a_client_and_catches_bad_streams() -> None:
     for diff in bad_diffs:
         with pytest.raises(AssertionError):
             strict.apply_diff(diff)
+
+
+# -- ids of another type, clocks that misbehave --------------------------------------------------
+
+
+def test_heartbeat_with_an_id_of_another_type_finds_no_connection(
+    tracker: Tracker, clock: ManualClock
+) -> None:
+    # True == 1 and 1.0 == 1 in Python, but no connection has a bool or float id.
+    tracker.track(1, ROOM, "alice", {})
+    tracker.track("a", ROOM, "bob", {})
+    clock.advance(20)
+    assert tracker.heartbeat(True) is False  # type: ignore[arg-type]
+    assert tracker.heartbeat(1.0) is False  # type: ignore[arg-type]
+    assert tracker.heartbeat_many([True, 1.0, "a"]) == 1  # type: ignore[list-item]
+    with pytest.raises(PresenceTypeError):
+        tracker.heartbeat_many([1.0, ["unhashable"]])  # type: ignore[list-item]
+    with pytest.raises(PresenceTypeError):
+        tracker.heartbeat_many("a")  # a str is not a batch of ids
+    clock.advance(15)
+    assert tracker.expire() == [1]  # only "a" was refreshed
+    tracker.sync_metrics()
+    assert tracker.metrics.counter(OPS_HEARTBEAT) == 1  # type: ignore[attr-defined]
+
+
+def test_a_clock_that_returns_garbage_is_refused_before_anything_changes() -> None:
+    readings: list[object] = [1000.0]
+    tracker = Tracker(clock=lambda: readings[-1], node="n")  # type: ignore[arg-type,return-value]
+    tracker.track("c1", ROOM, "alice", {})
+    tracker.track("c1", ROOM, "bob", {})
+    tracker.track("c2", "other", "carol", {})
+    tracker.flush()
+    for bad in (math.nan, math.inf, None, "soon"):
+        readings.append(bad)
+        before = snapshot(tracker)
+        for call in (
+            lambda: tracker.track("c1", "x", "dave", {}),
+            lambda: tracker.update("c1", ROOM, "alice", {"v": 1}),
+            lambda: tracker.untrack("c1", ROOM),
+            lambda: tracker.disconnect("c1"),
+            lambda: tracker.connect("c3"),
+            lambda: tracker.expire(),
+            lambda: tracker.tick(),
+            lambda: tracker.load_sample(),
+        ):
+            with pytest.raises(PresenceError, match="clock"):
+                call()
+            assert snapshot(tracker) == before
+    readings.append(1001.0)
+    assert tracker.disconnect("c1") == 2
+    assert tracker.last_seen("alice") == 1001.0
+
+
+# -- hooks that misbehave ------------------------------------------------------------------------
+
+
+def test_a_subscriber_whose_initial_state_raises_is_not_left_subscribed(tracker: Tracker) -> None:
+    calls: list[str] = []
+
+    def broken(topic: str, event: str, payload: Any) -> None:
+        calls.append(event)
+        raise RuntimeError("socket closed")
+
+    with pytest.raises(RuntimeError):
+        tracker.subscribe("lonely", broken)
+    assert "lonely" not in tracker._topics  # nothing left behind for an empty topic
+    with pytest.raises(RuntimeError):
+        tracker.subscribe(ROOM, broken)
+    tracker.track("c1", ROOM, "alice", {})
+    tracker.track("c1", "lonely", "alice", {})
+    tracker.flush()
+    assert calls == ["presence_state", "presence_state"]  # never a diff
+    assert tracker.metrics.counter(HOOK_ERRORS) == 0  # type: ignore[attr-defined]
+
+
+def test_hooks_that_mutate_their_payload_cannot_corrupt_anything(tracker: Tracker) -> None:
+    def vandal(topic: str, event: str, payload: Any) -> None:
+        # What Supabase's Python client does, and worse.
+        entries = payload.values() if event == "presence_state" else payload["joins"].values()
+        for entry in entries:
+            for meta in entry["metas"]:
+                meta["presence_ref"] = meta.pop("phx_ref")
+                meta["status"] = "vandalised"
+            entry["metas"].append({"phx_ref": "forged"})
+        payload.clear()
+
+    view = ClientView(strict=True)
+    tracker.add_transport(vandal)
+    tracker.subscribe(ROOM, vandal)
+    tracker.subscribe(ROOM, view)
+    tracker.track("c1", ROOM, "alice", {"status": "away", "tags": ["x"]})
+    tracker.flush()
+    tracker.update("c1", ROOM, "alice", {"status": "busy", "tags": ["y"]})
+    tracker.send_state(ROOM, vandal)
+    tracker.flush()
+    expected = {"alice": metas(("n.2", {"status": "busy", "tags": ["y"]}))}
+    assert tracker.list(ROOM) == view.state == tracker.initial_state(ROOM) == expected
+    assert tracker.user("alice").status == "busy"
+
+
+def test_a_flush_called_from_a_hook_never_reorders_diffs(tracker: Tracker) -> None:
+    # The first hook reacts to a join by untracking it and flushing at once.  Flushing there
+    # would hand the later hooks the leave before the join they have not been given yet.
+    def impatient(topic: str, event: str, payload: Any) -> None:
+        if event == "presence_diff" and "alice" in payload["joins"]:
+            tracker.untrack("c1", ROOM)
+            assert tracker.flush() == 0  # deferred: goes out with the next flush
+            tracker.tick()
+
+    tracker.subscribe(ROOM, impatient)
+    view = ClientView(strict=True)
+    tracker.subscribe(ROOM, view)
+    transport_view = ClientView(strict=True, topic=ROOM)
+    tracker.add_transport(transport_view)
+    tracker.send_state(ROOM, transport_view)
+    tracker.track("c1", ROOM, "alice", {})
+    assert tracker.flush() == 1
+    assert view.state == transport_view.state == {"alice": metas(("n.1", {}))}
+    assert tracker.pending() == 1
+    assert tracker.flush() == 1
+    assert view.state == transport_view.state == tracker.list(ROOM) == {}
+    assert tracker.metrics.counter(HOOK_ERRORS) == 0  # type: ignore[attr-defined]
+
+
+def test_a_hook_removed_during_a_flush_gets_nothing_more(tracker: Tracker) -> None:
+    got: list[tuple[str, str]] = []
+    removers: dict[str, Any] = {}
+
+    def first(topic: str, event: str, payload: Any) -> None:
+        got.append(("first", topic))
+        # A socket closes: the host removes its other hooks, and this one too.
+        removers["second"]()
+        removers["transport"]()
+        removers["first"]()
+
+    def second(topic: str, event: str, payload: Any) -> None:
+        got.append(("second", topic))
+
+    def transport(topic: str, event: str, payload: Any) -> None:
+        got.append(("transport", topic))
+
+    others = RecordingTransport()
+    removers["first"] = tracker.subscribe(ROOM, first, send_state=False)
+    removers["second"] = tracker.subscribe(ROOM, second, send_state=False)
+    tracker.subscribe(ROOM, others, send_state=False)
+    removers["transport"] = tracker.add_transport(transport)
+    tracker.track("c1", ROOM, "alice", {})
+    tracker.track("c1", "zzz", "alice", {})
+    tracker.flush()
+    assert got == [("first", ROOM)]
+    assert len(others.diffs(ROOM)) == 1  # the others still get theirs
+    tracker.track("c2", ROOM, "bob", {})
+    tracker.flush()
+    assert got == [("first", ROOM)] and len(others.diffs(ROOM)) == 2
+
+
+def test_hooks_may_subscribe_and_track_during_delivery(tracker: Tracker) -> None:
+    late = ClientView(strict=True)
+
+    def recruiter(topic: str, event: str, payload: Any) -> None:
+        if event == "presence_diff" and "alice" in payload["joins"]:
+            tracker.subscribe(ROOM, late)  # starts from the state this diff leads to
+            tracker.track("c2", ROOM, "bob", {})
+
+    tracker.subscribe(ROOM, recruiter, send_state=False)
+    tracker.track("c1", ROOM, "alice", {})
+    tracker.flush()
+    tracker.flush()
+    assert late.state == tracker.list(ROOM)
+    assert sorted(late.state) == ["alice", "bob"]
+
+
+def test_a_failing_metrics_sink_loses_no_diff(clock: ManualClock) -> None:
+    class BrokenSink:
+        def inc(self, name: str, n: int = 1) -> None:
+            pass
+
+        def set(self, name: str, value: float) -> None:
+            pass
+
+        def observe(self, name: str, seconds: float) -> None:
+            raise RuntimeError("sink down")
+
+    tracker = Tracker(clock=clock, metrics=BrokenSink(), node="n")
+    view_a, view_b = ClientView(strict=True), ClientView(strict=True)
+    tracker.subscribe("a", view_a)
+    tracker.subscribe("b", view_b)
+    tracker.track("c1", "a", "alice", {})
+    tracker.track("c1", "b", "alice", {})
+    assert tracker.flush() == 2
+    assert view_a.state == tracker.list("a") and view_b.state == tracker.list("b")
+
+
+# -- capacity evictions and on_evict -------------------------------------------------------------
+
+
+def test_on_evict_may_call_back_into_the_tracker(clock: ManualClock) -> None:
+    # The host closes the evicted socket, which flushes and reconnects things synchronously.
+    def on_evict(conn: object) -> None:
+        assert conn not in tracker._conns  # gone, with its presences, before the call
+        tracker.flush()
+        tracker.track("side", "elsewhere", "zed", {})
+
+    tracker = Tracker(clock=clock, node="n", max_connections=2, on_evict=on_evict)
+    view = ClientView(strict=True)
+    tracker.subscribe(ROOM, view)
+    tracker.track("c1", ROOM, "alice", {})
+    tracker.flush()
+    clock.advance(1)
+    tracker.connect("side")
+    tracker.track("c2", ROOM, "bob", {})  # c1 is evicted; ROOM is empty for a moment
+    assert tracker.list("elsewhere") == {"zed": metas(("n.3", {}))}
+    tracker.flush()
+    assert tracker.list(ROOM) == view.state == {"bob": metas(("n.2", {}))}
+    assert tracker.count(ROOM) == 1 and ROOM in tracker._topics
+    totals = tracker.totals()
+    assert totals.presences == sum(tracker.count(t, metas=True) for t in tracker._topics)
+    assert tracker.disconnect("c2") == 1
+    tracker.flush()
+    assert view.state == tracker.list(ROOM) == {}
+
+
+# -- costs that must not grow with the size of a key or a topic ----------------------------------
+
+
+def _median_seconds(calls: list[Any]) -> float:
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def test_a_key_held_by_many_connections_leaves_in_constant_time() -> None:
+    # A popular key ("anonymous", a bot, a shared kiosk account) may be held by a great many
+    # connections across topics; each one leaving must not scan all the others.
+    tracker = Tracker(node="n", clock=ManualClock(0.0))
+    n = 20_000
+    for i in range(n):
+        tracker.track(i, f"doc{i % 500}", "anonymous", {})
+        tracker.track(-1 - i, f"doc{i % 500}", f"user{i}", {})
+    # The most recent holders are the ones a scan would reach last.
+    shared = _median_seconds([lambda i=i: tracker.disconnect(i) for i in range(n - 1, n - 41, -1)])
+    alone = _median_seconds([lambda i=i: tracker.disconnect(-1 - i) for i in range(40)])
+    assert shared < 5 * alone + 20e-6, (shared, alone)
+
+
+def test_subscribing_to_a_big_topic_costs_the_same_as_to_a_small_one(tracker: Tracker) -> None:
+    def hook(topic: str, event: str, payload: Any) -> None:
+        pass
+
+    n = 40_000
+    removers = [tracker.subscribe(ROOM, hook, send_state=False, raw=True) for _ in range(n)]
+    big = _median_seconds(
+        [lambda: removers.append(tracker.subscribe(ROOM, hook, send_state=False))] * 40
+    )
+    last = _median_seconds([removers.pop() for _ in range(40)])
+    small = _median_seconds(
+        [lambda: tracker.subscribe("small", hook, send_state=False)() for _ in range(40)]
+    )
+    assert big < 5 * small + 20e-6, (big, small)
+    assert last < 5 * small + 20e-6, (last, small)
+
+
+# -- the Tracker against a naive model of presence -----------------------------------------------
+
+MODEL_CONNS: tuple[str | int, ...] = ("c1", "c2", "c3", 4, 5)
+MODEL_TOPICS = ("a", "b", "c")
+MODEL_KEYS = ("k1", "k2", "k3")
+MODEL_METAS: tuple[dict[str, Any], ...] = (
+    {},
+    {"status": "away"},
+    {"status": "busy", "device": "phone", "custom_status": "driving"},
+    {"status": "online", "device": "web"},
+    {"device": "web", "custom_status": "lunch", "n": [1, 2]},
+)
+MODEL_TTL = 30.0
+MODEL_CAPACITY = 3
+MODEL_LIMITS = Limits(
+    max_presences_per_connection=3,
+    max_topics_per_connection=2,
+    max_metas_per_key=2,
+    rate_per_second=1e6,
+    burst=10_000,
+)
+
+
+class _ModelConn:
+    def __init__(self, now: float) -> None:
+        self.last = now  # last sign of life
+        self.presences: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+
+
+def _seq(ref: str) -> int:
+    return int(ref.rsplit(".", 1)[1], 16)
+
+
+class TrackerVersusNaiveModel(RuleBasedStateMachine):
+    """Presence as a few dicts, recomputed from scratch for every read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = ManualClock(1000.0)
+        self.evicted: list[object] = []
+        self.tracker = Tracker(
+            clock=self.clock,
+            node="m",
+            connection_ttl=MODEL_TTL,
+            max_connections=MODEL_CAPACITY,
+            plans={"default": MODEL_LIMITS},
+            on_evict=self.evicted.append,
+        )
+        self.conns: OrderedDict[str | int, _ModelConn] = OrderedDict()  # least recent first
+        self.seen: dict[str, float] = {}
+        self.views = {topic: ClientView(strict=True) for topic in MODEL_TOPICS}
+        for topic, view in self.views.items():
+            self.tracker.subscribe(topic, view)
+
+    # -- the model ---------------------------------------------------------------------------
+
+    def online(self, key: str) -> bool:
+        return any(k == key for c in self.conns.values() for (_, k) in c.presences)
+
+    def touch(self, conn: str | int) -> None:
+        self.conns[conn].last = self.clock.now
+        self.conns.move_to_end(conn)
+
+    def drop(self, conn: str | int, seen_at: float) -> None:
+        keys = {k for (_, k) in self.conns.pop(conn).presences}
+        for key in keys:
+            if not self.online(key):
+                self.seen[key] = seen_at
+
+    def refusal(self, conn: str | int, topic: str, key: str) -> bool:
+        rec = self.conns.get(conn)
+        held = rec.presences if rec is not None else {}
+        topics = {t for (t, _) in held}
+        metas = sum(1 for c in self.conns.values() if (topic, key) in c.presences)
+        return (
+            len(held) >= MODEL_LIMITS.max_presences_per_connection
+            or (topic not in topics and len(topics) >= MODEL_LIMITS.max_topics_per_connection)
+            or metas >= MODEL_LIMITS.max_metas_per_key
+        )
+
+    def new_conn(self, conn: str | int) -> None:
+        if len(self.conns) >= MODEL_CAPACITY:
+            victim = next(iter(self.conns))
+            self.drop(victim, self.clock.now)
+            assert self.evicted.pop(0) == victim
+        self.conns[conn] = _ModelConn(self.clock.now)
+
+    def write(self, conn: str | int, topic: str, key: str, meta: dict[str, Any], ref: str) -> None:
+        rec = self.conns[conn]
+        old = rec.presences.get((topic, key))
+        if old is not None and old[1] == meta:
+            assert ref == old[0]  # an equal meta changes nothing
+        else:
+            assert old is None or _seq(ref) > _seq(old[0])
+            rec.presences[(topic, key)] = (ref, meta)
+        self.touch(conn)
+
+    # -- rules -------------------------------------------------------------------------------
+
+    @rule(
+        conn=st.sampled_from(MODEL_CONNS),
+        topic=st.sampled_from(MODEL_TOPICS),
+        key=st.sampled_from(MODEL_KEYS),
+        meta=st.sampled_from(MODEL_METAS),
+    )
+    def track(self, conn: str | int, topic: str, key: str, meta: dict[str, Any]) -> None:
+        rec = self.conns.get(conn)
+        if (rec is None or (topic, key) not in rec.presences) and self.refusal(conn, topic, key):
+            with pytest.raises(QuotaExceeded):
+                self.tracker.track(conn, topic, key, meta)
+            return
+        ref = self.tracker.track(conn, topic, key, meta)
+        if rec is None:
+            self.new_conn(conn)
+        self.write(conn, topic, key, meta, ref)
+
+    @rule(
+        conn=st.sampled_from(MODEL_CONNS),
+        topic=st.sampled_from(MODEL_TOPICS),
+        key=st.sampled_from(MODEL_KEYS),
+        meta=st.sampled_from(MODEL_METAS),
+    )
+    def update(self, conn: str | int, topic: str, key: str, meta: dict[str, Any]) -> None:
+        rec = self.conns.get(conn)
+        if rec is None or (topic, key) not in rec.presences:
+            with pytest.raises(NotTracked):
+                self.tracker.update(conn, topic, key, meta)
+            return
+        self.write(conn, topic, key, meta, self.tracker.update(conn, topic, key, meta))
+
+    @rule(
+        conn=st.sampled_from(MODEL_CONNS),
+        topic=st.sampled_from(MODEL_TOPICS),
+        key=st.none() | st.sampled_from(MODEL_KEYS),
+    )
+    def untrack(self, conn: str | int, topic: str, key: str | None) -> None:
+        rec = self.conns.get(conn)
+        gone = [] if rec is None else [p for p in rec.presences if p[0] == topic]
+        gone = [p for p in gone if key is None or p[1] == key]
+        assert self.tracker.untrack(conn, topic, key) == len(gone)
+        if rec is not None:
+            self.touch(conn)
+            for p in gone:
+                del rec.presences[p]
+            for _, k in gone:
+                if not self.online(k):
+                    self.seen[k] = self.clock.now
+
+    @rule(conn=st.sampled_from(MODEL_CONNS))
+    def connect(self, conn: str | int) -> None:
+        assert self.tracker.connect(conn) is (conn not in self.conns)
+        if conn in self.conns:
+            self.touch(conn)
+        else:
+            self.new_conn(conn)
+
+    @rule(conn=st.sampled_from(MODEL_CONNS))
+    def disconnect(self, conn: str | int) -> None:
+        expected = len(self.conns[conn].presences) if conn in self.conns else 0
+        assert self.tracker.disconnect(conn) == expected
+        if conn in self.conns:
+            self.drop(conn, self.clock.now)
+
+    @rule(conn=st.sampled_from(MODEL_CONNS), many=st.booleans())
+    def heartbeat(self, conn: str | int, many: bool) -> None:
+        if many:
+            assert self.tracker.heartbeat_many([conn]) == (conn in self.conns)
+        else:
+            assert self.tracker.heartbeat(conn) is (conn in self.conns)
+        if conn in self.conns:
+            self.touch(conn)
+
+    @rule(seconds=st.sampled_from([0.25, 5.0, 20.0, 30.0, 45.0]), expire=st.booleans())
+    def time_passes(self, seconds: float, expire: bool) -> None:
+        now = self.clock.advance(seconds)
+        if not expire:
+            return  # connections past their deadline linger until the next expire()
+        gone = [c for c, rec in self.conns.items() if rec.last + MODEL_TTL <= now]
+        assert sorted(map(repr, self.tracker.expire())) == sorted(map(repr, gone))
+        for conn in gone:
+            self.drop(conn, now - MODEL_TTL)
+
+    @rule()
+    def flush(self) -> None:
+        self.tracker.flush()
+        for topic, view in self.views.items():
+            assert view.state == self.tracker.list(topic)
+            assert self.tracker.initial_state(topic) == view.state
+
+    # -- what the reads must say -------------------------------------------------------------
+
+    def expected_list(self, topic: str) -> dict[str, Any]:
+        by_key: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for rec in self.conns.values():
+            for (t, key), (ref, meta) in rec.presences.items():
+                if t == topic:
+                    by_key.setdefault(key, []).append((ref, meta))
+        return {
+            key: {"metas": [{"phx_ref": ref, **meta} for ref, meta in sorted(held, key=_by_seq)]}
+            for key, held in by_key.items()
+        }
+
+    @invariant()
+    def topics_agree(self) -> None:
+        tracker = self.tracker
+        for topic in MODEL_TOPICS:
+            expected = self.expected_list(topic)
+            assert tracker.list(topic) == expected
+            assert tracker.count(topic) == len(expected)
+            assert tracker.count(topic, metas=True) == sum(
+                len(e["metas"]) for e in expected.values()
+            )
+            assert tracker.page(topic, limit=2)[0] == dict(sorted(expected.items())[:2])
+        presences = [
+            (t, k, ref) for rec in self.conns.values() for (t, k), (ref, _) in rec.presences.items()
+        ]
+        assert tracker.totals() == Totals(
+            presences=len(presences),
+            connections=len(self.conns),
+            topics=len({t for t, _, _ in presences}),
+            keys=len({k for _, k, _ in presences}),
+        )
+        for conn in MODEL_CONNS:
+            rec = self.conns.get(conn)
+            assert tracker.connected(conn) is (rec is not None)
+            held = (
+                [] if rec is None else [(t, k, ref) for (t, k), (ref, _) in rec.presences.items()]
+            )
+            assert sorted(tracker.connection_presences(conn)) == sorted(held)
+
+    @invariant()
+    def users_agree(self) -> None:
+        statuses = self.tracker.users(MODEL_KEYS)
+        for key in MODEL_KEYS:
+            got = statuses[key]
+            holders = {c: r for c, r in self.conns.items() if any(k == key for _, k in r.presences)}
+            mine = sorted(
+                (ref, meta, t)
+                for rec in holders.values()
+                for (t, k), (ref, meta) in rec.presences.items()
+                if k == key
+            )
+            mine.sort(key=lambda item: _seq(item[0]))
+            if not mine:
+                assert got == UserStatus(key, "offline", last_seen=self.seen.get(key))
+                continue
+            reported = [m.get("status") for _, m, _ in mine]
+            status = min(
+                (STATUS_ORDER.index(s) if s in STATUS_ORDER else 0 for s in reported),
+                default=0,
+            )
+            customs = [m["custom_status"] for _, m, _ in mine if "custom_status" in m]
+            last = max(r.last for r in holders.values())
+            assert got.status == STATUS_ORDER[status]
+            assert got.custom_status == (customs[-1] if customs else None)
+            assert got.devices == tuple(
+                dict.fromkeys(m["device"] for _, m, _ in mine if "device" in m)
+            )
+            assert got.topics == tuple(sorted({t for _, _, t in mine}))
+            assert (got.connections, got.presences) == (len(holders), len(mine))
+            assert got.last_active == pytest.approx(last) and got.last_seen == got.last_active
+
+
+def _by_seq(item: tuple[str, Any]) -> int:
+    return _seq(item[0])
+
+
+TrackerVersusNaiveModel.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)
+TestTrackerVersusNaiveModel = TrackerVersusNaiveModel.TestCase
+
+
+def test_a_failing_scaler_does_not_stop_the_others(
+    tracker: Tracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(sample: LoadSample) -> ScaleDecision | None:
+        raise RuntimeError("scaler down")
+
+    def confused(sample: LoadSample) -> ScaleDecision | None:
+        return "scale up, please"  # type: ignore[return-value]
+
+    def steady(sample: LoadSample) -> ScaleDecision | None:
+        return ScaleDecision("hold", 1, 1, "fine")
+
+    for scaler in (broken, confused, steady):
+        tracker.add_scaler(scaler)
+    with caplog.at_level(logging.ERROR, logger="presence_core.tracker"):
+        assert [d.action for d in tracker.run_scalers()] == ["hold"]
+    assert "scaler down" in caplog.text and "scale up, please" in caplog.text
+    tracker.sync_metrics()
+    assert tracker.metrics.counter(HOOK_ERRORS) == 2  # type: ignore[attr-defined]
+    with pytest.raises(PresenceTypeError):
+        tracker.run_scalers(now="soon", sample=tracker.load_sample())  # type: ignore[arg-type]

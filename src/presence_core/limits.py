@@ -28,6 +28,8 @@ DEFAULT_PLAN: Final = "default"
 MAX_CONNECTION_ID_LENGTH: Final = 256
 """Connection ids are the host's own (a socket id, a UUID); longer str ids are refused."""
 
+_MAX_BURST: Final = 2**53
+
 # Fields that are counts and must be positive ints; the rest are checked one by one below.
 _COUNTS: Final = (
     "max_key_length",
@@ -77,7 +79,17 @@ class Limits:
             raise TypeError(f"Limits.rate_per_second must be a number, not {type(rate).__name__}")
         if not (0 < rate < math.inf):
             raise ValueError(f"Limits.rate_per_second must be positive and finite, got {rate!r}")
-        object.__setattr__(self, "rate_per_second", float(rate))
+        rate = float(rate)
+        # The bucket works in float seconds: a burst beyond 2**53 is not exact, and an interval
+        # or tolerance that overflows to inf would make the bucket admit everything.
+        if self.burst > _MAX_BURST:
+            raise ValueError(f"Limits.burst must be at most 2**53, got {self.burst}")
+        if not math.isfinite((self.burst - 1) / rate) or not math.isfinite(1.0 / rate):
+            raise ValueError(
+                f"Limits.rate_per_second {rate!r} with burst {self.burst} puts the token "
+                "bucket beyond float range"
+            )
+        object.__setattr__(self, "rate_per_second", rate)
 
     @property
     def emission_interval(self) -> float:

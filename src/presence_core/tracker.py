@@ -56,12 +56,13 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import count
+from itertools import count, islice
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
 
 import orjson
 
+from ._common import MAX_CAPACITY
 from .errors import (
     InvalidMeta,
     MetaTooLarge,
@@ -143,9 +144,6 @@ CONNECTION_EXPIRIES: Final = "connection_expiries"
 RawTransport: TypeAlias = Callable[[str, str, bytes], object]
 """A hook that takes the payload as JSON bytes: ``hook(topic, event, payload_json)``."""
 
-# A subscriber or transport, and whether it takes JSON bytes instead of a dict.
-_Hook: TypeAlias = tuple[Callable[[str, str, Any], object], bool]
-
 # A presence: (topic, key, data) with data = b'{"phx_ref":"<ref>"...meta fields}'.
 _Presence: TypeAlias = tuple[str, str, bytes]
 _TOPIC: Final = 0
@@ -156,6 +154,8 @@ _REF_START: Final = len(_REF_HEAD)
 _RESERVED: Final = ("phx_ref", "phx_ref_prev", "presence_ref")
 _NODE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _NEG_INF: Final = -math.inf
+_MIN_INT_ID: Final = -(2**63)
+_MAX_INT_ID: Final = 2**63 - 1
 
 _dumps = orjson.dumps
 _loads = orjson.loads
@@ -186,10 +186,34 @@ class _Conn:
         self.tat = _NEG_INF  # GCRA: the bucket starts full
 
 
+# A registered subscriber or transport: ``[callable, raw]``, raw meaning it takes the payload as
+# JSON bytes.  Removing it swaps the callable for `_removed_hook` (and raw for True, so no copy is
+# made for it): a flush already under way then skips it at no cost per delivery, where a flag
+# to test would cost every delivery to every hook.
+_Hook: TypeAlias = list[Any]
+
+
+def _removed_hook(topic: str, event: str, payload: object) -> None:
+    """What a removed hook's entry calls, should a flush under way still hold it."""
+
+
+def _new_hook(call: Callable[..., object], raw: object) -> _Hook:
+    return [call, bool(raw)]
+
+
+def _disable_hook(entry: _Hook) -> bool:
+    """Mark ``entry`` removed; False if it already was."""
+    if entry[0] is _removed_hook:
+        return False
+    entry[0] = _removed_hook
+    entry[1] = True
+    return True
+
+
 class _Topic:
     """One topic: its keys, pending diff, subscribers and (for big paged topics) a key index."""
 
-    __slots__ = ("name", "keys", "metas", "joins", "leaves", "subscribers", "index")
+    __slots__ = ("name", "keys", "metas", "joins", "leaves", "subscribers", "hooks", "index")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -200,8 +224,17 @@ class _Topic:
         # Pending diff, created on first use: joins map a presence to the ref it replaces.
         self.joins: dict[_Presence, bytes | None] | None = None
         self.leaves: dict[_Presence, None] | None = None
-        self.subscribers: tuple[_Hook, ...] = ()
+        # Subscribers by a token of their own (O(1) to add and remove, however many), created on
+        # first use, and the tuple a flush delivers to, rebuilt after a change.
+        self.subscribers: dict[int, _Hook] | None = None
+        self.hooks: tuple[_Hook, ...] | None = ()
         self.index: _SortedKeys | None = None
+
+    def subscribed(self) -> tuple[_Hook, ...]:
+        hooks = self.hooks
+        if hooks is None:
+            hooks = self.hooks = tuple(self.subscribers.values()) if self.subscribers else ()
+        return hooks
 
 
 class _SortedKeys:
@@ -338,6 +371,25 @@ def _check_now(now: object) -> float:
     raise PresenceValueError(f"now must be finite, got {now!r}")
 
 
+def _checked_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """``clock`` with its readings checked, so a bad one is refused before anything changes."""
+
+    def read() -> float:
+        value = clock()
+        if type(value) is float and value - value == 0.0:
+            return value
+        try:
+            return _check_now(value)
+        except PresenceTypeError:
+            raise PresenceTypeError(
+                f"clock() must return seconds as a number, not {_type_name(value)}"
+            ) from None
+        except PresenceValueError:
+            raise PresenceValueError(f"clock() must return a finite time, got {value!r}") from None
+
+    return read
+
+
 def _check_ttl(ttl: object) -> float:
     if not isinstance(ttl, (int, float)) or isinstance(ttl, bool):
         raise PresenceTypeError(f"ttl must be a number of seconds, not {_type_name(ttl)}")
@@ -365,11 +417,45 @@ def _check_text(value: object, what: str, limit: int) -> str:
     return value
 
 
+def _is_conn_id(conn: object) -> bool:
+    return isinstance(conn, (str, int)) and not isinstance(conn, bool)
+
+
+_ID_TYPES: Final = frozenset((str, int))
+
+
+def _conn_ids_only(conns: Iterable[ConnId]) -> Sequence[ConnId]:
+    """``conns`` without the items no connection can have as its id (bools, floats...).
+
+    Those would find an int id they compare equal to.  Every item is still hashed, so an
+    unhashable one raises TypeError as the table would.
+    """
+    ids = conns if type(conns) is list or type(conns) is tuple else list(conns)
+    if set(map(type, ids)) <= _ID_TYPES:
+        return ids
+    kept = []
+    for conn in ids:
+        if _is_conn_id(conn):
+            kept.append(conn)
+        else:
+            hash(conn)
+    return kept
+
+
+def _int_id_out_of_range(conn: int) -> PresenceValueError:
+    # Ids are socket ids or counters; a bigger int cannot even go in an error message.
+    return PresenceValueError(
+        f"an int connection id must fit in 64 bits, got one of {conn.bit_length()} bits"
+    )
+
+
 def _check_conn(conn: object) -> ConnId:
     kind = type(conn)
     if kind is str or (isinstance(conn, str)):
         return _check_text(conn, "connection id", MAX_CONNECTION_ID_LENGTH)
     if kind is int or (isinstance(conn, int) and not isinstance(conn, bool)):
+        if not _MIN_INT_ID <= conn <= _MAX_INT_ID:  # type: ignore[operator]
+            raise _int_id_out_of_range(conn)  # type: ignore[arg-type]
         return conn  # type: ignore[return-value]
     raise PresenceTypeError(f"connection id must be a str or an int, not {_type_name(conn)}")
 
@@ -377,8 +463,10 @@ def _check_conn(conn: object) -> ConnId:
 def _encode_meta(meta: object, limits: Limits) -> bytes:
     if not isinstance(meta, dict):
         raise InvalidMeta(f"meta must be a dict, not {_type_name(meta)}")
+    # dict's own lookup: a subclass may answer `in` otherwise, but orjson writes what it holds.
+    has = dict.__contains__
     for name in _RESERVED:
-        if name in meta:
+        if has(meta, name):
             raise PresenceValueError(
                 f"meta must not contain {name!r}: the Tracker sets refs itself "
                 f"(reserved: {', '.join(_RESERVED)})"
@@ -487,7 +575,8 @@ class Tracker:
         node: The prefix of every ref this Tracker makes ([A-Za-z0-9_-], up to 32 characters).
             Default: 8 random characters, so refs are unique across processes.
         on_evict: Called with the id of each connection evicted for capacity, so the host can
-            close it.
+            close it; called once the call that evicted it has finished, so it may call back
+            into the Tracker.
     """
 
     __slots__ = (
@@ -517,6 +606,8 @@ class Tracker:
         "_counts",
         "_synced",
         "_n_heartbeat",
+        "_int_ids",
+        "_flushing",
     )
 
     def __init__(
@@ -543,8 +634,12 @@ class Tracker:
         ):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise PresenceTypeError(f"{name} must be an int, not {_type_name(value)}")
-            if value < 1:
-                raise PresenceValueError(f"{name} must be >= 1, got {value}")
+            if not 1 <= value <= MAX_CAPACITY:
+                raise PresenceValueError(
+                    f"{name} must be between 1 and {MAX_CAPACITY}, got {value}"
+                )
+        if not isinstance(default_plan, str):
+            raise PresenceTypeError(f"default_plan must be a str, not {_type_name(default_plan)}")
         if plans is None:
             plans = {default_plan: Limits()}
         if not isinstance(plans, Mapping):
@@ -563,7 +658,10 @@ class Tracker:
         self._read_topic_limit = max(limits.max_topic_length for limits in self._plans.values())
         if clock is not None:
             _check_callable(clock, "clock")
-        self._clock: Callable[[], float] = time.monotonic if clock is None else clock
+        # time.monotonic needs no checking; any other clock's readings are checked.
+        self._clock: Callable[[], float] = (
+            time.monotonic if clock is None else _checked_clock(clock)
+        )
         self._seen_ttl = _check_ttl(last_seen_ttl)
         if node is None:
             node = secrets.token_urlsafe(6)
@@ -577,7 +675,7 @@ class Tracker:
         self._transports: tuple[_Hook, ...] = ()
         for transport in transports:
             _check_callable(transport, "a transport")
-            self._transports += ((transport, False),)
+            self._transports += (_new_hook(transport, False),)
         self._scalers: tuple[Scaler, ...] = ()
         for scaler in scalers:
             _check_callable(scaler, "a scaler")
@@ -602,7 +700,9 @@ class Tracker:
             last_seen_capacity, tick=1.0, clock=table_clock, track_dirty=record_last_seen_changes
         )
         self._topics: dict[str, _Topic] = {}
-        self._users: dict[str, _Conn | list[_Conn]] = {}
+        # key -> the connection holding it, or (several) a dict of them in arrival order: a
+        # popular key may be held by very many, and each must leave in O(1).
+        self._users: dict[str, _Conn | dict[_Conn, None]] = {}
         self._dirty: dict[str, _Topic] = {}
         self._n_presences = 0
         self._n_topics = 0
@@ -610,6 +710,10 @@ class Tracker:
         self._counts = dict.fromkeys(_COUNTER_NAMES, 0)
         self._synced = dict.fromkeys(_COUNTER_NAMES, 0)
         self._n_heartbeat = 0  # separate from _counts: the heartbeat path is the hottest
+        # Whether any connection id is an int: only then can a bool or float (True == 1,
+        # 1.0 == 1) passed to heartbeat_many find a connection it does not name.
+        self._int_ids = False
+        self._flushing = False
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -663,41 +767,76 @@ class Tracker:
             self._conns.upsert(conn, rec, rec.ttl, now_s)
             return False
         limits = self._default_limits if plan is None else self._plans[plan]
-        self._insert_conn(_Conn(conn, limits, self._ttl if ttl_s is None else ttl_s), now_s)
+        evicted = self._insert_conn(
+            _Conn(conn, limits, self._ttl if ttl_s is None else ttl_s), now_s
+        )
+        if evicted:
+            self._notify_evicted(evicted)
         return True
 
-    def _insert_conn(self, rec: _Conn, now: float) -> None:
+    def _insert_conn(self, rec: _Conn, now: float) -> builtins.list[ConnId] | None:
+        """Add a new connection; returns the ids evicted to make room, for `_notify_evicted`.
+
+        The caller finishes its own change before it calls ``on_evict``, which may call back
+        into the Tracker.
+        """
         conns = self._conns
         full = len(conns) >= conns.capacity
         conns.upsert(rec.id, rec, rec.ttl, now)
-        if full:
-            for conn_id, evicted in conns.drain_evicted():
-                self._drop_conn(evicted, now, now)
-                self._counts[EVICTIONS] += 1
-                if self._on_evict is not None:
-                    try:
-                        self._on_evict(conn_id)
-                    except Exception:
-                        self._counts[HOOK_ERRORS] += 1
-                        logger.exception("on_evict callback failed for %r", conn_id)
+        if type(rec.id) is not str:
+            self._int_ids = True
+        if not full:
+            return None
+        ids: builtins.list[ConnId] = []
+        for conn_id, evicted in conns.drain_evicted():
+            self._drop_conn(evicted, now, now)
+            self._counts[EVICTIONS] += 1
+            ids.append(conn_id)
+        return ids
+
+    def _notify_evicted(self, ids: builtins.list[ConnId]) -> None:
+        on_evict = self._on_evict
+        if on_evict is None:
+            return
+        for conn_id in ids:
+            try:
+                on_evict(conn_id)
+            except Exception:
+                self._counts[HOOK_ERRORS] += 1
+                logger.exception("on_evict callback failed for %r", conn_id)
 
     def heartbeat(self, conn: ConnId, *, now: float | None = None) -> bool:
         """Keep ``conn`` and all its presences alive for another TTL; False if it is unknown.
 
         One native table touch: no per-presence work, however many topics the connection is in.
-        An id of the wrong type is simply unknown (no connection can have it).
+        An id of the wrong type is simply unknown (no connection can have it), even one that
+        compares equal to a connection's int id (``True``, ``1.0``).
         """
-        self._n_heartbeat += 1
         try:
-            return self._touch(conn, None, now)
+            if type(conn) is str or type(conn) is int or _is_conn_id(conn):
+                live = self._touch(conn, None, now)
+            else:
+                hash(conn)  # an unhashable id is a caller's bug, not an unknown connection
+                if now is not None:
+                    _check_now(now)
+                return False
         except TypeError as exc:  # unhashable id, or a `now` that is not a number
             raise PresenceTypeError(str(exc)) from None
         except ValueError as exc:  # a `now` that is not finite
             raise PresenceValueError(str(exc)) from None
+        if live:
+            self._n_heartbeat += 1
+        return live
 
     def heartbeat_many(self, conns: Iterable[ConnId], *, now: float | None = None) -> int:
         """`heartbeat` every connection in ``conns`` in one native call; returns how many live."""
+        if isinstance(conns, (str, bytes, bytearray)):
+            raise PresenceTypeError(
+                f"conns must be an iterable of connection ids, not a single {_type_name(conns)}"
+            )
         try:
+            if self._int_ids:
+                conns = _conn_ids_only(conns)
             touched = self._touch_many(conns, None, now)
         except TypeError as exc:
             raise PresenceTypeError(str(exc)) from None
@@ -812,18 +951,22 @@ class Tracker:
         ):
             self._refuse(conn, "max_metas_per_key", limits.max_metas_per_key)
         # Every check passed: from here on the call changes state and cannot fail.
+        evicted = None
         if rec is None:
             rec = _Conn(conn, limits, self._ttl)
             rec.tat = self._admit(rec, now_s)
-            self._insert_conn(rec, now_s)
-            if t is not None:
-                # Inserting may have evicted a connection that held this key here.
+            evicted = self._insert_conn(rec, now_s)
+            if evicted and t is not None:
+                # A connection evicted for room may have held this key here.
                 held = t.keys.get(key)
         else:
             self._touch(conn, None, now_s)
             rec.tat = tat
         self._counts[OPS_TRACK] += 1
-        return self._add(rec, t, topic, key, held, blob, shares_key).decode()
+        ref = self._add(rec, t, topic, key, held, blob, shares_key)
+        if evicted:
+            self._notify_evicted(evicted)  # last: on_evict may call back into the Tracker
+        return ref.decode()
 
     def update(
         self, conn: ConnId, topic: str, key: str, meta: dict[str, Any], *, now: float | None = None
@@ -868,15 +1011,15 @@ class Tracker:
         """Remove ``conn``'s presence(s) in ``topic`` (only as ``key`` if given).
 
         Returns how many presences left; 0 for an unknown connection or topic.  Never rate
-        limited: leaving must always be possible.
+        limited: leaving must always be possible, so topic and key are checked against the most
+        permissive plan, not the connection's own (which may have shrunk since it tracked).
         """
         now_s = self._now(now)
         _check_conn(conn)
-        rec: _Conn | None = self._conns.get(conn)
-        limits = self._default_limits if rec is None else rec.plan
-        _check_text(topic, "topic", limits.max_topic_length)
+        _check_text(topic, "topic", self._read_topic_limit)
         if key is not None:
-            _check_text(key, "key", limits.max_key_length)
+            _check_text(key, "key", self._read_key_limit)
+        rec: _Conn | None = self._conns.get(conn)
         if rec is None:
             return 0
         self._counts[OPS_UNTRACK] += 1
@@ -961,10 +1104,10 @@ class Tracker:
             held_by = users.get(key)
             if held_by is None:
                 users[key] = rec
-            elif type(held_by) is list:
-                held_by.append(rec)
+            elif type(held_by) is dict:
+                held_by[rec] = None
             else:
-                users[key] = [held_by, rec]  # type: ignore[list-item]
+                users[key] = {held_by: None, rec: None}  # type: ignore[dict-item]
         self._n_presences += 1
         self._data_bytes += len(p[_DATA])
         joins = t.joins
@@ -1045,10 +1188,10 @@ class Tracker:
             seen.upsert(key, seen_at, self._seen_ttl, now)
             if full:
                 self._counts[LAST_SEEN_EVICTIONS] += len(seen.drain_evicted())
-        elif type(held_by) is list:
-            held_by.remove(rec)
+        elif type(held_by) is dict:
+            del held_by[rec]
             if len(held_by) == 1:
-                users[key] = held_by[0]
+                users[key] = next(iter(held_by))
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -1168,9 +1311,16 @@ class Tracker:
 
     def users(self, keys: Iterable[str], *, now: float | None = None) -> dict[str, UserStatus]:
         """`user` for many keys at once (a team view: 10-500), in the order given."""
-        if isinstance(keys, (str, bytes)):
-            raise PresenceTypeError("keys must be an iterable of str, not a single str")
-        wanted = list(keys)
+        if isinstance(keys, (str, bytes, bytearray)):
+            raise PresenceTypeError(f"keys must be an iterable of str, not a {_type_name(keys)}")
+        try:
+            items = iter(keys)
+        except TypeError:
+            raise PresenceTypeError(
+                f"keys must be an iterable of str, not {_type_name(keys)}"
+            ) from None
+        # One more than allowed is enough to refuse: an endless iterable must not hang.
+        wanted = builtins.list(islice(items, _MAX_BULK_KEYS + 1))
         if len(wanted) > _MAX_BULK_KEYS:
             raise PresenceValueError(
                 f"users() takes at most {_MAX_BULK_KEYS} keys per call, got {len(wanted)}"
@@ -1196,7 +1346,13 @@ class Tracker:
         if held_by is None:
             seen = self._seen.get(key)
             return UserStatus(key, OFFLINE, last_seen=seen)
-        conns = held_by if isinstance(held_by, list) else [held_by]
+        conns: Iterable[_Conn]
+        if isinstance(held_by, dict):
+            conns = held_by
+            n_conns = len(held_by)
+        else:
+            conns = (held_by,)
+            n_conns = 1
         presences: list[tuple[int, _Presence]] = []
         last_active = _NEG_INF
         deadline = self._conns.deadline
@@ -1226,7 +1382,7 @@ class Tracker:
             custom,
             tuple(devices),
             tuple(sorted({p[_TOPIC] for _, p in presences})),
-            len(conns),
+            n_conns,
             len(presences),
             last_active,
             last_active,
@@ -1270,35 +1426,44 @@ class Tracker:
         the callback's own copy.  With ``raw=True`` the payload is the JSON encoding as
         ``bytes`` instead: immutable, so every raw hook shares one object and a fan-out to
         thousands of sockets costs one call each, no copy.  The returned function is
-        idempotent.
+        idempotent; once it has returned, the callback gets nothing more, even from a flush
+        under way.  If the callback raises on the state, it is not subscribed and the error
+        propagates.  Subscribing and unsubscribing cost O(1) however many subscribers a topic
+        has.
         """
         _check_text(topic, "topic", self._read_topic_limit)
         _check_callable(callback, "callback")
         t = self._topics.get(topic)
         if t is None:
             t = self._topics[topic] = _Topic(topic)
-        entry = (callback, bool(raw))
-        t.subscribers += (entry,)
-        if send_state:
-            state = self.initial_state_json(topic)
-            callback(topic, PRESENCE_STATE, state if raw else _loads(state))  # type: ignore[arg-type]
+        subscribers = t.subscribers
+        if subscribers is None:
+            subscribers = t.subscribers = {}
+        entry = _new_hook(callback, raw)
+        token = id(entry)  # unique while the entry lives, and the closure keeps it alive
+        subscribers[token] = entry
+        t.hooks = None
 
         def unsubscribe() -> None:
-            subscribers = t.subscribers
-            for i, held in enumerate(subscribers):
-                if held is entry:
-                    t.subscribers = subscribers[:i] + subscribers[i + 1 :]
-                    break
-            else:
+            if not _disable_hook(entry):
                 return
+            del subscribers[token]
+            t.hooks = None
             if (
-                not t.subscribers
+                not subscribers
                 and not t.keys
                 and t.name not in self._dirty
                 and self._topics.get(t.name) is t
             ):
                 del self._topics[t.name]
 
+        if send_state:
+            state = self.initial_state_json(topic)
+            try:
+                callback(topic, PRESENCE_STATE, state if raw else _loads(state))  # type: ignore[arg-type]
+            except BaseException:
+                unsubscribe()
+                raise
         return unsubscribe
 
     def add_transport(
@@ -1310,15 +1475,12 @@ class Tracker:
         itself, with `send_state` (or `initial_state`).  ``raw`` as in `subscribe`.
         """
         _check_callable(transport, "transport")
-        entry = (transport, bool(raw))
+        entry = _new_hook(transport, raw)
         self._transports += (entry,)
 
         def remove() -> None:
-            transports = self._transports
-            for i, held in enumerate(transports):
-                if held is entry:
-                    self._transports = transports[:i] + transports[i + 1 :]
-                    return
+            if _disable_hook(entry):
+                self._transports = tuple(h for h in self._transports if h is not entry)
 
         return remove
 
@@ -1340,37 +1502,58 @@ class Tracker:
         Every subscriber of the topic and every transport gets its own copy (raw hooks share
         the immutable JSON bytes).  A hook that raises is logged and counted (``hook_errors``)
         and the others still get theirs.  Changes made by hooks while they run go out with the
-        next flush.  The time from this call to each topic's last delivery is recorded in
-        ``diff_propagation_seconds``.
+        next flush, and so do those of a `flush` called by a hook (itself or through `tick`):
+        it returns 0 at once, because delivering then would hand the hooks not yet called the
+        newer diff before the one under way.  A hook removed during the flush is not called
+        after its removal.  The time from this call to each topic's last delivery is recorded
+        in ``diff_propagation_seconds``.
         """
+        if self._flushing:
+            return 0
         dirty = self._dirty
         if not dirty:
             self.sync_metrics()
             return 0
+        self._flushing = True
+        try:
+            delivered = self._deliver(dirty)
+        finally:
+            self._flushing = False
+        self.sync_metrics()
+        return delivered
+
+    def _deliver(self, dirty: dict[str, _Topic]) -> int:
         start = _perf_counter()
         self._dirty = {}
         topics = self._topics
-        batch: list[tuple[str, bytes, tuple[_Hook, ...]]] = []
+        batch: builtins.list[tuple[str, bytes, tuple[_Hook, ...]]] = []
         for name, t in dirty.items():
             blob = self._take_diff(t)
             if not t.keys and not t.subscribers and topics.get(name) is t:
                 del topics[name]
             if blob is not None:
-                batch.append((name, blob, t.subscribers))
+                batch.append((name, blob, t.subscribed()))
         transports = self._transports
-        observe = self._metrics.observe
+        latencies: builtins.list[float] = []
         errors = 0
         for name, blob, subscribers in batch:
-            for hook, raw in subscribers + transports:
+            for hook, raw in subscribers + transports if transports else subscribers:
                 try:
                     # A fresh dict per hook: a client library may mutate what it is given.
                     hook(name, PRESENCE_DIFF, blob if raw else _loads(blob))
                 except Exception:
                     errors += 1
                     logger.exception("presence hook %r failed for topic %r", hook, name)
-            observe(DIFF_PROPAGATION_SECONDS, _perf_counter() - start)
+            latencies.append(_perf_counter() - start)
         self._counts[HOOK_ERRORS] += errors
-        self.sync_metrics()
+        # Recorded after every delivery: a metrics sink that fails must not cost anyone a diff.
+        observe = self._metrics.observe
+        try:
+            for latency in latencies:
+                observe(DIFF_PROPAGATION_SECONDS, latency)
+        except Exception:
+            self._counts[HOOK_ERRORS] += 1
+            logger.exception("metrics sink %r failed", self._metrics)
         return len(batch)
 
     @staticmethod
@@ -1453,6 +1636,15 @@ class Tracker:
         now_s = self._now(now)
         if wall_time is None:
             wall_time = datetime.now(timezone.utc)
+        elif not isinstance(wall_time, datetime):
+            raise PresenceTypeError(f"wall_time must be a datetime, not {_type_name(wall_time)}")
+        if memory_bytes is not None:
+            if not isinstance(memory_bytes, int) or isinstance(memory_bytes, bool):
+                raise PresenceTypeError(
+                    f"memory_bytes must be an int, not {_type_name(memory_bytes)}"
+                )
+            if memory_bytes < 0:
+                raise PresenceValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
         self.sync_metrics()
         memory = self.memory_estimate() if memory_bytes is None else memory_bytes
         metrics = self._metrics
@@ -1478,18 +1670,30 @@ class Tracker:
     ) -> builtins.list[ScaleDecision]:
         """Give every scaler a load sample (`load_sample` if not given); returns their decisions.
 
-        Scalers that answer None are left out.  The Tracker never acts on a decision: the host
-        applies it (and tells a `ThresholdScaler` the new replica count).
+        Scalers that answer None are left out.  A scaler that raises or answers something other
+        than a `ScaleDecision` is logged and counted (``hook_errors``) and the others are still
+        consulted.  The Tracker never acts on a decision: the host applies it (and tells a
+        `ThresholdScaler` the new replica count).
         """
         if sample is None:
             sample = self.load_sample(now=now)
         elif not isinstance(sample, LoadSample):
             raise PresenceTypeError(f"sample must be a LoadSample, not {_type_name(sample)}")
+        elif now is not None:
+            _check_now(now)
         decisions: builtins.list[ScaleDecision] = []
         for scaler in self._scalers:
-            decision = scaler(sample)
-            if decision is not None:
+            try:
+                decision = scaler(sample)
+            except Exception:
+                self._counts[HOOK_ERRORS] += 1
+                logger.exception("scaler %r failed", scaler)
+                continue
+            if isinstance(decision, ScaleDecision):
                 decisions.append(decision)
+            elif decision is not None:
+                self._counts[HOOK_ERRORS] += 1
+                logger.error("scaler %r answered %r, not a ScaleDecision", scaler, decision)
         return decisions
 
     def __repr__(self) -> str:
