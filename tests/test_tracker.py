@@ -570,11 +570,15 @@ def test_empty_topics_are_forgotten(tracker: Tracker) -> None:
 def test_flush_records_diff_propagation(tracker: Tracker) -> None:
     for i in range(3):
         tracker.subscribe(ROOM, RecordingTransport(), send_state=False)
+        tracker.subscribe(f"t{i}", RecordingTransport(), send_state=False)
         tracker.track(f"c{i}", f"t{i}", "k", {})
     tracker.track("c9", ROOM, "k", {})
-    tracker.flush()
+    tracker.track("c9", "unheard", "k", {})
+    assert tracker.flush() == 4  # the topic nobody hears is not encoded or counted
     histograms = tracker.metrics.as_dict()["histograms"]  # type: ignore[attr-defined]
     assert histograms[DIFF_PROPAGATION_SECONDS]["count"] == 4
+    tracker.subscribe("unheard", RecordingTransport())
+    assert tracker.flush() == 0  # its dropped changes do not come back later
 
 
 # -- users ---------------------------------------------------------------------------------------
@@ -940,6 +944,8 @@ BAD_CALLS: list[tuple[str, Any, type[Exception]]] = [
     ("track key empty", lambda t: t.track("c1", ROOM, "", {}), PresenceValueError),
     ("track key long", lambda t: t.track("c9", ROOM, "k" * 257, {}), PresenceValueError),
     ("track key surrogate", lambda t: t.track("c1", ROOM, "\udfff", {}), PresenceValueError),
+    ("track key __proto__", lambda t: t.track("c1", ROOM, "__proto__", {}), PresenceValueError),
+    ("update key __proto__", lambda t: t.update("c1", ROOM, "__proto__", {}), PresenceValueError),
     # metas
     ("meta list", lambda t: t.track("c1", ROOM, "k", []), InvalidMeta),
     ("meta None", lambda t: t.track("c9", ROOM, "k", None), InvalidMeta),

@@ -100,7 +100,7 @@ CONNECTION_EXPIRIES: Final = "connection_expiries"
 LAST_SEEN_EVICTIONS: Final = "last_seen_evictions"
 """Counter: last-seen records dropped because the last-seen table reached its capacity."""
 HOOK_ERRORS: Final = "hook_errors"
-"""Counter: exceptions raised by subscribers and transports (logged, never propagated)."""
+"""Counter: exceptions raised by subscribers, transports, eviction callbacks or scalers (logged)."""
 
 DIFF_PROPAGATION_SECONDS: Final = "diff_propagation_seconds"
 """Histogram: from a `Tracker.flush()` call to the last hook of a topic receiving its diff."""
@@ -128,7 +128,7 @@ _HELP: Final = {
     LIMIT_HITS: "Operations refused by a quota or rate limit.",
     CONNECTION_EXPIRIES: "Connections removed because they stopped heartbeating.",
     LAST_SEEN_EVICTIONS: "Last-seen records dropped at the last-seen table's capacity.",
-    HOOK_ERRORS: "Exceptions raised by subscribers and transports.",
+    HOOK_ERRORS: "Exceptions raised by subscribers, transports, callbacks or scalers.",
     DIFF_PROPAGATION_SECONDS: "Time from a flush to the last hook of a topic receiving its diff.",
     STATUS_READS: "User statuses asked for.",
     STATUS_READ_HITS: "User statuses answered without Redis.",

@@ -133,11 +133,11 @@ class ClientView:
       ref is not joining, followed by the joining metas in payload order; then its leaves:
       metas are removed by ref and a key with none left is dropped.
 
-    ``phx_ref_prev`` is dropped, as clients do.  With ``strict=True`` an event that a client
-    could not apply cleanly raises `AssertionError`: a leave for a key or ref the view does not
-    hold, a join of a ref it already holds, a ref that joins and leaves in the same diff, or a
-    ``phx_ref_prev`` that does not name a held ref of the same key leaving in the same diff.
-    """
+    ``phx_ref_prev`` is dropped, as Supabase's clients do (phoenix.js keeps it on the meta).
+    With ``strict=True`` an event that a client could not apply cleanly raises `AssertionError`:
+    a leave for a key or ref the view does not hold, a join of a ref it already holds, a ref
+    that joins and leaves in the same diff, or a ``phx_ref_prev`` that does not name a held ref
+    of the same key leaving in the same diff."""
 
     def __init__(self, *, strict: bool = False, topic: str | None = None) -> None:
         self.strict = strict

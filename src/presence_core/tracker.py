@@ -84,10 +84,13 @@ from .hooks import (
 )
 from .limits import DEFAULT_PLAN, MAX_CONNECTION_ID_LENGTH, Limits
 from .metrics import (
+    CONNECTION_EXPIRIES,
     CONNECTIONS,
     DIFF_PROPAGATION_SECONDS,
     EVICTIONS,
     EXPIRIES,
+    HOOK_ERRORS,
+    LAST_SEEN_EVICTIONS,
     LIMIT_HITS,
     OPS_DISCONNECT,
     OPS_HEARTBEAT,
@@ -134,12 +137,6 @@ that any of the user's presences reports, and `OFFLINE` when there is none."""
 
 _STATUS_RANK: Final = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
-HOOK_ERRORS: Final = "hook_errors"
-"""Counter: exceptions raised by subscribers, transports or eviction callbacks (logged, skipped)."""
-LAST_SEEN_EVICTIONS: Final = "last_seen_evictions"
-"""Counter: last-seen entries dropped because the last-seen table was full."""
-CONNECTION_EXPIRIES: Final = "connection_expiries"
-"""Counter: connections that stopped heartbeating (their presences count in ``expiries``)."""
 
 RawTransport: TypeAlias = Callable[[str, str, bytes], object]
 """A hook that takes the payload as JSON bytes: ``hook(topic, event, payload_json)``."""
@@ -415,6 +412,20 @@ def _check_text(value: object, what: str, limit: int) -> str:
         except UnicodeEncodeError:
             raise PresenceValueError(f"{what} is not valid Unicode text: {value!r}") from None
     return value
+
+
+# realtime-js collects presence state in a plain JS object, where this key is the prototype
+# slot: a presence under it silently disappears from every Supabase JavaScript client.
+_FORBIDDEN_KEY: Final = "__proto__"
+
+
+def _check_key(key: object, limit: int) -> str:
+    _check_text(key, "key", limit)
+    if key == _FORBIDDEN_KEY:
+        raise PresenceValueError(
+            "key '__proto__' cannot be used: Supabase's JavaScript client silently drops it"
+        )
+    return key  # type: ignore[return-value]
 
 
 def _is_conn_id(conn: object) -> bool:
@@ -921,8 +932,13 @@ class Tracker:
             or not topic.isascii()
         ):
             _check_text(topic, "topic", limits.max_topic_length)
-        if type(key) is not str or not 0 < len(key) <= limits.max_key_length or not key.isascii():
-            _check_text(key, "key", limits.max_key_length)
+        if (
+            type(key) is not str
+            or not 0 < len(key) <= limits.max_key_length
+            or not key.isascii()
+            or key == _FORBIDDEN_KEY
+        ):
+            _check_key(key, limits.max_key_length)
         blob = _encode_meta(meta, limits)
         old = None
         shares_key = False  # whether this connection already holds `key` in another topic
@@ -986,7 +1002,7 @@ class Tracker:
         rec: _Conn | None = self._conns.get(conn)
         limits = self._default_limits if rec is None else rec.plan
         _check_text(topic, "topic", limits.max_topic_length)
-        _check_text(key, "key", limits.max_key_length)
+        _check_key(key, limits.max_key_length)
         blob = _encode_meta(meta, limits)
         old = None
         if rec is not None:
@@ -1499,6 +1515,9 @@ class Tracker:
     def flush(self) -> int:
         """Deliver each changed topic's coalesced ``presence_diff``; returns how many topics.
 
+        Topics with no subscriber (and no transport attached) have their pending changes
+        dropped without encoding them and are not counted.
+
         Every subscriber of the topic and every transport gets its own copy (raw hooks share
         the immutable JSON bytes).  A hook that raises is logged and counted (``hook_errors``)
         and the others still get theirs.  Changes made by hooks while they run go out with the
@@ -1526,14 +1545,20 @@ class Tracker:
         start = _perf_counter()
         self._dirty = {}
         topics = self._topics
+        transports = self._transports
         batch: builtins.list[tuple[str, bytes, tuple[_Hook, ...]]] = []
         for name, t in dirty.items():
-            blob = self._take_diff(t)
+            if t.subscribers or transports:
+                blob = self._take_diff(t)
+            else:
+                # Nobody to tell: drop the pending changes without encoding them (a service
+                # that only reads state would otherwise encode every change for nothing).
+                t.joins = t.leaves = None
+                blob = None
             if not t.keys and not t.subscribers and topics.get(name) is t:
                 del topics[name]
             if blob is not None:
                 batch.append((name, blob, t.subscribed()))
-        transports = self._transports
         latencies: builtins.list[float] = []
         errors = 0
         for name, blob, subscribers in batch:
