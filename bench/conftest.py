@@ -27,12 +27,13 @@ nothing: a benchmark informs, it does not gate.
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import platform
 import random
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -41,6 +42,15 @@ from lru import LRU
 
 import presence_core
 from presence_core._table_py import PresenceTable as PurePresenceTable
+
+
+@pytest.fixture(autouse=True)
+def _gc_back_on() -> Iterator[None]:
+    # Timed rounds run with the collector off; a failing one would leave it off for every
+    # test after it.  Turn it back on whatever happens.
+    yield
+    gc.enable()
+
 
 N = int(os.environ.get("PRESENCE_BENCH_N", "1000000"))
 SEED = 20_240_611

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pytest
@@ -58,13 +58,6 @@ class Paired(NamedTuple):
     name: str
     run: Run
     next_arg: Callable[[], Any]
-
-
-@pytest.fixture(autouse=True)
-def _gc_back_on() -> Iterator[None]:
-    # A failing timed call would leave the collector off; turn it back on whatever happens.
-    yield
-    gc.enable()
 
 
 def measure(

@@ -119,13 +119,6 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-@pytest.fixture(autouse=True)
-def _gc_back_on() -> Iterator[None]:
-    # A failing timed round would leave the collector off; turn it back on whatever happens.
-    yield
-    gc.enable()
-
-
 def measure(
     benchmark: Any,
     run: Callable[..., Any],
