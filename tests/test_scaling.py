@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -415,7 +415,7 @@ def test_peak_looks_ahead_by_lead() -> None:
 def test_calendar_reads_hours_in_its_own_zone() -> None:
     plus_two = timezone(timedelta(hours=2))
     calendar = LoadCalendar(hours={18: 2.0}, tz=plus_two)
-    utc_16 = datetime(2024, 1, 10, 16, tzinfo=timezone.utc)
+    utc_16 = datetime(2024, 1, 10, 16, tzinfo=UTC)
     assert calendar.multiplier(utc_16) == 2.0  # 18:00 at +02:00
     assert calendar.multiplier(datetime(2024, 1, 10, 18)) == 2.0  # naive: already local
     assert LoadCalendar(hours={18: 2.0}).multiplier(utc_16) == 1.0

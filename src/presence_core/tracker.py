@@ -55,7 +55,7 @@ import time
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import count, islice
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
@@ -1660,7 +1660,7 @@ class Tracker:
         """
         now_s = self._now(now)
         if wall_time is None:
-            wall_time = datetime.now(timezone.utc)
+            wall_time = datetime.now(UTC)
         elif not isinstance(wall_time, datetime):
             raise PresenceTypeError(f"wall_time must be a datetime, not {_type_name(wall_time)}")
         if memory_bytes is not None:
