@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import pickle
 import random
+import subprocess
+import sys
+import time
 import weakref
 from typing import Any
 
 import pytest
+from impls import impl
 
 from presence_core import TOMBSTONE
 
@@ -226,7 +231,6 @@ def test_default_clock_and_injected_clock(Table: Any) -> None:
     now[0] = 11.5
     assert t.expire() == [("a", 1)]
 
-    import time
 
     real = Table(10, tick=TICK)
     before = time.monotonic()
@@ -542,6 +546,451 @@ def test_not_picklable(Table: Any) -> None:
 def test_generic_alias(Table: Any) -> None:
     alias = Table[str, int]
     assert alias.__origin__ is Table
+
+
+# -- reviewed defects ---------------------------------------------------------------------------
+
+
+def test_table_whose_init_never_ran_is_empty_not_a_crash() -> None:
+    # PresenceTable.__new__ without __init__ used to leave NULL arrays: any lookup segfaulted.
+    # In a child process, so that a regression fails this test instead of killing the run.
+    code = """if True:
+        from presence_core._fast import PresenceTable as T
+        t = T.__new__(T)
+        assert list(t) == [] and len(t) == 0 and t.get(1) is None and 1 not in t
+        assert t.pop(1, "d") == "d" and t.touch(1, now=0.0) is False
+        assert t.touch_many([1, 2], now=0.0) == 0
+        assert t.expire(now=1.0) == [] and t.expire(now=9.0) == []
+        assert t.drain_dirty() == [] and t.drain_evicted() == [] and t.stats()["len"] == 0
+        for call in (lambda: t.upsert(1, 1, 1.0, now=0.0),
+                     lambda: t.upsert_many([(1, 1)], 1.0, now=0.0)):
+            try:
+                call()
+            except RuntimeError as exc:
+                assert "__init__ was not called" in str(exc)
+            else:
+                raise AssertionError("inserted into a table without capacity")
+        t.check_invariants()
+        t.__init__(2, tick=0.5)
+        assert t.upsert(1, "a", 1.0, now=0.0) and list(t) == [1] and t.tick == 0.5
+        try:
+            t.__init__(2)
+        except RuntimeError as exc:
+            assert "called twice" in str(exc)
+        else:
+            raise AssertionError("__init__ ran twice")
+        t.check_invariants()
+    """
+    impl("c")  # skips or fails as the other native tests do when the extension is missing
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_drain_dirty_limit_larger_than_any_size(Table: Any) -> None:
+    # The native table converted the limit to a C ssize_t: 2**63 raised OverflowError.
+    t = _filled(Table)
+    want = [(0, "0"), (1, "1"), (2, "2"), (3, TOMBSTONE)]
+    assert t.drain_dirty(limit=2**64) == want
+    t.upsert(9, 9, 1.0, now=1.0)
+    assert t.drain_dirty(limit=2**63) == [(9, 9)]
+    assert t.drain_dirty(limit=10**30) == []
+
+
+def test_upsert_many_reads_every_item_before_checking_any(Table: Any) -> None:
+    # The twin checked items while reading them, so a bad item before a failing generator
+    # raised TypeError where the native table (which copies first) raised the generator's error.
+    t = _filled(Table)
+    before = snapshot(t)
+    seen = []
+
+    def items() -> Any:
+        yield ("new", 1)
+        seen.append(1)
+        yield "not a pair"
+        seen.append(2)
+        raise ValueError("generator failed")
+
+    with pytest.raises(ValueError, match="generator failed"):
+        t.upsert_many(items(), 1.0, now=1.0)
+    assert seen == [1, 2] and snapshot(t) == before
+    with pytest.raises(TypeError, match=r"items must be \(key, value\) tuples, got str"):
+        t.upsert_many(iter([("new", 1), "not a pair", ("b", 2)]), 1.0, now=1.0)
+    assert snapshot(t) == before
+
+
+def test_replaced_value_is_released_after_the_entry_is_consistent(Table: Any) -> None:
+    # The twin dropped the old value in the middle of the update: a __del__ that used the
+    # table there found it half-updated (KeyError, and entries left off the recency order).
+    t = Table(3, tick=TICK)
+    log: list[Any] = []
+
+    class Value:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __del__(self) -> None:
+            log.append((self.name, t.get("k"), list(t)))
+            t.check_invariants()
+            log.append(t.pop("k"))
+            t.upsert(("from", self.name), 0, 1.0, now=0.0)
+
+    t.upsert("k", Value("first"), 1.0, now=0.0)
+    assert t.upsert("k", "second", 1.0, now=0.0) is False
+    assert log == [("first", "second", ["k"]), "second"]
+    assert list(t) == [("from", "first")]
+    t.upsert("k", Value("third"), 1.0, now=0.0)
+    log.clear()
+    assert t.upsert_many([("k", "fourth"), ("x", 1)], 1.0, now=0.0) == 1
+    assert log == [("third", "fourth", ["k", ("from", "first")]), "fourth"]
+    assert list(t) == ["x", ("from", "third"), ("from", "first")]
+    t.check_invariants()
+    assert t.drain_dirty() == [
+        ("k", TOMBSTONE),
+        (("from", "first"), 0),
+        (("from", "third"), 0),
+        ("x", 1),
+    ]
+
+
+def test_touch_many_skips_an_entry_that_a_later_keys_eq_removed(Table: Any) -> None:
+    # The twin touched the removed entry anyway: KeyError, with the table half-changed.
+    t = Table(4, tick=TICK)
+
+    class Key:
+        victim: Any = None
+
+        def __hash__(self) -> int:
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            if self.victim is not None:
+                victim, self.victim = self.victim, None
+                t.pop(victim)
+            return self is other
+
+    stored, probe = Key(), Key()
+    t.upsert(stored, 1, 1.0, now=0.0)
+    t.upsert("v", 2, 1.0, now=0.0)
+    stored.victim = "v"  # looking `probe` up compares it with `stored`, which pops "v"
+    assert t.touch_many(["v", probe], now=0.5) == 0
+    assert list(t) == [stored] and t.stats()["touches"] == 0
+    t.check_invariants()
+
+
+def test_equal_keys_keep_the_first_key_object(Table: Any) -> None:
+    # 1, 1.0 and True are one key.  The twin reported whichever object the last call passed
+    # in; the native table (like a dict) keeps the first one, also across remove-and-return.
+    def kinds(pairs: Any) -> list[str]:
+        return [type(p[0] if isinstance(p, tuple) else p).__name__ for p in pairs]
+
+    t = Table(4, tick=TICK)
+    t.upsert(1, "a", 5.0, now=0.0)
+    t.drain_dirty()
+    t.upsert(1.0, "b", 5.0, now=0.0)
+    assert kinds(t.drain_dirty()) == ["int"]
+    t.touch(True, ttl=1.0, now=0.0)  # an earlier deadline: the entry moves buckets
+    assert kinds(t.expire(now=1.0)) == ["int"]
+    t.upsert(2, "c", 5.0, now=1.0)
+    t.drain_dirty()
+    t.pop(2.0)
+    t.upsert(2.0, "d", 5.0, now=1.0)  # removed, not drained: the entry comes back
+    assert kinds(t) == ["int"]
+    t.upsert(False, "e", 5.0, now=1.0)
+    t.upsert(0.0, "f", 0.0001, now=1.0)  # into the pending list
+    t.upsert(0, "g", 0.0002, now=1.0)
+    assert kinds(t.expire(now=1.0002)) == ["bool"]
+    assert kinds(t.drain_dirty()) == ["int", "bool"]
+    t.upsert(0.0, "h", 5.0, now=2.0)  # drained: a new entry, with the new key object
+    for k in (3, 4, 5):
+        t.upsert(k, k, 5.0, now=2.0)
+    assert kinds(t.drain_evicted()) == ["int"] and kinds(t) == ["int", "int", "int", "float"]
+    t.check_invariants()
+
+
+@pytest.mark.slow  # and quadratic under PRESENCE_CORE_DEBUG=1, which checks after every call
+def test_index_spreads_ints_that_differ_only_in_high_bits(both: Any) -> None:
+    # The index used the low bits of (hash * golden ratio) >> 32, which ignore hash bits above
+    # 32 + log2(index size): 2**15 keys i << 46 shared a few home positions and every insert
+    # probed a cluster of thousands (quadratic).  Measured as probe distances, not time.
+    native, _ = both
+    n = 1 << 15
+    for keys in ([i << 46 for i in range(n)], [i / 1024 for i in range(n)], list(range(n))):
+        t = native(n, tick=TICK)
+        t.upsert_many([(k, None) for k in keys], 1.0, now=0.0)
+        assert len(t) == n and all(k in t for k in keys[::97])
+        longest, total = t._index_displacement()
+        # At load <= 1/2, linear probing averages well under one step; a clustered index
+        # averages hundreds.
+        assert total / n < 2 and longest < 64, (keys[1], longest, total / n)
+
+
+# -- reference counts, finalisers, re-entrancy -------------------------------------------------
+
+
+class _Obj:
+    """A key or value that can be weakly referenced, with a readable repr."""
+
+    __slots__ = ("n", "__weakref__")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return hash(self.n % 5)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Obj) and other.n == self.n
+
+    def __repr__(self) -> str:
+        return f"_Obj({self.n})"
+
+
+@pytest.mark.parametrize("track_dirty", [True, False])
+def test_reference_counts_balance_on_every_path(Table: Any, track_dirty: bool) -> None:
+    keys = [_Obj(i) for i in range(10)]
+    vals = [_Obj(100 + i) for i in range(10)]
+    same = [_Obj(i) for i in range(10)]  # equal to keys[i], other objects
+    counted = keys + vals + same
+    before = [sys.getrefcount(o) for o in counted]
+
+    t = Table(4, tick=TICK, track_dirty=track_dirty)
+    for i in range(6):
+        t.upsert(keys[i], vals[i], 1.0 + i, now=0.0)  # two evictions
+    t.upsert(keys[5], vals[6], 1.0, now=0.0)  # update (earlier deadline: rescheduled)
+    t.upsert(same[5], vals[5], 9.0, now=0.0)  # update through an equal key
+    t.pop(same[4])
+    t.upsert(same[4], vals[7], 1.0, now=0.0)  # revive (or a new entry)
+    t.upsert_many([(keys[6], vals[8]), (keys[6], vals[9]), (same[2], vals[0])], 2.0, now=0.0)
+    t.touch(same[5], ttl=0.5, now=0.1)
+    t.touch_many([keys[5], same[6], keys[9]], now=0.25)
+    assert t.get(same[6]) is vals[9] and same[4] in t and t.deadline(keys[5]) == 0.75
+    with pytest.raises(ValueError):
+        t.upsert(keys[7], vals[1], -1.0, now=0.0)
+    with pytest.raises(TypeError):
+        t.upsert_many([(keys[7], vals[1]), ([], vals[2])], 1.0, now=0.0)
+    t.drain_evicted()
+    t.expire(now=0.75)
+    t.drain_dirty(limit=2)
+    assert list(t)
+    t.upsert(keys[8], vals[3], 1.0, now=0.8)
+    t.pop(keys[8])
+    del t  # with live entries, removed-but-undrained entries and undrained evictions
+    gc.collect()
+    assert [sys.getrefcount(o) for o in counted] == before
+
+
+def test_values_are_released_exactly_when_the_table_lets_go(Table: Any) -> None:
+    alive: set[int] = set()
+
+    def value(n: int) -> _Obj:
+        v = _Obj(n)
+        alive.add(n)
+        weakref.finalize(v, alive.discard, n)
+        return v
+
+    t = Table(2, tick=TICK)
+    t.upsert("a", value(1), 1.0, now=0.0)
+    t.upsert("a", value(2), 1.0, now=0.0)
+    assert alive == {2}  # replaced: released at once
+    popped = t.pop("a")
+    assert alive == {2}  # handed to the caller
+    del popped
+    assert alive == set()  # removed: not kept until drain_dirty()
+    t.upsert("b", value(3), 1.0, now=0.0)
+    t.upsert("c", value(4), 1.0, now=0.0)
+    t.upsert("d", value(5), 1.0, now=0.0)
+    assert alive == {3, 4, 5}  # the eviction is held for drain_evicted()
+    drained = t.drain_dirty()
+    assert [(k, v if v is TOMBSTONE else v.n) for k, v in drained] == [
+        ("a", TOMBSTONE),
+        ("b", TOMBSTONE),
+        ("c", 4),
+        ("d", 5),
+    ]
+    del drained
+    assert alive == {3, 4, 5}
+    t.drain_evicted()
+    assert alive == {4, 5}
+    t.expire(now=1.0)
+    assert alive == set()  # the returned list was the last holder
+    t.upsert("e", value(6), 1.0, now=2.0)
+    t.upsert("f", value(7), 1.0, now=2.0)
+    t.pop("e")
+    del t
+    assert alive == set()  # no cycle involved: freed by reference counting alone
+
+
+class _Hostile:
+    """Keys whose __eq__ and values whose __del__ call back into the table being changed."""
+
+    def __init__(self, table: Any, rng: random.Random, on_eq: bool) -> None:
+        self.table, self.rng, self.on_eq, self.depth = table, rng, on_eq, 0
+        self.errors = 0
+
+    def meddle(self) -> None:
+        t, rng = self.table, self.rng
+        if t is None or self.depth > 1 or rng.random() < 0.5:
+            return
+        self.depth += 1
+        try:
+            op, now = rng.randrange(8), rng.random() * 5
+            if op == 0:
+                t.upsert(self.key(), self.value(), rng.choice([0.01, 1.0]), now=now)
+            elif op == 1:
+                t.pop(self.key())
+            elif op == 2:
+                t.expire(now=now)
+            elif op == 3:
+                t.drain_dirty(rng.choice([None, 1]))
+            elif op == 4:
+                for _ in t:
+                    pass
+            elif op == 5:
+                t.touch_many([self.key(), self.key()], now=now)
+            elif op == 6:
+                t.upsert_many([(self.key(), self.value()), (self.key(), 0)], 1.0, now=now)
+            else:
+                t.drain_evicted()
+            t.check_invariants()
+        except RuntimeError:  # "changed during iteration / during a key comparison"
+            self.errors += 1
+        finally:
+            self.depth -= 1
+
+    def key(self) -> Any:
+        return _HostileKey(self, self.rng.randrange(10)) if self.on_eq else self.rng.randrange(10)
+
+    def value(self) -> Any:
+        return _HostileValue(self)
+
+
+class _HostileKey:
+    def __init__(self, owner: _Hostile, n: int) -> None:
+        self.owner, self.n = owner, n
+
+    def __hash__(self) -> int:
+        return self.n % 3
+
+    def __eq__(self, other: object) -> bool:
+        self.owner.meddle()
+        return isinstance(other, _HostileKey) and other.n == self.n
+
+
+class _HostileValue:
+    def __init__(self, owner: _Hostile) -> None:
+        self.owner = owner
+
+    def __del__(self) -> None:
+        self.owner.meddle()
+
+
+@pytest.mark.parametrize("on_eq", [False, True], ids=["del", "eq+del"])
+def test_callbacks_into_the_table_never_corrupt_it(Table: Any, on_eq: bool) -> None:
+    if on_eq and Table.__module__.endswith("_table_py"):
+        pytest.skip("the twin's own dicts call __eq__ mid-update; only the native table copes")
+    errors = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        t = Table(rng.choice([1, 3]), tick=TICK, track_dirty=seed % 3 != 0)
+        h = _Hostile(t, rng, on_eq)
+        for _ in range(80):
+            h.meddle()
+            try:
+                op = rng.randrange(5)
+                if op == 0:
+                    t.upsert(h.key(), h.value(), rng.choice([0.01, 1.0]), now=rng.random() * 5)
+                elif op == 1:
+                    t.upsert_many([(h.key(), h.value()) for _ in range(3)], 1.0, now=1.0)
+                elif op == 2:
+                    t.touch_many([h.key() for _ in range(3)], now=rng.random() * 5)
+                elif op == 3:
+                    t.pop(h.key())
+                else:
+                    t.expire(now=rng.random() * 5)
+            except RuntimeError:
+                h.errors += 1
+            t.check_invariants()
+        h.table = None
+        errors += h.errors
+        del t, h
+    assert errors or not on_eq  # the guards did fire
+
+
+# -- index and wheel at the extremes -----------------------------------------------------------
+
+
+class _Clash:
+    """Keys that all share one hash: one long probe run, emptied by backward shifts."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return -2 if self.n % 2 else 1 << 60
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Clash) and other.n == self.n
+
+
+@pytest.mark.parametrize("track_dirty", [True, False])
+def test_heavy_collisions_with_many_removals(Table: Any, track_dirty: bool) -> None:
+    rng = random.Random(3)
+    keys: list[Any] = [_Clash(i) for i in range(150)]
+    keys += [i << 44 for i in range(150)] + [-(i << 40) - 1 for i in range(150)]
+    t = Table(300, tick=TICK, track_dirty=track_dirty)
+    model: dict[Any, int] = {}
+    for step in range(6000):
+        key = rng.choice(keys)
+        if rng.random() < 0.55:
+            assert t.upsert(key, step, 10.0, now=0.0) == (key not in model)
+            model[key] = step
+            if len(model) > 300:
+                ((old, _),) = t.drain_evicted()
+                del model[old]
+        else:
+            assert t.pop(key) == model.pop(key, None)
+        if step % 97 == 0:
+            t.drain_dirty()
+        if step % 1000 == 0:
+            assert all(t.get(k) == model.get(k) for k in keys)
+            t.check_invariants()
+    assert all(t.get(k) == model.get(k) for k in keys)
+    t.check_invariants()
+
+
+def test_extreme_times_agree_with_the_twin(both: tuple[Any, Any]) -> None:
+    native, twin = both
+    for seed in range(30):
+        rng = random.Random(seed)
+        tick = rng.choice([0.001, 0.01, 60.0])
+        edge = 2.0**53 * tick  # ticks are clamped to +-2**53
+        capacity = rng.choice([1, 5, 40])
+        c, p = native(capacity, tick=tick), twin(capacity, tick=tick)
+        bases = [0.0, edge, -edge, edge * 0.999999, -edge * 0.999999, 4 * edge, 1e300, -1e300]
+        now = rng.choice(bases)
+        for step in range(200):
+            r = rng.random()
+            if r < 0.45:
+                ttl = rng.choice([tick / 2, tick * 256, tick * 2**24, tick * 2**40, 1e18, 1e300])
+                key = rng.randrange(30)
+                assert c.upsert(key, step, ttl, now=now) == p.upsert(key, step, ttl, now=now)
+            elif r < 0.55:
+                key, new_ttl = rng.randrange(30), rng.choice([None, tick, 1e300])
+                assert c.touch(key, new_ttl, now=now) == p.touch(key, new_ttl, now=now)
+            else:
+                if rng.random() < 0.3:
+                    now = rng.choice(bases)
+                else:
+                    now += rng.choice([0.0, tick, tick * 300, tick * 2**26, tick * 2**34, -tick])
+                got = c.expire(now=now)
+                assert got == p.expire(now=now)
+                assert all(not c.deadline(k) <= now for k in c)
+        assert list(c) == list(p) and c.drain_dirty() == p.drain_dirty()
+        c.check_invariants()
+        p.check_invariants()
 
 
 # -- scale --------------------------------------------------------------------------------------

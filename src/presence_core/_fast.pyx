@@ -102,8 +102,13 @@ cdef object _check_limit = _common.check_limit
 
 
 cdef inline uint32_t _mix32(Py_hash_t h) noexcept nogil:
-    # Fibonacci hashing: small ints hash to themselves, so spread them before taking bits.
-    return <uint32_t>((<uint64_t>h * <uint64_t>0x9E3779B97F4A7C15ULL) >> 32)
+    # Fibonacci hashing: small ints hash to themselves, so spread them before taking bits.  The
+    # index takes the low bits of the result, and bit k of a product depends only on bits <= k
+    # of its factors: fold the high half in first, or hashes that differ only above bit 32 + b
+    # (ints like i << 46, floats like i / 1024) share one home in an index of 2**b words.
+    cdef uint64_t x = <uint64_t>h
+    x ^= x >> 32
+    return <uint32_t>((x * <uint64_t>0x9E3779B97F4A7C15ULL) >> 32)
 
 
 cdef inline int64_t _to_tick(double seconds, double tick) noexcept nogil:
@@ -153,27 +158,18 @@ cdef class PresenceTable:
     cdef object __weakref__
 
     def __cinit__(self):
+        # The list heads and the index exist from here on, so a table whose __init__ never ran
+        # (PresenceTable.__new__(PresenceTable)) is an empty table, not a NULL dereference.
+        # Its capacity is 0 until __init__ sets it, and an insert then raises (see _upsert).
+        cdef uint32_t s
         self._entries = NULL
         self._index = NULL
-
-    def __init__(self, capacity, *, tick=_common.DEFAULT_TICK, clock=None, track_dirty=True):
-        cdef Py_ssize_t cap = _common.check_capacity(capacity)
-        cdef double tick_s = _common.check_tick(tick)
-        if clock is not None and not callable(clock):
-            raise TypeError(
-                f"clock must be a callable returning seconds, not {type(clock).__name__}")
-        if self._entries != NULL:
-            raise RuntimeError("PresenceTable.__init__ called twice")
-        self._capacity = cap
-        self._tick = tick_s
-        self._clock = clock
-        self._track_dirty = bool(track_dirty)
         self._evicted = []
         self._dirty_head = QUEUE_END
         self._dirty_tail = QUEUE_END
         self._free_head = NO_SLOT
-        self._grow_entries(FIRST_SLOT + <uint32_t>min(cap, 1024))
-        cdef uint32_t s
+        self._tick = _common.DEFAULT_TICK
+        self._grow_entries(FIRST_SLOT)
         for s in range(FIRST_SLOT):
             self._entries[s].wheel_prev = s
             self._entries[s].wheel_next = s
@@ -181,6 +177,20 @@ cdef class PresenceTable:
             self._entries[s].lru_next = s
         self._high = FIRST_SLOT
         self._resize_index(2048)
+
+    def __init__(self, capacity, *, tick=_common.DEFAULT_TICK, clock=None, track_dirty=True):
+        cdef Py_ssize_t cap = _common.check_capacity(capacity)
+        cdef double tick_s = _common.check_tick(tick)
+        if clock is not None and not callable(clock):
+            raise TypeError(
+                f"clock must be a callable returning seconds, not {type(clock).__name__}")
+        if self._capacity != 0:
+            raise RuntimeError("PresenceTable.__init__ called twice")
+        self._grow_entries(FIRST_SLOT + <uint32_t>min(cap, 1024))
+        self._capacity = cap
+        self._tick = tick_s
+        self._clock = clock
+        self._track_dirty = bool(track_dirty)
 
     def __dealloc__(self):
         cdef uint32_t s
@@ -547,6 +557,8 @@ cdef class PresenceTable:
                 self.check_invariants()
             return 0
         if self._len >= self._capacity:
+            if self._capacity == 0:
+                raise RuntimeError("PresenceTable.__init__ was not called")
             self._evict_one()
         if found >= 0:
             slot = <uint32_t>found   # removed but not drained: comes back in its old place
@@ -823,7 +835,11 @@ cdef class PresenceTable:
 
         Each comes once as `(key, value)` with its current value, or `(key, TOMBSTONE)`.
         """
-        cdef Py_ssize_t count = self._dirty_count if limit is None else _check_limit(limit)
+        cdef Py_ssize_t count = self._dirty_count
+        if limit is not None:
+            limit = _check_limit(limit)
+            if limit < count:   # compared as Python ints: any limit is valid, even 2**64
+                count = limit
         cdef list out = []
         cdef Py_ssize_t taken = 0
         cdef uint32_t slot
@@ -893,6 +909,22 @@ cdef class PresenceTable:
         return f"<PresenceTable len={self._len} capacity={self._capacity} (cython)>"
 
     # -- invariants (tests and the debug build) -------------------------------------------
+
+    def _index_displacement(self):
+        """The longest and total distance of index words from their home position (O(n)).
+
+        For tests: a hash mix that clusters keys shows here as long probe runs, with no clock.
+        """
+        cdef uint64_t mask = self._index_mask, i, word, home, distance, longest = 0, total = 0
+        for i in range(mask + 1):
+            word = self._index[i]
+            if word != 0:
+                home = (word >> 32) & mask
+                distance = (i - home) & mask
+                total += distance
+                if distance > longest:
+                    longest = distance
+        return longest, total
 
     def check_invariants(self):
         """Walk every structure and raise AssertionError on the first inconsistency (O(n))."""

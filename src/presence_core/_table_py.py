@@ -6,6 +6,7 @@ any sequence of calls gives identical results, including the order of `expire()`
 state machine.  Where the native table uses intrusive linked lists, this one uses insertion-
 ordered dicts, which have the same "append at the end, remove from anywhere, iterate from the
 front" behaviour, and a deque for the change queue, which is only ever taken from the front.
+Every structure holds the entry's own key object (`entry[_KEY]`), never the one a call passed in.
 
 How entries move
 ----------------
@@ -26,6 +27,13 @@ How entries move
   on the dirty list once; later changes leave it where it is.  `drain_dirty()` reports each such
   key once with its current value, or `TOMBSTONE` if it is gone.  `touch` is not a change: a
   heartbeat moves only the deadline, which the store refreshes on its own schedule.
+* **Key objects.** Of equal keys (`1`, `1.0`, `True`), the table keeps the object it was first
+  given, as a dict does, and returns that one everywhere: iteration, `expire()`, `drain_dirty()`,
+  `drain_evicted()`.  A key removed and given again before the next `drain_dirty()` comes back
+  as the same entry, so it keeps its first key object too.
+* **Re-entrancy.** A replaced value is released only when the entry is consistent again, at the
+  end of the call, so its `__del__` may use the table.  A key's `__eq__` may change the table
+  while `touch_many` looks keys up; an entry it removed is then not touched.
 """
 
 from __future__ import annotations
@@ -59,8 +67,11 @@ _PENDING = WHEEL_LEVELS * WHEEL_SIZE  # bucket number of the pending list
 _MASK = WHEEL_SIZE - 1
 _TOP = WHEEL_LEVELS - 1
 
-# Entry layout: a small list is the cheapest mutable record in pure Python.
-_VALUE, _DEADLINE, _TTL, _BUCKET = 0, 1, 2, 3
+# Entry layout: a small list is the cheapest mutable record in pure Python.  A removed entry
+# whose key is still queued for `drain_dirty()` is kept (value None, bucket _DEAD) in `_dirty`,
+# like the native table's removed-but-undrained slot: a key that comes back reuses it.
+_VALUE, _DEADLINE, _TTL, _BUCKET, _KEY = 0, 1, 2, 3, 4
+_DEAD = -1
 
 
 def _check_clock(clock: object) -> Callable[[], float]:
@@ -109,12 +120,12 @@ class PresenceTable(Generic[K, V]):
         self._clock = _check_clock(clock)
         self._track_dirty = bool(track_dirty)
         self._lru: OrderedDict[Any, list[Any]] = OrderedDict()  # last = most recent
-        self._buckets: list[dict[Any, None]] = [{} for _ in range(_PENDING + 1)]
+        self._buckets: list[dict[Any, list[Any]]] = [{} for _ in range(_PENDING + 1)]
         self._current: int | None = None  # the wheel's tick; set by the first timed call
-        # The change queue: a set for "already queued?" and a deque for the order.  (An
-        # insertion-ordered dict would do both, but taking from its front after deletions
+        # The change queue: a dict key -> entry for "already queued?" and a deque for the order.
+        # (An insertion-ordered dict would do both, but taking from its front after deletions
         # rescans the deleted slots, which makes draining quadratic.)
-        self._dirty: set[Any] = set()
+        self._dirty: dict[Any, list[Any]] = {}
         self._dirty_order: deque[Any] = deque()
         self._evicted: list[tuple[Any, Any]] = []
         self._version = 0
@@ -140,7 +151,7 @@ class PresenceTable(Generic[K, V]):
             return check_now(self._clock())
         return check_now(now)
 
-    def _schedule(self, key: Any, entry: list[Any], now: float) -> None:
+    def _schedule(self, entry: list[Any], now: float) -> None:
         if self._current is None:
             self._current = time_to_tick(now, self._tick)
         current = self._current
@@ -158,37 +169,42 @@ class PresenceTable(Generic[K, V]):
                 shift = _TOP * WHEEL_BITS
                 bucket = _TOP * WHEEL_SIZE + (((current >> shift) + _MASK) & _MASK)
         entry[_BUCKET] = bucket
-        self._buckets[bucket][key] = None
+        self._buckets[bucket][entry[_KEY]] = entry
 
-    def _unschedule(self, key: Any, entry: list[Any]) -> None:
-        del self._buckets[entry[_BUCKET]][key]
+    def _unschedule(self, entry: list[Any]) -> None:
+        del self._buckets[entry[_BUCKET]][entry[_KEY]]
 
-    def _set_deadline(self, key: Any, entry: list[Any], deadline: float, now: float) -> None:
+    def _set_deadline(self, entry: list[Any], deadline: float, now: float) -> None:
         # Later deadline: stay in the bucket (found again when it comes due).  Earlier: move now.
         earlier = deadline < entry[_DEADLINE]
         entry[_DEADLINE] = deadline
         if earlier:
-            self._unschedule(key, entry)
-            self._schedule(key, entry, now)
+            self._unschedule(entry)
+            self._schedule(entry, now)
 
     # -- removal helpers --------------------------------------------------------------------
 
-    def _mark_dirty(self, key: Any) -> None:
+    def _mark_dirty(self, entry: list[Any]) -> None:
+        key = entry[_KEY]
         if self._track_dirty and key not in self._dirty:
-            self._dirty.add(key)
+            self._dirty[key] = entry
             self._dirty_order.append(key)
 
-    def _remove(self, key: Any) -> list[Any]:
-        entry = self._lru.pop(key)
-        self._unschedule(key, entry)
-        self._mark_dirty(key)
+    def _take(self, entry: list[Any]) -> Any:
+        # Remove a live entry that is already off the wheel and return its value; the table
+        # keeps the entry (with its key) only while the key is queued for drain_dirty().
+        value = entry[_VALUE]
+        del self._lru[entry[_KEY]]
+        entry[_VALUE] = None
+        entry[_BUCKET] = _DEAD
+        self._mark_dirty(entry)
         self._version += 1
-        return entry
+        return value
 
     def _evict_one(self) -> None:
-        key = next(iter(self._lru))
-        entry = self._remove(key)
-        self._evicted.append((key, entry[_VALUE]))
+        entry = next(iter(self._lru.values()))
+        self._unschedule(entry)
+        self._evicted.append((entry[_KEY], self._take(entry)))
         self._counts[5] += 1
 
     # -- writes -----------------------------------------------------------------------------
@@ -198,19 +214,27 @@ class PresenceTable(Generic[K, V]):
         deadline = now + ttl
         self._version += 1
         if entry is not None:
+            old = entry[_VALUE]
             entry[_VALUE] = value
             entry[_TTL] = ttl
-            self._lru.move_to_end(key)
-            self._set_deadline(key, entry, deadline, now)
-            self._mark_dirty(key)
+            self._lru.move_to_end(entry[_KEY])
+            self._set_deadline(entry, deadline, now)
+            self._mark_dirty(entry)
             self._counts[1] += 1
+            del old  # only now, with the entry consistent: its __del__ may use this table
             return False
+        entry = self._dirty.get(key)  # removed but not drained: comes back as the same entry
         if len(self._lru) >= self._capacity:
             self._evict_one()
-        entry = [value, deadline, ttl, 0]
-        self._lru[key] = entry
-        self._schedule(key, entry, now)
-        self._mark_dirty(key)
+        if entry is None:
+            entry = [value, deadline, ttl, _DEAD, key]
+        else:
+            entry[_VALUE] = value
+            entry[_DEADLINE] = deadline
+            entry[_TTL] = ttl
+        self._lru[entry[_KEY]] = entry
+        self._schedule(entry, now)
+        self._mark_dirty(entry)
         self._counts[0] += 1
         return True
 
@@ -236,7 +260,7 @@ class PresenceTable(Generic[K, V]):
         """
         ttl_s = check_ttl(ttl)
         now_s = self._now(now)
-        pairs = _pairs(items)
+        pairs = _pairs(list(items))  # all of `items` first, then the checks, as the native table
         for key, _ in pairs:
             hash(key)
         added = 0
@@ -255,14 +279,14 @@ class PresenceTable(Generic[K, V]):
         entry = self._lru.get(key)
         if entry is None:
             return False
-        self._touch(key, entry, ttl_s, now_s)
+        self._touch(entry, ttl_s, now_s)
         return True
 
-    def _touch(self, key: Any, entry: list[Any], ttl: float | None, now: float) -> None:
+    def _touch(self, entry: list[Any], ttl: float | None, now: float) -> None:
         if ttl is not None:
             entry[_TTL] = ttl
-        self._lru.move_to_end(key)
-        self._set_deadline(key, entry, now + entry[_TTL], now)
+        self._lru.move_to_end(entry[_KEY])
+        self._set_deadline(entry, now + entry[_TTL], now)
         self._version += 1
         self._counts[2] += 1
 
@@ -275,23 +299,29 @@ class PresenceTable(Generic[K, V]):
         """
         ttl_s = None if ttl is None else check_ttl(ttl)
         now_s = self._now(now)
-        keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+        # A private copy (a key's __hash__ may change the caller's list), all hashed first.
+        keys = list(keys)
+        for key in keys:
+            hash(key)
         lru = self._lru
-        found = [(key, lru.get(key)) for key in keys]
+        found = [lru.get(key) for key in keys]
         touched = 0
-        for key, entry in found:
-            if entry is not None:
-                self._touch(key, entry, ttl_s, now_s)
+        for entry in found:
+            # A key's __eq__ during the lookups may have removed an entry found before it.
+            if entry is not None and entry[_BUCKET] != _DEAD:
+                self._touch(entry, ttl_s, now_s)
                 touched += 1
         return touched
 
     def pop(self, key: K, default: Any = None) -> Any:
         """Remove `key` and return its value, or `default` if it is not live."""
-        if key not in self._lru:
+        entry = self._lru.get(key)
+        if entry is None:
             return default
-        entry = self._remove(key)
+        self._unschedule(entry)
+        value = self._take(entry)
         self._counts[3] += 1
-        return entry[_VALUE]
+        return value
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -333,26 +363,25 @@ class PresenceTable(Generic[K, V]):
         if target > current:
             due = self._collect(current, target)
             self._current = current = target
-            for key in due:
-                entry = self._lru[key]
+            for entry in due:
                 if entry[_DEADLINE] <= now_s:
-                    self._expire_one(key, expired)
+                    self._expire_one(entry, expired)
                 else:
-                    self._schedule(key, entry, now_s)
+                    self._schedule(entry, now_s)
         pending = self._buckets[_PENDING]
         if pending:
-            for key in list(pending):
-                entry = self._lru[key]
+            for entry in list(pending.values()):
                 if entry[_DEADLINE] <= now_s:
-                    self._expire_one(key, expired)
+                    self._unschedule(entry)
+                    self._expire_one(entry, expired)
                 elif time_to_tick(entry[_DEADLINE], self._tick) > current:
-                    del pending[key]
-                    self._schedule(key, entry, now_s)
+                    self._unschedule(entry)
+                    self._schedule(entry, now_s)
         return expired
 
-    def _collect(self, current: int, target: int) -> list[Any]:
+    def _collect(self, current: int, target: int) -> list[list[Any]]:
         # Take every bucket whose span the wheel crosses moving from `current` to `target`.
-        due: list[Any] = []
+        due: list[list[Any]] = []
         for level in range(WHEEL_LEVELS):
             shift = level * WHEEL_BITS
             first = (current >> shift) + 1
@@ -362,18 +391,14 @@ class PresenceTable(Generic[K, V]):
             for t in range(first, min(last, first + _MASK) + 1):
                 bucket = self._buckets[level * WHEEL_SIZE + (t & _MASK)]
                 if bucket:
-                    due.extend(bucket)
+                    due.extend(bucket.values())
                     bucket.clear()
         return due
 
-    def _expire_one(self, key: Any, expired: list[tuple[Any, Any]]) -> None:
-        entry = self._lru.pop(key)
-        # A key collected from a wheel bucket is already out of it; one from pending is not.
-        self._buckets[entry[_BUCKET]].pop(key, None)
-        self._mark_dirty(key)
-        self._version += 1
+    def _expire_one(self, entry: list[Any], expired: list[tuple[Any, Any]]) -> None:
+        # The entry is already off the wheel.
+        expired.append((entry[_KEY], self._take(entry)))
         self._counts[4] += 1
-        expired.append((key, entry[_VALUE]))
 
     def drain_dirty(self, limit: int | None = None) -> list[tuple[K, Any]]:
         """Take up to `limit` changed keys (all if None), oldest change first.
@@ -383,12 +408,11 @@ class PresenceTable(Generic[K, V]):
         """
         count = len(self._dirty) if limit is None else check_limit(limit)
         out: list[tuple[Any, Any]] = []
-        dirty, order, lru = self._dirty, self._dirty_order, self._lru
+        dirty, order = self._dirty, self._dirty_order
         for _ in range(min(count, len(order))):
             key = order.popleft()
-            dirty.remove(key)
-            entry = lru.get(key)
-            out.append((key, TOMBSTONE if entry is None else entry[_VALUE]))
+            entry = dirty.pop(key)
+            out.append((key, TOMBSTONE if entry[_BUCKET] == _DEAD else entry[_VALUE]))
         return out
 
     def drain_evicted(self) -> list[tuple[K, V]]:
@@ -399,7 +423,7 @@ class PresenceTable(Generic[K, V]):
     def stats(self) -> dict[str, Any]:
         """Sizes and counters of this table (a new dict each call)."""
         inserts, updates, touches, removals, expirations, evictions = self._counts
-        tombstones = sum(1 for key in self._dirty if key not in self._lru)
+        tombstones = sum(1 for entry in self._dirty.values() if entry[_BUCKET] == _DEAD)
         return {
             "implementation": "python",
             "len": len(self._lru),
@@ -426,15 +450,23 @@ class PresenceTable(Generic[K, V]):
 
     def check_invariants(self) -> None:
         """Walk every structure and raise AssertionError on the first inconsistency (O(n))."""
+        for key, entry in self._lru.items():
+            assert entry[_KEY] is key and entry[_BUCKET] != _DEAD, "lru entry"
         on_wheel = 0
         for number, bucket in enumerate(self._buckets):
-            for key in bucket:
-                assert key in self._lru, "dead entry on the wheel"
-                assert self._lru[key][_BUCKET] == number, "bucket number"
+            for key, entry in bucket.items():
+                assert self._lru.get(key) is entry, "dead entry on the wheel"
+                assert entry[_KEY] is key and entry[_BUCKET] == number, "bucket number"
                 on_wheel += 1
         assert on_wheel == len(self._lru), f"wheel holds {on_wheel}, len is {len(self._lru)}"
         assert self._track_dirty or not self._dirty, "dirty keys while not tracking"
         assert len(self._dirty) == len(self._dirty_order), "dirty queue and set differ"
+        for key, entry in self._dirty.items():
+            assert entry[_KEY] is key, "dirty key object"
+            if entry[_BUCKET] == _DEAD:
+                assert entry[_VALUE] is None and key not in self._lru, "removed entry"
+            else:
+                assert self._lru.get(key) is entry, "dirty entry"
 
 
 def _pairs(items: Iterable[Any]) -> list[tuple[Any, Any]]:
