@@ -161,22 +161,13 @@ cdef class PresenceTable:
         # The list heads and the index exist from here on, so a table whose __init__ never ran
         # (PresenceTable.__new__(PresenceTable)) is an empty table, not a NULL dereference.
         # Its capacity is 0 until __init__ sets it, and an insert then raises (see _upsert).
-        cdef uint32_t s
         self._entries = NULL
         self._index = NULL
         self._evicted = []
-        self._dirty_head = QUEUE_END
-        self._dirty_tail = QUEUE_END
-        self._free_head = NO_SLOT
         self._tick = _common.DEFAULT_TICK
         self._grow_entries(FIRST_SLOT)
-        for s in range(FIRST_SLOT):
-            self._entries[s].wheel_prev = s
-            self._entries[s].wheel_next = s
-            self._entries[s].lru_prev = s
-            self._entries[s].lru_next = s
-        self._high = FIRST_SLOT
         self._resize_index(2048)
+        self._reset()
 
     def __init__(self, capacity, *, tick=_common.DEFAULT_TICK, clock=None, track_dirty=True):
         cdef Py_ssize_t cap = _common.check_capacity(capacity)
@@ -289,7 +280,10 @@ cdef class PresenceTable:
         self._free_head = slot
 
     cdef void _reset(self) noexcept:
-        """Forget every entry without releasing references (the caller owns them now)."""
+        """Make the table empty: list heads on themselves, no entries, an empty index.
+
+        Releases no references: at construction there are none, and the GC clear owns them.
+        """
         cdef uint32_t s
         for s in range(FIRST_SLOT):
             self._entries[s].wheel_prev = s
