@@ -62,7 +62,7 @@ from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
 
 import orjson
 
-from ._common import MAX_CAPACITY
+from ._common import MAX_CAPACITY, check_now, check_ttl
 from .errors import (
     InvalidMeta,
     MetaTooLarge,
@@ -356,16 +356,19 @@ def _type_name(value: object) -> str:
 
 
 def _check_now(now: object) -> float:
-    if type(now) is float:
-        if now - now == 0.0:  # false for inf and nan
-            return now
-    elif isinstance(now, (int, float)) and not isinstance(now, bool):
-        value = float(now)
-        if value - value == 0.0:
-            return value
-    else:
-        raise PresenceTypeError(f"now must be a number of seconds, not {_type_name(now)}")
-    raise PresenceValueError(f"now must be finite, got {now!r}")
+    if type(now) is float and now - now == 0.0:  # the common case; false for inf and nan
+        return now
+    return _presence_error(check_now, now)
+
+
+def _presence_error(check: Callable[[object], float], value: object) -> float:
+    """Run one of the table's own argument checks, raising our subclasses of its errors."""
+    try:
+        return check(value)
+    except TypeError as exc:
+        raise PresenceTypeError(str(exc)) from None
+    except ValueError as exc:
+        raise PresenceValueError(str(exc)) from None
 
 
 def _checked_clock(clock: Callable[[], float]) -> Callable[[], float]:
@@ -388,12 +391,7 @@ def _checked_clock(clock: Callable[[], float]) -> Callable[[], float]:
 
 
 def _check_ttl(ttl: object) -> float:
-    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool):
-        raise PresenceTypeError(f"ttl must be a number of seconds, not {_type_name(ttl)}")
-    value = float(ttl)
-    if not 0.0 < value < math.inf:
-        raise PresenceValueError(f"ttl must be positive and finite, got {ttl!r}")
-    return value
+    return _presence_error(check_ttl, ttl)
 
 
 def _check_text(value: object, what: str, limit: int) -> str:
