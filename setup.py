@@ -1,4 +1,4 @@
-"""Build the native presence table (``presence_core._fast``) with Cython.
+"""Build the native presence table (``presence_core.table._fast``) with Cython.
 
 ``PRESENCE_CORE_DEBUG=1`` builds with invariant checks after every mutating
 operation (LRU, wheel and dirty links are verified), line tracing and an
@@ -17,8 +17,8 @@ compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
 
 extensions = [
     Extension(
-        "presence_core._fast",
-        ["src/presence_core/_fast.pyx"],
+        "presence_core.table._fast",
+        ["src/presence_core/table/_fast.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     )

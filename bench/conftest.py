@@ -41,7 +41,7 @@ from cachetools import TTLCache
 from lru import LRU
 
 import presence_core
-from presence_core._table_py import PresenceTable as PurePresenceTable
+from presence_core.table._py import PresenceTable as PurePresenceTable
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ TTLCACHE_TTL = 3600.0  # TTLCache reads time.monotonic itself; an hour outlasts 
 
 # Implementation names used in test ids, extra_info and the summary.
 OURS = "ours"  # presence_core.PresenceTable: the compiled table when USING_EXTENSION
-OURS_PURE = "ours_pure"  # presence_core._table_py.PresenceTable, the pure-Python twin
+OURS_PURE = "ours_pure"  # presence_core.table._py.PresenceTable, the pure-Python twin
 
 
 def make_keys(n: int, seed: int = SEED) -> list[str]:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from presence_core import _table_py
+from presence_core.table import _py as _table_py
 
 try:
-    from presence_core import _fast
+    from presence_core.table import _fast
 except ImportError as exc:  # pragma: no cover - only on a broken build
     _fast = None
     _FAST_ERROR: ImportError | None = exc

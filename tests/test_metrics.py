@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from presence_core import metrics as m
-from presence_core.hooks import MetricsSink, Transport
 from presence_core.metrics import BUCKET_BOUNDS, Histogram, Metrics, register_prometheus
+from presence_core.typing import MetricsSink, Transport
 
 # One bucket spans this factor; a quantile read from buckets is within it of the exact value.
 BUCKET_FACTOR = 2**0.25

@@ -11,8 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from presence_core.hooks import LOAD_SIGNALS, LoadSample, ScaleDecision, Scaler
-from presence_core.scaling import LoadCalendar, Threshold, ThresholdScaler
+from presence_core.scaling import (
+    LOAD_SIGNALS,
+    LoadCalendar,
+    LoadSample,
+    ScaleDecision,
+    Threshold,
+    ThresholdScaler,
+)
+from presence_core.typing import Scaler
 
 # A Saturday in June 2024 and a Wednesday in January 2024: peak season and off season.
 JUNE_SATURDAY = datetime(2024, 6, 8)

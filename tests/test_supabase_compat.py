@@ -25,8 +25,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from supabase_client import SupabasePresenceClient
 
 from presence_core.errors import NotTracked
-from presence_core.hooks import PRESENCE_DIFF, PRESENCE_STATE
 from presence_core.limits import Limits
+from presence_core.phoenix import EVENT_PRESENCE_DIFF as PRESENCE_DIFF
+from presence_core.phoenix import EVENT_PRESENCE_STATE as PRESENCE_STATE
 from presence_core.phoenix import encode, presence_diff_message, presence_state_message
 from presence_core.testing import ClientView, ManualClock
 from presence_core.tracker import Tracker

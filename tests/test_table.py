@@ -231,7 +231,6 @@ def test_default_clock_and_injected_clock(Table: Any) -> None:
     now[0] = 11.5
     assert t.expire() == [("a", 1)]
 
-
     real = Table(10, tick=TICK)
     before = time.monotonic()
     real.upsert("a", 1, 100.0)
@@ -555,7 +554,7 @@ def test_table_whose_init_never_ran_is_empty_not_a_crash() -> None:
     # PresenceTable.__new__ without __init__ used to leave NULL arrays: any lookup segfaulted.
     # In a child process, so that a regression fails this test instead of killing the run.
     code = """if True:
-        from presence_core._fast import PresenceTable as T
+        from presence_core.table._fast import PresenceTable as T
         t = T.__new__(T)
         assert list(t) == [] and len(t) == 0 and t.get(1) is None and 1 not in t
         assert t.pop(1, "d") == "d" and t.touch(1, now=0.0) is False
@@ -887,7 +886,7 @@ class _HostileValue:
 
 @pytest.mark.parametrize("on_eq", [False, True], ids=["del", "eq+del"])
 def test_callbacks_into_the_table_never_corrupt_it(Table: Any, on_eq: bool) -> None:
-    if on_eq and Table.__module__.endswith("_table_py"):
+    if on_eq and Table.__module__.endswith("table._py"):
         pytest.skip("the twin's own dicts call __eq__ mid-update; only the native table copes")
     errors = 0
     for seed in range(40):
@@ -998,7 +997,7 @@ def test_extreme_times_agree_with_the_twin(both: tuple[Any, Any]) -> None:
 
 @pytest.mark.slow
 def test_a_million_entries(Table: Any) -> None:
-    n = 1_000_000 if Table.__module__.endswith("_fast") else 200_000
+    n = 1_000_000 if Table.__module__.endswith("table._fast") else 200_000
     t = Table(n, tick=0.05)
     keys = [f"user:{i}" for i in range(n)]
     assert t.upsert_many([(k, i) for i, k in enumerate(keys)], 30.0, now=0.0) == n

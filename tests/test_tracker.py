@@ -27,7 +27,6 @@ from presence_core.errors import (
     RateLimited,
     UnknownPlan,
 )
-from presence_core.hooks import LoadSample, ScaleDecision
 from presence_core.limits import Limits
 from presence_core.metrics import (
     CONNECTIONS,
@@ -43,6 +42,7 @@ from presence_core.metrics import (
     TOPICS,
     Metrics,
 )
+from presence_core.scaling import LoadSample, ScaleDecision
 from presence_core.testing import ClientView, ManualClock, RecordingTransport
 from presence_core.tracker import HOOK_ERRORS, STATUS_ORDER, Totals, Tracker, UserStatus
 

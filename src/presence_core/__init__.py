@@ -2,10 +2,9 @@
 
 The public surface is re-exported here; `presence_core.phoenix` (wire codec),
 `presence_core.testing` (helpers for users' tests) and `presence_core.scaling` /
-`presence_core.metrics` / `presence_core.hooks` are modules of their own.
+`presence_core.metrics` / `presence_core.typing` are modules of their own.
 """
 
-from ._common import TOMBSTONE, Tombstone
 from .errors import (
     InvalidMeta,
     LimitExceeded,
@@ -18,12 +17,12 @@ from .errors import (
     RateLimited,
     UnknownPlan,
 )
-from .hooks import LoadSample, ScaleDecision, Scaler, Transport
 from .limits import DEFAULT_PLAN, Limits
 from .metrics import Metrics
-from .scaling import LoadCalendar, Threshold, ThresholdScaler
-from .table import USING_EXTENSION, PresenceTable
-from .tracker import AWAY, BUSY, OFFLINE, ONLINE, ConnId, Totals, Tracker, UserStatus
+from .scaling import LoadCalendar, LoadSample, ScaleDecision, Threshold, ThresholdScaler
+from .table import TOMBSTONE, USING_EXTENSION, PresenceTable, Tombstone
+from .tracker import AWAY, BUSY, OFFLINE, ONLINE, Totals, Tracker, UserStatus
+from .typing import ConnId, MetricsSink, RawTransport, Scaler, Transport
 
 __all__ = [
     "AWAY",
@@ -41,6 +40,7 @@ __all__ = [
     "LoadSample",
     "MetaTooLarge",
     "Metrics",
+    "MetricsSink",
     "NotTracked",
     "PresenceError",
     "PresenceTable",
@@ -48,6 +48,7 @@ __all__ = [
     "PresenceValueError",
     "QuotaExceeded",
     "RateLimited",
+    "RawTransport",
     "ScaleDecision",
     "Scaler",
     "Threshold",

@@ -1,6 +1,6 @@
 """Counters, gauges and latency histograms: cheap to write, readable as a dict or by Prometheus.
 
-`Metrics` is the built-in `presence_core.hooks.MetricsSink`.  Writing sits on the Tracker's hot
+`Metrics` is the built-in `presence_core.typing.MetricsSink`.  Writing sits on the Tracker's hot
 paths, so `Metrics.inc`, `Metrics.set` and `Metrics.observe` take no lock and allocate nothing
 beyond the numbers themselves.  Reading (`Metrics.as_dict`, `Metrics.quantile`, Prometheus
 scrapes) does the work instead.
@@ -31,7 +31,7 @@ from datetime import datetime
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Final
 
-from presence_core.hooks import LoadSample
+from presence_core.scaling import LoadSample
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -395,7 +395,7 @@ class Metrics:
         wall_time: datetime | None = None,
         memory_bytes: int = 0,
     ) -> LoadSample:
-        """A `LoadSample` built from the standard metrics, for a `presence_core.hooks.Scaler`.
+        """A `LoadSample` built from the standard metrics, for a `presence_core.typing.Scaler`.
 
         ``at`` defaults to the clock.  Memory is not something these metrics know, so the host
         passes it.  Diff latencies are converted to milliseconds.

@@ -1,6 +1,6 @@
 """The built-in scaling policy: thresholds with hysteresis and cooldowns, plus a load calendar.
 
-`ThresholdScaler` implements the `presence_core.hooks.Scaler` protocol.  It reads one
+`ThresholdScaler` implements the `presence_core.typing.Scaler` protocol.  It reads one
 `LoadSample` per interval and always answers with a `ScaleDecision` whose ``reason`` says which
 signal drove it, the value, the threshold, the calendar multiplier and the cooldown or hysteresis
 state.  It never actuates anything.
@@ -48,20 +48,144 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
+from types import MappingProxyType
 from typing import Final, Literal, NamedTuple
 
-from presence_core.hooks import LOAD_SIGNALS, LoadSample, ScaleAction, ScaleDecision
-
 __all__ = [
+    "LOAD_SIGNALS",
     "CalendarMode",
+    "LoadSample",
+    "ScaleAction",
+    "ScaleDecision",
     "LoadCalendar",
     "SampleScope",
     "ThresholdScaler",
     "Threshold",
     "ThresholdUnit",
 ]
+
+# Every numeric field of LoadSample, in declaration order.  A scaling threshold names one of
+# these; keeping the list next to the dataclass means a new field cannot be forgotten by the
+# validator below.
+LOAD_SIGNALS: Final = (
+    "presences",
+    "connections",
+    "topics",
+    "ops_per_s",
+    "diff_p50_ms",
+    "diff_p95_ms",
+    "diff_p99_ms",
+    "memory_bytes",
+    "flush_lag_s",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadSample:
+    """What one process looked like at one sampling instant; the input of a `Scaler`.
+
+    Fields are keyword-only: with nine numbers of similar magnitude, a positional mix-up would be
+    silent.  Load fields default to zero so a host that does not measure something (say, memory)
+    can leave it out, and a zero never triggers a scale-up.
+
+    Attributes:
+        at: Seconds from the host's clock (the Tracker's injectable clock, monotonic by default).
+            Cooldowns are measured on this axis, so it must not jump backwards.
+        wall_time: The calendar time of the sample, used only for calendar lookups (month,
+            weekday, hour).  ``None`` makes a policy skip its calendar.
+        presences: Live presences (topic, key, ref) in this process.
+        connections: Live connections.
+        topics: Topics with at least one presence.
+        ops_per_s: Tracker operations (track, update, untrack, heartbeat, disconnect) per second
+            over the recent window.
+        diff_p50_ms: Median diff propagation latency, milliseconds.
+        diff_p95_ms: 95th percentile diff propagation latency, milliseconds.
+        diff_p99_ms: 99th percentile diff propagation latency, milliseconds.
+        memory_bytes: Memory attributed to presence state (or the process RSS; the host decides
+            and configures thresholds to match).
+        flush_lag_s: Age of the oldest change not yet written to Redis; 0 when no store is
+            attached.
+    """
+
+    at: float
+    wall_time: datetime | None = None
+    presences: int = 0
+    connections: int = 0
+    topics: int = 0
+    ops_per_s: float = 0.0
+    diff_p50_ms: float = 0.0
+    diff_p95_ms: float = 0.0
+    diff_p99_ms: float = 0.0
+    memory_bytes: int = 0
+    flush_lag_s: float = 0.0
+
+    def signal(self, name: str) -> float:
+        """The value of the numeric field ``name`` (one of `LOAD_SIGNALS`) as a float."""
+        if name not in LOAD_SIGNALS:
+            raise ValueError(f"unknown load signal {name!r}; expected one of {LOAD_SIGNALS}")
+        return float(getattr(self, name))
+
+
+ScaleAction = Literal["scale_up", "scale_down", "hold"]
+_ACTIONS: Final = ("scale_up", "scale_down", "hold")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    """A scaler's answer to one sample: what the replica count should become, and why.
+
+    The scaler never actuates.  The host reads the decision, applies it through whatever it owns
+    (a Kubernetes deployment, a process supervisor) or deliberately ignores it, and reports the
+    replica count it ends up with back to the scaler.  ``hold`` means "do nothing": for a hold,
+    ``desired`` equals ``current`` and an actuator that sets replicas to ``desired`` must not act
+    on it, since ``current`` may lag behind a scale-up that is still under way.
+
+    Attributes:
+        action: ``"scale_up"``, ``"scale_down"`` or ``"hold"``.
+        desired: The replica count the scaler asks for.
+        current: The replica count the scaler believed was running when it decided.
+        reason: A human-readable account: which signal, its value, the threshold it was compared
+            with, any calendar multiplier, and the cooldown or hysteresis state.  Meant for logs
+            and dashboards, not for parsing.
+        signals: The values the decision was based on, by name (read-only).
+    """
+
+    action: ScaleAction
+    desired: int
+    current: int
+    reason: str
+    # A mapping is not hashable, so it stays out of the generated __hash__; decisions are still
+    # comparable for equality.
+    signals: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.action not in _ACTIONS:
+            raise ValueError(f"action must be one of {_ACTIONS}, got {self.action!r}")
+        if self.desired < 0 or self.current < 0:
+            raise ValueError(
+                f"replica counts must be >= 0, got desired={self.desired} current={self.current}"
+            )
+        if self.action == "scale_up":
+            consistent = self.desired > self.current
+        elif self.action == "scale_down":
+            consistent = self.desired < self.current
+        else:
+            consistent = self.desired == self.current
+        if not consistent:
+            raise ValueError(
+                f"{self.action} is inconsistent with desired={self.desired} current={self.current}"
+            )
+        for name, value in self.signals.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"signal {name!r} must be a number, got {type(value).__name__}")
+            if math.isinf(value):
+                raise ValueError(f"signal {name!r} must not be infinite")
+        # A read-only view over a private copy: whoever receives the decision cannot change what
+        # the scaler recorded, and the caller's dict can be reused.
+        object.__setattr__(self, "signals", MappingProxyType(dict(self.signals)))
+
 
 ThresholdUnit = Literal["per_replica", "absolute"]
 CalendarMode = Literal["relative", "absolute"]
@@ -125,7 +249,7 @@ class Threshold:
     """The bounds of one signal.
 
     Attributes:
-        signal: A numeric field of `LoadSample` (see `presence_core.hooks.LOAD_SIGNALS`).
+        signal: A numeric field of `LoadSample` (see `LOAD_SIGNALS`).
         scale_up_above: Scale up when the signal is above this.
         scale_down_below: Allow a scale-down when the signal is below this.  Must be lower than
             ``scale_up_above``: the gap between the two is the hysteresis band that keeps the

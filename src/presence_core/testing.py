@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .hooks import PRESENCE_DIFF, PRESENCE_STATE
+from .phoenix import EVENT_PRESENCE_DIFF as PRESENCE_DIFF
+from .phoenix import EVENT_PRESENCE_STATE as PRESENCE_STATE
 
 __all__ = ["ClientView", "Event", "ManualClock", "RecordingTransport"]
 

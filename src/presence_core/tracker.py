@@ -62,7 +62,6 @@ from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
 
 import orjson
 
-from ._common import MAX_CAPACITY, check_now, check_ttl
 from .errors import (
     InvalidMeta,
     MetaTooLarge,
@@ -72,15 +71,6 @@ from .errors import (
     QuotaExceeded,
     RateLimited,
     UnknownPlan,
-)
-from .hooks import (
-    PRESENCE_DIFF,
-    PRESENCE_STATE,
-    LoadSample,
-    MetricsSink,
-    ScaleDecision,
-    Scaler,
-    Transport,
 )
 from .limits import DEFAULT_PLAN, MAX_CONNECTION_ID_LENGTH, Limits
 from .metrics import (
@@ -103,7 +93,12 @@ from .metrics import (
     TOPICS,
     Metrics,
 )
+from .phoenix import EVENT_PRESENCE_DIFF as PRESENCE_DIFF
+from .phoenix import EVENT_PRESENCE_STATE as PRESENCE_STATE
+from .scaling import LoadSample, ScaleDecision
 from .table import PresenceTable
+from .table._common import MAX_CAPACITY, check_now, check_ttl
+from .typing import ConnId, MetricsSink, RawTransport, Scaler, Transport
 
 __all__ = [
     "AWAY",
@@ -115,7 +110,6 @@ __all__ = [
     "ONLINE",
     "STATUS_ORDER",
     "ConnId",
-    "RawTransport",
     "Totals",
     "Tracker",
     "UserStatus",
@@ -123,8 +117,6 @@ __all__ = [
 
 logger = logging.getLogger("presence_core.tracker")
 
-ConnId: TypeAlias = str | int
-"""A connection id: the host's own str (socket id, UUID) or int."""
 
 ONLINE: Final = "online"
 AWAY: Final = "away"
@@ -137,9 +129,6 @@ that any of the user's presences reports, and `OFFLINE` when there is none."""
 
 _STATUS_RANK: Final = {status: rank for rank, status in enumerate(STATUS_ORDER)}
 
-
-RawTransport: TypeAlias = Callable[[str, str, bytes], object]
-"""A hook that takes the payload as JSON bytes: ``hook(topic, event, payload_json)``."""
 
 # A presence: (topic, key, data) with data = b'{"phx_ref":"<ref>"...meta fields}'.
 _Presence: TypeAlias = tuple[str, str, bytes]

@@ -1,4 +1,7 @@
-"""Type stub for the compiled presence table; the contract is `_table_py.PresenceTable`'s."""
+"""Type stub for the compiled presence table.
+
+The contract is the twin's: `presence_core.table._py.PresenceTable`.
+"""
 
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, overload

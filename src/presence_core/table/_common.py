@@ -1,13 +1,18 @@
 """What both table implementations share: the tombstone, argument checks and their messages.
 
 Both twins call these same functions, so a bad argument raises the same exception with the
-same text whichever implementation is live.  The checks run before any state is touched.
+same text whichever implementation is live.  The checks run before any state is touched, and
+raise presence_core's own `PresenceTypeError` / `PresenceValueError` (also `TypeError` /
+`ValueError`), so the Tracker passes them on as they are.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Final, final
+
+from .._validate import check_int, check_seconds, check_time, is_int, is_number, type_name
+from ..errors import PresenceTypeError, PresenceValueError
 
 __all__ = [
     "TOMBSTONE",
@@ -17,6 +22,7 @@ __all__ = [
     "check_now",
     "check_tick",
     "check_ttl",
+    "describe",
 ]
 
 # The wheel has four levels of 256 buckets; with the default tick of 10 ms it spans about
@@ -57,53 +63,33 @@ class Tombstone:
 TOMBSTONE: Final = Tombstone()
 
 
-def _is_number(value: object) -> bool:
-    # bool is an int, but True seconds is a bug in the caller, not a duration.
-    return (type(value) is float or type(value) is int) or (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-    )
-
-
 def check_ttl(ttl: object) -> float:
     """Return `ttl` as a float of seconds, or raise if it is not positive and finite."""
-    if not _is_number(ttl):
-        raise TypeError(f"ttl must be a number of seconds (int or float), not {type(ttl).__name__}")
-    value = float(ttl)  # type: ignore[arg-type]
-    if not (value > 0.0) or value == math.inf:
-        raise ValueError(f"ttl must be positive and finite, got {ttl!r}")
-    return value
+    return check_seconds(ttl, "ttl")
 
 
 def check_now(now: object) -> float:
     """Return `now` as a float, or raise if it is not a finite number."""
-    if not _is_number(now):
-        raise TypeError(f"now must be a number of seconds (int or float), not {type(now).__name__}")
-    value = float(now)  # type: ignore[arg-type]
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"now must be finite, got {now!r}")
-    return value
+    return check_time(now, "now")
 
 
 def check_capacity(capacity: object) -> int:
     """Return `capacity` if it is an int between 1 and 2**31 - 2**16, else raise."""
-    if type(capacity) is not int and not (
-        isinstance(capacity, int) and not isinstance(capacity, bool)
-    ):
-        raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
-    if not 1 <= capacity <= MAX_CAPACITY:
-        raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY}, got {capacity!r}")
-    return int(capacity)
+    return check_int(capacity, "capacity", low=1, high=MAX_CAPACITY)
 
 
 def check_tick(tick: object) -> float:
     """Return `tick` as a float of seconds, or raise if it is not in [1 ms, 60 s]."""
-    if not _is_number(tick):
-        raise TypeError(
-            f"tick must be a number of seconds (int or float), not {type(tick).__name__}"
+    if not is_number(tick):
+        raise PresenceTypeError(
+            f"tick must be a number of seconds (int or float), not {type_name(tick)}"
         )
-    value = float(tick)  # type: ignore[arg-type]
+    try:
+        value = float(tick)  # type: ignore[arg-type]
+    except OverflowError:
+        value = math.inf
     if not (MIN_TICK <= value <= MAX_TICK_SECONDS):
-        raise ValueError(
+        raise PresenceValueError(
             f"tick must be between {MIN_TICK} and {MAX_TICK_SECONDS} seconds, got {tick!r}"
         )
     return value
@@ -111,11 +97,16 @@ def check_tick(tick: object) -> float:
 
 def check_limit(limit: object) -> int:
     """Return `limit` for `drain_dirty` if it is a non-negative int, else raise."""
-    if type(limit) is not int and not (isinstance(limit, int) and not isinstance(limit, bool)):
-        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit!r}")
-    return int(limit)
+    if not is_int(limit):
+        raise PresenceTypeError(f"limit must be an int or None, not {type_name(limit)}")
+    return check_int(limit, "limit", low=0)
+
+
+def describe(item: object) -> str:
+    """What a bad item of a batch call is, for its error message."""
+    if isinstance(item, tuple):
+        return f"a tuple of length {len(item)}"
+    return type_name(item)
 
 
 def time_to_tick(seconds: float, tick: float) -> int:

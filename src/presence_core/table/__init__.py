@@ -12,7 +12,9 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-__all__ = ["USING_EXTENSION", "PresenceTable"]
+from ._common import TOMBSTONE, Tombstone
+
+__all__ = ["TOMBSTONE", "USING_EXTENSION", "PresenceTable", "Tombstone"]
 
 
 def _flag(name: str) -> bool:
@@ -20,11 +22,11 @@ def _flag(name: str) -> bool:
 
 
 if TYPE_CHECKING:
-    from ._table_py import PresenceTable as PresenceTable
+    from ._py import PresenceTable as PresenceTable
 
     USING_EXTENSION: bool
 elif _flag("PRESENCE_CORE_NO_EXTENSIONS") or sys.implementation.name != "cpython":
-    from ._table_py import PresenceTable
+    from ._py import PresenceTable
 
     USING_EXTENSION = False
 else:
@@ -35,6 +37,6 @@ else:
     except ImportError:
         if _flag("PRESENCE_CORE_REQUIRE_EXTENSION"):
             raise
-        from ._table_py import PresenceTable
+        from ._py import PresenceTable
 
         USING_EXTENSION = False

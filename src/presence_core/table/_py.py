@@ -44,6 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
+from ..errors import PresenceTypeError
 from ._common import (
     DEFAULT_TICK,
     TOMBSTONE,
@@ -55,6 +56,7 @@ from ._common import (
     check_now,
     check_tick,
     check_ttl,
+    describe,
     time_to_tick,
 )
 
@@ -78,7 +80,9 @@ def _check_clock(clock: object) -> Callable[[], float]:
     if clock is None:
         return time.monotonic
     if not callable(clock):
-        raise TypeError(f"clock must be a callable returning seconds, not {type(clock).__name__}")
+        raise PresenceTypeError(
+            f"clock must be a callable returning seconds, not {type(clock).__name__}"
+        )
     return clock
 
 
@@ -473,15 +477,9 @@ def _pairs(items: Iterable[Any]) -> list[tuple[Any, Any]]:
     pairs = []
     for item in items:
         if type(item) is not tuple or len(item) != 2:
-            raise TypeError(f"items must be (key, value) tuples, got {_describe(item)}")
+            raise PresenceTypeError(f"items must be (key, value) tuples, got {describe(item)}")
         pairs.append(item)
     return pairs
-
-
-def _describe(item: object) -> str:
-    if isinstance(item, tuple):
-        return f"a tuple of length {len(item)}"
-    return f"{type(item).__name__}"
 
 
 def _sizeof(table: PresenceTable[Any, Any]) -> int:

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The native presence table.  `_table_py.py` is its twin and documents the behaviour; this
+"""The native presence table.  `_py.py` is its twin and documents the behaviour; this
 file must make the same choice at every step (the hypothesis state machine checks it).
 
 Layout
@@ -45,8 +45,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import types
 
-from presence_core import _common
-from presence_core._common import TOMBSTONE
+from presence_core.table import _common
+from presence_core.errors import PresenceTypeError
+from presence_core.table._common import TOMBSTONE, describe
 
 cdef extern from *:
     """
@@ -130,7 +131,7 @@ cdef inline double _monotonic() noexcept nogil:
 cdef class PresenceTable:
     """A bounded map of live entries with a deadline each, an LRU order and a change log.
 
-    Native implementation; see `presence_core._table_py.PresenceTable` for the full contract.
+    Native implementation; see `presence_core.table._py.PresenceTable` for the full contract.
     """
 
     cdef Entry *_entries
@@ -173,7 +174,7 @@ cdef class PresenceTable:
         cdef Py_ssize_t cap = _common.check_capacity(capacity)
         cdef double tick_s = _common.check_tick(tick)
         if clock is not None and not callable(clock):
-            raise TypeError(
+            raise PresenceTypeError(
                 f"clock must be a callable returning seconds, not {type(clock).__name__}")
         if self._capacity != 0:
             raise RuntimeError("PresenceTable.__init__ called twice")
@@ -605,7 +606,7 @@ cdef class PresenceTable:
         for i in range(n):
             item = <object>PyList_GET_ITEM(pairs, i)
             if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
-                raise TypeError(f"items must be (key, value) tuples, got {_describe(item)}")
+                raise PresenceTypeError(f"items must be (key, value) tuples, got {describe(item)}")
         hashes = <uint32_t *>PyMem_Malloc(<size_t>(n if n > 0 else 1) * sizeof(uint32_t))
         if hashes == NULL:
             raise MemoryError()
@@ -1000,8 +1001,3 @@ cdef int _table_clear(object o) except -1:
 (<PyTypeObject *>PresenceTable).tp_traverse = <traverseproc>_table_traverse
 (<PyTypeObject *>PresenceTable).tp_clear = <inquiry>_table_clear
 
-
-def _describe(item):
-    if isinstance(item, tuple):
-        return f"a tuple of length {len(item)}"
-    return type(item).__name__

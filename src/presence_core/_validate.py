@@ -1,0 +1,124 @@
+"""The argument checks every layer shares, raising presence_core's own errors.
+
+One function per kind of argument, so a message reads the same wherever a value is refused and
+the "an int, but not a bool" rule is written once.  Each check returns the value in its canonical
+form (an int, a float) or raises `PresenceTypeError` / `PresenceValueError`, which are also
+`TypeError` / `ValueError`: callers that catch the built-ins keep working.
+
+These run on hot paths only after a cheap inline test of the common case has failed, so they
+favour clear messages over speed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NoReturn
+
+from .errors import PresenceTypeError, PresenceValueError
+
+__all__ = [
+    "check_callable",
+    "check_int",
+    "check_seconds",
+    "check_text",
+    "check_time",
+    "is_int",
+    "is_number",
+    "type_name",
+]
+
+
+def type_name(value: object) -> str:
+    """The name of ``value``'s type, for messages."""
+    return type(value).__name__
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an int and not a bool (True is a bug in the caller, not a count)."""
+    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an int or a float, and not a bool."""
+    return (
+        type(value) is float
+        or type(value) is int
+        or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    )
+
+
+def _as_float(value: int | float, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        # An int beyond float range is a value out of range, not a crash of the checker.
+        raise PresenceValueError(
+            f"{what} is out of range, got an int of {int(value).bit_length()} bits"
+        ) from None
+
+
+def check_int(value: object, what: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int within ``[low, high]`` (either bound optional)."""
+    if not is_int(value):
+        raise PresenceTypeError(f"{what} must be an int, not {type_name(value)}")
+    number: int = value  # type: ignore[assignment]
+    if (low is not None and number < low) or (high is not None and number > high):
+        if high is None:
+            raise PresenceValueError(f"{what} must be >= {low}, got {number}")
+        if low is None:
+            raise PresenceValueError(f"{what} must be <= {high}, got {number}")
+        raise PresenceValueError(f"{what} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _not_seconds(value: object, what: str) -> NoReturn:
+    raise PresenceTypeError(
+        f"{what} must be a number of seconds (int or float), not {type_name(value)}"
+    )
+
+
+def check_seconds(value: object, what: str) -> float:
+    """``value`` as a float of seconds that is positive and finite (a TTL, an interval)."""
+    if not is_number(value):
+        _not_seconds(value, what)
+    seconds = _as_float(value, what)  # type: ignore[arg-type]
+    if not (seconds > 0.0) or seconds == math.inf:
+        raise PresenceValueError(f"{what} must be positive and finite, got {value!r}")
+    return seconds
+
+
+def check_time(value: object, what: str = "now") -> float:
+    """``value`` as a finite float of seconds (a reading of a clock; may be negative)."""
+    if not is_number(value):
+        _not_seconds(value, what)
+    seconds = _as_float(value, what)  # type: ignore[arg-type]
+    if seconds - seconds != 0.0:  # inf or nan
+        raise PresenceValueError(f"{what} must be finite, got {value!r}")
+    return seconds
+
+
+def check_text(value: object, what: str, limit: int) -> str:
+    """``value`` as a non-empty str of at most ``limit`` characters that encodes as UTF-8."""
+    if not isinstance(value, str):
+        raise PresenceTypeError(f"{what} must be a str, not {type_name(value)}")
+    size = len(value)
+    if size == 0:
+        raise PresenceValueError(f"{what} must not be empty")
+    if size > limit:
+        raise PresenceValueError(f"{what} is {size} characters long, over the limit of {limit}")
+    if not value.isascii():
+        # Lone surrogates cannot be encoded as JSON or sent to Redis; refuse them at the door,
+        # not in the middle of a flush to thousands of subscribers.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PresenceValueError(f"{what} is not valid Unicode text: {value!r}") from None
+    return value
+
+
+def check_callable(value: object, what: str) -> Callable[..., object]:
+    """``value`` if it is callable."""
+    if not callable(value):
+        raise PresenceTypeError(f"{what} must be callable, not {type_name(value)}")
+    return value

@@ -1,0 +1,101 @@
+"""The protocols through which presence_core talks to the outside world.
+
+The Tracker never imports a transport, an autoscaler or a metrics backend.  It calls objects that
+satisfy the protocols below, handed to it as keyword arguments or registered later:
+
+- a `Transport` receives every ``presence_state`` and ``presence_diff`` the Tracker emits as a
+  dict of its own; a `RawTransport` receives the same payload as JSON bytes;
+- a `Scaler` receives a `presence_core.scaling.LoadSample` at every sampling interval and may
+  answer with a `presence_core.scaling.ScaleDecision`, which the host applies;
+- a `MetricsSink` receives counters, gauges and latency observations, each naming one of the
+  metrics declared in `presence_core.metrics` (`presence_core.metrics.Metrics` is the built-in
+  sink).
+
+The protocols that consist of ``__call__`` alone are satisfied by plain functions as well as by
+objects.  They are ``runtime_checkable``, but such an ``isinstance`` check only proves that the
+object is callable: Python cannot check the signature at run time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
+
+if TYPE_CHECKING:
+    from .scaling import LoadSample, ScaleDecision
+
+__all__ = ["ConnId", "MetricsSink", "RawTransport", "Scaler", "Transport"]
+
+ConnId: TypeAlias = str | int
+"""A connection id: the host's own str (socket id, UUID) or int (64-bit)."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Receives the presence events of every topic and delivers them to clients.
+
+    Called as ``transport(topic, event, payload)`` where ``event`` is `PRESENCE_STATE` or
+    `PRESENCE_DIFF` and ``payload`` is in the Phoenix Presence shape.
+
+    Ownership: the payload handed to a transport is the transport's to keep.  The Tracker gives
+    each hook its own copy, so a transport (or a client library underneath it) may mutate, store
+    or forward the dict without corrupting the Tracker's state or what other hooks receive.
+    Supabase's Python client, for one, renames ``phx_ref`` inside the dicts it is given.
+
+    A transport runs on the Tracker's thread, inside the flush of a tick: it should hand the
+    payload off (enqueue, write to a buffer) rather than block.
+    """
+
+    def __call__(self, topic: str, event: str, payload: dict[str, Any]) -> None:
+        """Deliver one presence event for ``topic``."""
+        ...
+
+
+@runtime_checkable
+class RawTransport(Protocol):
+    """A transport that takes each payload as JSON bytes: ``hook(topic, event, payload_json)``.
+
+    The bytes are immutable, so every raw hook shares one object and a fan-out to thousands of
+    sockets costs one call each and no copy.  Register one with ``raw=True``.
+    """
+
+    def __call__(self, topic: str, event: str, payload: bytes) -> object:
+        """Deliver one presence event for ``topic`` as JSON bytes."""
+        ...
+
+
+@runtime_checkable
+class Scaler(Protocol):
+    """A scaling policy: reads one `LoadSample` per interval, may return a `ScaleDecision`.
+
+    Returning ``None`` means the policy has nothing to say (for example a policy that only speaks
+    when it changes its mind).  The built-in `presence_core.scaling.ThresholdScaler` always
+    returns a decision, holds included, each with its reason.
+
+    The Tracker calls its scaler from one thread, with samples in time order.
+    """
+
+    def __call__(self, sample: LoadSample) -> ScaleDecision | None:
+        """Judge one sample."""
+        ...
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """Where the Tracker reports what it does.
+
+    `presence_core.metrics.Metrics` implements it; a host may pass an adapter to its own backend
+    (statsd, OpenTelemetry) instead.  These calls sit on hot paths, so implementations should be
+    cheap and must not block.  Metric names are the constants in `presence_core.metrics`.
+    """
+
+    def inc(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name``."""
+        ...
+
+    def set(self, name: str, value: float) -> None:
+        """Set the gauge ``name`` to ``value``."""
+        ...
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record one latency of ``seconds`` in the histogram ``name``."""
+        ...
