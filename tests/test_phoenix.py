@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient
 from realtime.message import PresenceDiffMessage, PresenceStateMessage, ServerMessageAdapter
 
+from presence_core.errors import PresenceError, PresenceTypeError, PresenceValueError
 from presence_core.phoenix import (
     EVENT_JOIN,
     EVENT_PRESENCE,
@@ -20,7 +21,7 @@ from presence_core.phoenix import (
     EVENT_PRESENCE_STATE,
     ClientPresence,
     Message,
-    PhoenixProtocolError,
+    ProtocolError,
     client_presence_message,
     decode,
     encode,
@@ -133,30 +134,49 @@ MALFORMED = {
 def test_malformed_frames_raise_protocol_error(data: bytes) -> None:
     versions: tuple[Literal[1, 2] | None, ...] = (None, 1, 2)
     for version in versions:
-        with pytest.raises(PhoenixProtocolError):
+        with pytest.raises(ProtocolError):
             decode(data, version)
 
 
-def test_protocol_error_is_a_value_error() -> None:
-    assert issubclass(PhoenixProtocolError, ValueError)
+def test_protocol_error_is_a_presence_error_and_a_value_error() -> None:
+    assert issubclass(ProtocolError, PresenceError)
+    assert issubclass(ProtocolError, ValueError)
 
 
 def test_version_mismatch_and_unknown_version() -> None:
     v1, v2 = encode(FULL, 1), encode(FULL, 2)
-    with pytest.raises(PhoenixProtocolError, match="expected a v1 frame"):
+    with pytest.raises(ProtocolError, match="expected a v1 frame"):
         decode(v2, 1)
-    with pytest.raises(PhoenixProtocolError, match="expected a v2 frame"):
+    with pytest.raises(ProtocolError, match="expected a v2 frame"):
         decode(v1, 2)
-    with pytest.raises(PhoenixProtocolError, match="unknown protocol version"):
+    # An unknown version is the caller's bug, not bad traffic.
+    with pytest.raises(PresenceValueError, match="unknown protocol version"):
         decode(v1, 3)  # type: ignore[arg-type]
-    with pytest.raises(PhoenixProtocolError, match="unknown protocol version"):
+    with pytest.raises(PresenceValueError, match="unknown protocol version"):
         encode(FULL, 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", [True, False, 1.0, 2.0, "2", b"1"])
+def test_a_version_must_be_an_int_not_a_bool(version: Any) -> None:
+    # True == 1 and 2.0 == 2 in Python; neither is a protocol version.
+    with pytest.raises(PresenceTypeError, match="version must be"):
+        encode(FULL, version)
+    with pytest.raises(PresenceTypeError, match="version must be"):
+        decode(encode(FULL, 1), version)
 
 
 @pytest.mark.parametrize("data", [None, 5, ["t"], {"topic": "t"}])
 def test_decode_rejects_non_text_input(data: Any) -> None:
-    with pytest.raises(PhoenixProtocolError, match="bytes or str"):
+    with pytest.raises(PresenceTypeError, match="bytes or str"):
         decode(data)
+
+
+@pytest.mark.parametrize("msg", [None, {"topic": "t"}, ("t", "e", {}), "frame"])
+def test_encode_and_parse_need_a_message(msg: Any) -> None:
+    with pytest.raises(PresenceTypeError, match="must be a Message"):
+        encode(msg)
+    with pytest.raises(PresenceTypeError, match="must be a Message"):
+        parse_client_presence(msg)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +195,7 @@ def test_decode_rejects_non_text_input(data: Any) -> None:
 )
 @pytest.mark.parametrize("version", [1, 2])
 def test_encode_rejects_what_cannot_go_on_the_wire(msg: Message, version: Any) -> None:
-    with pytest.raises(PhoenixProtocolError):
+    with pytest.raises(ProtocolError):
         encode(msg, version)
 
 
@@ -212,7 +232,7 @@ def test_round_trip_property(msg: Message, version: Any) -> None:
 def test_any_json_decodes_or_raises_protocol_error(value: Any) -> None:
     try:
         decode(orjson.dumps(value))
-    except PhoenixProtocolError:
+    except ProtocolError:
         pass
 
 
@@ -220,7 +240,7 @@ def test_any_json_decodes_or_raises_protocol_error(value: Any) -> None:
 def test_any_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
     try:
         decode(data)
-    except PhoenixProtocolError:
+    except ProtocolError:
         pass
 
 
@@ -252,8 +272,76 @@ def test_presence_push_messages() -> None:
 
 @pytest.mark.parametrize("diff", [{}, {"joins": {}}, {"leaves": {}}])
 def test_presence_diff_needs_joins_and_leaves(diff: dict[str, Any]) -> None:
-    with pytest.raises(PhoenixProtocolError, match="joins"):
+    with pytest.raises(ProtocolError, match="joins"):
         presence_diff_message("t", diff)
+
+
+@pytest.mark.parametrize(
+    "diff",
+    ["joinsleaves", b"joinsleaves", bytearray(b"joins leaves"), ["joins", "leaves"], None, 5],
+    ids=["str", "bytes", "bytearray", "list", "None", "int"],
+)
+def test_presence_diff_must_be_a_mapping(diff: Any) -> None:
+    # "joins" in "joinsleaves" is True: a str used to pass the check; bytes raised a bare
+    # TypeError from the `in` test.
+    with pytest.raises(PresenceTypeError, match="diff must be a mapping"):
+        presence_diff_message("t", diff)
+
+
+@pytest.mark.parametrize("state", ["alice", b"{}", [STATE], None, 1])
+def test_presence_state_must_be_a_mapping(state: Any) -> None:
+    with pytest.raises(PresenceTypeError, match="state must be a mapping"):
+        presence_state_message("t", state)
+
+
+BAD_STATES: dict[str, Any] = {
+    "entry not an object": {"alice": "metas"},
+    "entry without metas": {"alice": {}},
+    "metas not a list": {"alice": {"metas": {"phx_ref": "1"}}},
+    "metas a str": {"alice": {"metas": "phx_ref"}},
+    "meta not an object": {"alice": {"metas": ["1"]}},
+    "meta without phx_ref": {"alice": {"metas": [{"status": "online"}]}},
+    "phx_ref not a string": {"alice": {"metas": [{"phx_ref": 1}]}},
+    "phx_ref_prev not a string": {"alice": {"metas": [{"phx_ref": "2", "phx_ref_prev": 1}]}},
+    "key not a string": {1: {"metas": [{"phx_ref": "1"}]}},
+}
+
+
+@pytest.mark.parametrize("state", BAD_STATES.values(), ids=BAD_STATES.keys())
+def test_presence_pushes_refuse_states_clients_cannot_apply(state: Any) -> None:
+    with pytest.raises(ProtocolError):
+        presence_state_message("t", state)
+    with pytest.raises(ProtocolError):
+        presence_diff_message("t", {"joins": state, "leaves": {}})
+    with pytest.raises(ProtocolError):
+        presence_diff_message("t", {"joins": {}, "leaves": state})
+
+
+@pytest.mark.parametrize("part", ["", "joins", b"", [], None])
+def test_presence_diff_parts_must_be_states(part: Any) -> None:
+    with pytest.raises(ProtocolError, match="joins"):
+        presence_diff_message("t", {"joins": part, "leaves": {}})
+    with pytest.raises(ProtocolError, match="leaves"):
+        presence_diff_message("t", {"joins": {}, "leaves": part})
+
+
+@pytest.mark.parametrize("topic", [None, 1, b"t"])
+def test_presence_pushes_need_a_str_topic(topic: Any) -> None:
+    with pytest.raises(PresenceTypeError, match="topic must be a str"):
+        presence_state_message(topic, {})
+    with pytest.raises(PresenceTypeError, match="topic must be a str"):
+        presence_diff_message(topic, {"joins": {}, "leaves": {}})
+    with pytest.raises(PresenceTypeError, match="topic must be a str"):
+        client_presence_message(topic, "untrack")
+
+
+def test_presence_pushes_accept_empty_and_tuple_metas() -> None:
+    assert presence_state_message("t", {}).payload == {}
+    assert presence_diff_message("t", {"joins": {}, "leaves": {}}).event == EVENT_PRESENCE_DIFF
+    state = {"alice": {"metas": ({"phx_ref": "1"},)}}
+    assert orjson.loads(encode(presence_state_message("t", state)))[4] == {
+        "alice": {"metas": [{"phx_ref": "1"}]}
+    }
 
 
 def test_v1_presence_pushes_pass_the_real_clients_validation() -> None:
@@ -398,17 +486,48 @@ def test_untrack_without_payload_as_js_client_sends_it() -> None:
     ],
 )
 def test_bad_client_presence(event: str, payload: Any) -> None:
-    with pytest.raises(PhoenixProtocolError):
+    with pytest.raises(ProtocolError):
         parse_client_presence(Message("t", event, payload))
 
 
 def test_client_presence_message_argument_checks() -> None:
-    with pytest.raises(PhoenixProtocolError):
+    with pytest.raises(PresenceTypeError, match="needs a meta"):
         client_presence_message("t", "track")
-    with pytest.raises(PhoenixProtocolError):
+    with pytest.raises(PresenceValueError, match="carries no meta"):
         client_presence_message("t", "untrack", {"s": 1})
-    with pytest.raises(PhoenixProtocolError):
+    with pytest.raises(PresenceValueError, match="'track' or 'untrack'"):
         client_presence_message("t", "join", {})  # type: ignore[arg-type]
+    with pytest.raises(PresenceTypeError, match="kind must be a str"):
+        client_presence_message("t", None, {})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["track", "untrack"])
+@pytest.mark.parametrize("meta", [5, 0, "status", "", b"", [("s", 1)], [], True, 0.0], ids=repr)
+def test_client_presence_meta_must_be_a_mapping(kind: Any, meta: Any) -> None:
+    # meta=5 used to escape as a bare TypeError from dict(5); an untrack with a falsy non-mapping
+    # (0, "", []) used to be accepted.
+    with pytest.raises(PresenceTypeError, match="meta must be a mapping"):
+        client_presence_message("t", kind, meta)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"ref": 1}, {"join_ref": b"1"}, {"with_type": 1}, {"with_type": "yes"}, {"with_type": None}],
+    ids=repr,
+)
+def test_client_presence_message_checks_refs_and_flags(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(PresenceTypeError):
+        client_presence_message("t", "track", {}, **kwargs)
+
+
+def test_client_presence_message_accepts_any_mapping_and_copies_it() -> None:
+    from types import MappingProxyType
+
+    meta = {"s": 1}
+    msg = client_presence_message("t", "track", MappingProxyType(meta))
+    meta["s"] = 2
+    assert msg.payload["payload"] == {"s": 1}
+    assert client_presence_message("t", "untrack", MappingProxyType({})).payload["payload"] == {}
 
 
 # --- join config ------------------------------------------------------------------------------
@@ -446,5 +565,56 @@ def test_presence_key_from_join(payload: dict[str, Any], key: str | None) -> Non
     ],
 )
 def test_presence_key_from_bad_join(payload: Any) -> None:
-    with pytest.raises(PhoenixProtocolError):
+    with pytest.raises(ProtocolError):
         presence_key_from_join(payload)
+
+
+# --- whatever the arguments, only presence_core's errors --------------------------------------
+
+_junk = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | st.sampled_from(["joins", "leaves", "metas", "phx_ref", "track", "untrack", "presence"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(
+            st.text(max_size=8)
+            | st.integers()
+            | st.sampled_from(["joins", "leaves", "metas", "phx_ref"]),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@given(topic=_junk | _text, state=_junk, diff=_junk, meta=_junk, kind=_junk, version=_junk)
+def test_any_arguments_give_a_message_or_a_presence_error(
+    topic: Any, state: Any, diff: Any, meta: Any, kind: Any, version: Any
+) -> None:
+    calls: list[Callable[[], object]] = [
+        lambda: presence_state_message(topic, state),
+        lambda: presence_diff_message(topic, diff),
+        lambda: presence_diff_message(topic, {"joins": state, "leaves": diff}),
+        lambda: client_presence_message(topic, kind, meta),
+        lambda: client_presence_message(topic, "track", meta),
+        lambda: client_presence_message(topic, "untrack", meta),
+        lambda: parse_client_presence(Message("t", EVENT_PRESENCE, meta)),
+        lambda: presence_key_from_join(state),
+        lambda: encode(Message("t", "e", state), version),
+        lambda: decode(encode(Message("t", "e", {})), version),
+        lambda: decode(meta),
+    ]
+    for call in calls:
+        try:
+            result = call()
+            if isinstance(result, Message):
+                encode(result)  # a meta's values may still not serialise: ProtocolError
+        except PresenceError:
+            pass

@@ -1,9 +1,19 @@
-"""The exceptions the Tracker raises.
+"""The exceptions presence_core raises.
 
 Every one derives from `PresenceError`, so a host can catch them all in one clause.  Bad input
 also derives from the built-in exception a Python programmer would expect (`TypeError` for a value
 of the wrong type, `ValueError` for a value of the right type that is out of range), so code that
 already catches those keeps working.
+
+Three families sit under the root:
+
+* bad arguments from the host: `PresenceTypeError` and `PresenceValueError` (and their
+  subclasses `InvalidMeta`, `MetaTooLarge`, `UnknownPlan`), plus `NotTracked` for an update of a
+  presence that does not exist;
+* refusals that depend on load: `LimitExceeded` (`QuotaExceeded`, `RateLimited`);
+* what comes from outside the process: `ProtocolError` for a frame or payload from the wire
+  that does not follow the Phoenix / Supabase protocol, and `StoreError` for a shared store
+  (Redis) that failed or could not be reached.
 
 A refused call never changes anything: the Tracker checks every argument, quota and rate limit
 before it touches its state.
@@ -19,14 +29,16 @@ __all__ = [
     "PresenceError",
     "PresenceTypeError",
     "PresenceValueError",
+    "ProtocolError",
     "QuotaExceeded",
     "RateLimited",
+    "StoreError",
     "UnknownPlan",
 ]
 
 
 class PresenceError(Exception):
-    """Base class of every error raised by presence_core's Tracker."""
+    """Base class of every error presence_core raises on purpose."""
 
 
 class PresenceTypeError(PresenceError, TypeError):
@@ -103,3 +115,27 @@ class RateLimited(LimitExceeded):
             "rate_per_second",
         )
         self.retry_after = retry_after
+
+
+class ProtocolError(PresenceError, ValueError):
+    """A frame or payload that does not follow the Phoenix / Supabase protocol.
+
+    Raised by `presence_core.phoenix` for what arrives from the wire (a frame that is not JSON,
+    a v2 array of the wrong length, a presence event without a meta) and for a message that
+    cannot be written to it.  Arguments of the wrong type or value from the host are
+    `PresenceTypeError` / `PresenceValueError` instead.
+    """
+
+
+class StoreError(PresenceError):
+    """Base class of the errors of a shared presence store (Redis): a command failed, or the
+    store could not be reached.
+
+    Attributes:
+        command: The name of the store command that failed (``"EVALSHA"``, ``"HSET"``...), or
+            ``None`` when the failure is not tied to one command (a lost connection).
+    """
+
+    def __init__(self, message: str, *, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command

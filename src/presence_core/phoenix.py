@@ -14,6 +14,17 @@ On top of the codec sit the presence-specific pieces: the server's ``presence_st
 ``presence_diff`` messages, the client's ``presence`` track/untrack event and the presence key a
 client asks for when it joins.
 
+This module is the one place that names the events (``EVENT_PRESENCE_STATE`` ...); the rest of
+presence_core imports them from here.
+
+Errors follow one rule.  What does not follow the protocol -- a frame or payload read from the
+wire, or a message or payload that could not be written as a valid frame -- raises
+`presence_core.errors.ProtocolError` (a `ValueError`).  An argument of the wrong Python type (a
+str where a mapping is expected, ``True`` where a version number is expected) raises
+`presence_core.errors.PresenceTypeError`, and an unknown option (version 3, kind ``"join"``)
+raises `presence_core.errors.PresenceValueError`: those are bugs in the calling code, not bad
+traffic.  Nothing here raises a bare ``TypeError``, ``KeyError`` or ``AttributeError``.
+
 Facts checked against the installed Supabase Python client (PyPI ``realtime`` 2.34.1, modules
 ``realtime._async.channel``, ``realtime._async.push``, ``realtime._async.client``,
 ``realtime._async.presence``, ``realtime.message``, ``realtime.types``):
@@ -51,6 +62,9 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from ._validate import is_int, type_name
+from .errors import PresenceTypeError, PresenceValueError, ProtocolError
+
 __all__ = [
     "EVENT_CLOSE",
     "EVENT_ERROR",
@@ -64,7 +78,7 @@ __all__ = [
     "PHOENIX_TOPIC",
     "ClientPresence",
     "Message",
-    "PhoenixProtocolError",
+    "ProtocolError",  # defined in presence_core.errors; re-exported for the codec's users
     "client_presence_message",
     "decode",
     "encode",
@@ -88,10 +102,6 @@ EVENT_PRESENCE_DIFF: Final = "presence_diff"
 PHOENIX_TOPIC: Final = "phoenix"
 
 _V2_ARITY: Final = 5
-
-
-class PhoenixProtocolError(ValueError):
-    """A frame or payload that does not follow the Phoenix / Supabase presence protocol."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +132,64 @@ class ClientPresence:
     meta: dict[str, Any]
 
 
-def _describe(value: object) -> str:
-    return type(value).__name__
-
-
 def _check_fields(topic: object, event: object, ref: object, join_ref: object) -> None:
     # The same checks guard both directions so that whatever decode accepts, encode writes back.
     if not isinstance(topic, str):
-        raise PhoenixProtocolError(f"topic must be a string, got {_describe(topic)}")
+        raise ProtocolError(f"topic must be a string, got {type_name(topic)}")
     if not isinstance(event, str):
-        raise PhoenixProtocolError(f"event must be a string, got {_describe(event)}")
+        raise ProtocolError(f"event must be a string, got {type_name(event)}")
     if ref is not None and not isinstance(ref, str):
-        raise PhoenixProtocolError(f"ref must be a string or null, got {_describe(ref)}")
+        raise ProtocolError(f"ref must be a string or null, got {type_name(ref)}")
     if join_ref is not None and not isinstance(join_ref, str):
-        raise PhoenixProtocolError(f"join_ref must be a string or null, got {_describe(join_ref)}")
+        raise ProtocolError(f"join_ref must be a string or null, got {type_name(join_ref)}")
+
+
+def _check_version(version: object, *, optional: bool) -> None:
+    # bool is an int, but ``True`` is a bug in the caller, not protocol version 1.
+    if version is None and optional:
+        return
+    if not is_int(version):
+        allowed = "1, 2 or None" if optional else "1 or 2"
+        raise PresenceTypeError(f"version must be {allowed}, not {type_name(version)}")
+    if version not in (1, 2):
+        raise PresenceValueError(f"unknown protocol version {version!r}, expected 1 or 2")
+
+
+def _check_topic(topic: object) -> None:
+    if not isinstance(topic, str):
+        raise PresenceTypeError(f"topic must be a str, not {type_name(topic)}")
+
+
+def _check_state(state: object, what: str) -> None:
+    """``state`` must be ``{key: {"metas": [{"phx_ref": str, ...}, ...]}}`` (``what`` names it)."""
+    if not isinstance(state, Mapping):
+        raise ProtocolError(f"{what} must be an object of presences, got {type_name(state)}")
+    for key, entry in state.items():
+        if not isinstance(key, str):
+            raise ProtocolError(f"{what}: a presence key must be a string, got {type_name(key)}")
+        if not isinstance(entry, Mapping):
+            raise ProtocolError(f"{what}[{key!r}] must be an object, got {type_name(entry)}")
+        if "metas" not in entry:
+            raise ProtocolError(f"{what}[{key!r}] has no 'metas'")
+        metas = entry["metas"]
+        if not isinstance(metas, (list, tuple)):
+            raise ProtocolError(f"{what}[{key!r}]['metas'] must be a list, got {type_name(metas)}")
+        for meta in metas:
+            if not isinstance(meta, Mapping):
+                raise ProtocolError(
+                    f"{what}[{key!r}]: a meta must be an object, got {type_name(meta)}"
+                )
+            # Clients match metas by ref: phoenix.js and Supabase's clients need it as a string.
+            ref = meta.get("phx_ref")
+            if not isinstance(ref, str):
+                raise ProtocolError(
+                    f"{what}[{key!r}]: every meta needs a 'phx_ref' string, got {type_name(ref)}"
+                )
+            prev = meta.get("phx_ref_prev")
+            if prev is not None and not isinstance(prev, str):
+                raise ProtocolError(
+                    f"{what}[{key!r}]: 'phx_ref_prev' must be a string, got {type_name(prev)}"
+                )
 
 
 def encode(msg: Message, version: Literal[1, 2] = 2) -> bytes:
@@ -143,9 +197,13 @@ def encode(msg: Message, version: Literal[1, 2] = 2) -> bytes:
 
     A v1 object always has ``ref`` (``null`` when unset), because Supabase's Python client
     rejects server pushes without it, and has ``join_ref`` only when it is set, as Phoenix's v1
-    serializer does.  Raises `PhoenixProtocolError` if a field has the wrong type or the
-    payload is not JSON-serialisable.
+    serializer does.  Raises `ProtocolError` if a field of the message has the wrong type or the
+    payload is not JSON-serialisable, `PresenceTypeError` if ``msg`` is not a `Message` or
+    ``version`` is not an int, `PresenceValueError` for a version other than 1 or 2.
     """
+    if not isinstance(msg, Message):
+        raise PresenceTypeError(f"msg must be a Message, not {type_name(msg)}")
+    _check_version(version, optional=False)
     _check_fields(msg.topic, msg.event, msg.ref, msg.join_ref)
     frame: object
     if version == 2:
@@ -161,12 +219,12 @@ def encode(msg: Message, version: Literal[1, 2] = 2) -> bytes:
                 "event": msg.event,
                 "payload": msg.payload,
             }
-    else:
-        raise PhoenixProtocolError(f"unknown protocol version {version!r}, expected 1 or 2")
+    else:  # pragma: no cover - _check_version allows only 1 and 2
+        raise AssertionError(version)
     try:
         return orjson.dumps(frame)
     except orjson.JSONEncodeError as exc:
-        raise PhoenixProtocolError(f"payload is not JSON-serialisable: {exc}") from exc
+        raise ProtocolError(f"payload is not JSON-serialisable: {exc}") from exc
 
 
 def decode(
@@ -177,39 +235,40 @@ def decode(
     With ``version=None`` a JSON array is read as v2 and a JSON object as v1.  A v1 object must
     have ``topic``, ``event``, ``payload`` and ``ref`` (which may be null); ``join_ref`` may be
     missing and unknown keys are ignored, as Phoenix does.  A v2 array must have exactly five
-    elements.  Anything else raises `PhoenixProtocolError`.
+    elements.  Anything else raises `ProtocolError`.  ``data`` that is not bytes or str, or a
+    ``version`` that is not None, 1 or 2, is a bug in the caller: `PresenceTypeError` /
+    `PresenceValueError`.
     """
-    if version not in (None, 1, 2):
-        raise PhoenixProtocolError(f"unknown protocol version {version!r}, expected 1 or 2")
+    _check_version(version, optional=True)
     if not isinstance(data, (bytes, bytearray, memoryview, str)):
-        raise PhoenixProtocolError(f"a frame must be bytes or str, got {_describe(data)}")
+        raise PresenceTypeError(f"a frame must be bytes or str, not {type_name(data)}")
     try:
         frame = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise PhoenixProtocolError(f"frame is not valid JSON: {exc}") from exc
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
 
     if isinstance(frame, list):
         if version == 1:
-            raise PhoenixProtocolError("expected a v1 frame (JSON object), got a JSON array")
+            raise ProtocolError("expected a v1 frame (JSON object), got a JSON array")
         if len(frame) != _V2_ARITY:
-            raise PhoenixProtocolError(
+            raise ProtocolError(
                 f"a v2 frame is [join_ref, ref, topic, event, payload], got {len(frame)} elements"
             )
         join_ref, ref, topic, event, payload = frame
     elif isinstance(frame, dict):
         if version == 2:
-            raise PhoenixProtocolError("expected a v2 frame (JSON array), got a JSON object")
+            raise ProtocolError("expected a v2 frame (JSON array), got a JSON object")
         missing = [name for name in ("topic", "event", "payload", "ref") if name not in frame]
         if missing:
-            raise PhoenixProtocolError(f"v1 frame is missing {', '.join(missing)}")
+            raise ProtocolError(f"v1 frame is missing {', '.join(missing)}")
         join_ref = frame.get("join_ref")
         ref = frame["ref"]
         topic = frame["topic"]
         event = frame["event"]
         payload = frame["payload"]
     else:
-        raise PhoenixProtocolError(
-            f"a frame must be a JSON array (v2) or object (v1), got {_describe(frame)}"
+        raise ProtocolError(
+            f"a frame must be a JSON array (v2) or object (v1), got {type_name(frame)}"
         )
     _check_fields(topic, event, ref, join_ref)
     return Message(topic=topic, event=event, payload=payload, ref=ref, join_ref=join_ref)
@@ -218,19 +277,33 @@ def decode(
 def presence_state_message(topic: str, state: Mapping[str, Any]) -> Message:
     """The ``presence_state`` push: ``state`` is ``{key: {"metas": [{..., "phx_ref": ref}]}}``.
 
-    The payload is `state` itself, not a copy.
+    The payload is `state` itself, not a copy.  ``topic`` must be a str and ``state`` a mapping
+    (`PresenceTypeError`); a state whose entries lack ``metas``, or whose metas are not objects
+    with a ``phx_ref`` string, raises `ProtocolError`: clients could not apply it.
     """
+    _check_topic(topic)
+    if not isinstance(state, Mapping):
+        raise PresenceTypeError(f"state must be a mapping, not {type_name(state)}")
+    _check_state(state, "state")
     return Message(topic=topic, event=EVENT_PRESENCE_STATE, payload=state)
 
 
 def presence_diff_message(topic: str, diff: Mapping[str, Any]) -> Message:
     """The ``presence_diff`` push: ``diff`` is ``{"joins": state, "leaves": state}``.
 
-    Both keys are required, even when empty, because Supabase's clients index them directly.
-    The payload is `diff` itself, not a copy.
+    Both keys are required, even when empty, because Supabase's clients index them directly;
+    each is a state as `presence_state_message` takes it.  The payload is `diff` itself, not a
+    copy.  ``topic`` must be a str and ``diff`` a mapping (a str or bytes is not one):
+    `PresenceTypeError`; a diff without both keys, or with a malformed state under either,
+    raises `ProtocolError`.
     """
+    _check_topic(topic)
+    if not isinstance(diff, Mapping):
+        raise PresenceTypeError(f"diff must be a mapping, not {type_name(diff)}")
     if "joins" not in diff or "leaves" not in diff:
-        raise PhoenixProtocolError("a presence diff needs both 'joins' and 'leaves'")
+        raise ProtocolError("a presence diff needs both 'joins' and 'leaves'")
+    _check_state(diff["joins"], "joins")
+    _check_state(diff["leaves"], "leaves")
     return Message(topic=topic, event=EVENT_PRESENCE_DIFF, payload=diff)
 
 
@@ -239,31 +312,35 @@ def parse_client_presence(msg: Message) -> ClientPresence:
 
     Accepts the JS client's ``{"type": "presence", "event": ..., "payload": ...}`` and the
     Python client's form without ``"type"``.  A track needs an object payload (the meta); an
-    untrack may carry an object payload, which is ignored.
+    untrack may carry an object payload, which is ignored.  ``msg`` comes from the wire, so
+    anything else raises `ProtocolError`; a ``msg`` that is not a `Message` at all raises
+    `PresenceTypeError`.
     """
+    if not isinstance(msg, Message):
+        raise PresenceTypeError(f"msg must be a Message, not {type_name(msg)}")
     if msg.event != EVENT_PRESENCE:
-        raise PhoenixProtocolError(f"expected event {EVENT_PRESENCE!r}, got {msg.event!r}")
+        raise ProtocolError(f"expected event {EVENT_PRESENCE!r}, got {msg.event!r}")
     body = msg.payload
     if not isinstance(body, dict):
-        raise PhoenixProtocolError(f"presence payload must be an object, got {_describe(body)}")
+        raise ProtocolError(f"presence payload must be an object, got {type_name(body)}")
     if "type" in body and body["type"] != EVENT_PRESENCE:
-        raise PhoenixProtocolError(f"presence payload has type {body['type']!r}, not 'presence'")
+        raise ProtocolError(f"presence payload has type {body['type']!r}, not 'presence'")
     kind = body.get("event")
     if kind == "track":
         if "payload" not in body:
-            raise PhoenixProtocolError("a presence track needs a 'payload' (the meta)")
+            raise ProtocolError("a presence track needs a 'payload' (the meta)")
         meta = body["payload"]
         if not isinstance(meta, dict):
-            raise PhoenixProtocolError(f"presence meta must be an object, got {_describe(meta)}")
+            raise ProtocolError(f"presence meta must be an object, got {type_name(meta)}")
         return ClientPresence("track", meta)
     if kind == "untrack":
         extra = body.get("payload", {})
         if not isinstance(extra, dict):
-            raise PhoenixProtocolError(
-                f"untrack payload must be an object if present, got {_describe(extra)}"
+            raise ProtocolError(
+                f"untrack payload must be an object if present, got {type_name(extra)}"
             )
         return ClientPresence("untrack", {})
-    raise PhoenixProtocolError(f"presence event must be 'track' or 'untrack', got {kind!r}")
+    raise ProtocolError(f"presence event must be 'track' or 'untrack', got {kind!r}")
 
 
 def client_presence_message(
@@ -279,17 +356,33 @@ def client_presence_message(
 
     ``with_type=True`` gives the JS client's shape, ``False`` the Python client's.  An untrack
     carries ``{}`` as its payload, as the Python client sends it.
+
+    Every argument comes from the calling code, so a wrong one raises `PresenceTypeError` (a
+    meta that is not a mapping, a track without a meta, a topic or ref that is not a str, a
+    ``with_type`` that is not a bool) or `PresenceValueError` (an unknown kind, an untrack with
+    a non-empty meta).  The meta is copied one level deep; whether it serialises is `encode`'s
+    business.
     """
+    _check_topic(topic)
+    for name, value in (("ref", ref), ("join_ref", join_ref)):
+        if value is not None and not isinstance(value, str):
+            raise PresenceTypeError(f"{name} must be a str or None, not {type_name(value)}")
+    if not isinstance(with_type, bool):
+        raise PresenceTypeError(f"with_type must be a bool, not {type_name(with_type)}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise PresenceTypeError(f"meta must be a mapping or None, not {type_name(meta)}")
     if kind == "track":
         if meta is None:
-            raise PhoenixProtocolError("a presence track needs a meta")
+            raise PresenceTypeError("a presence track needs a meta (a mapping), got None")
         body: dict[str, Any] = {"event": "track", "payload": dict(meta)}
     elif kind == "untrack":
         if meta:
-            raise PhoenixProtocolError("an untrack carries no meta")
+            raise PresenceValueError("an untrack carries no meta")
         body = {"event": "untrack", "payload": {}}
+    elif isinstance(kind, str):
+        raise PresenceValueError(f"presence kind must be 'track' or 'untrack', got {kind!r}")
     else:
-        raise PhoenixProtocolError(f"presence kind must be 'track' or 'untrack', got {kind!r}")
+        raise PresenceTypeError(f"presence kind must be a str, not {type_name(kind)}")
     if with_type:
         body = {"type": EVENT_PRESENCE, **body}
     return Message(topic=topic, event=EVENT_PRESENCE, payload=body, ref=ref, join_ref=join_ref)
@@ -300,25 +393,23 @@ def presence_key_from_join(payload: object) -> str | None:
 
     The key lives at ``payload["config"]["presence"]["key"]``.  Any level may be missing or
     null, and an empty key means the same as none (the server then picks one).  A level of the
-    wrong type raises `PhoenixProtocolError`.
+    wrong type raises `ProtocolError`.
     """
     if not isinstance(payload, dict):
-        raise PhoenixProtocolError(f"join payload must be an object, got {_describe(payload)}")
+        raise ProtocolError(f"join payload must be an object, got {type_name(payload)}")
     config = payload.get("config")
     if config is None:
         return None
     if not isinstance(config, dict):
-        raise PhoenixProtocolError(f"join config must be an object, got {_describe(config)}")
+        raise ProtocolError(f"join config must be an object, got {type_name(config)}")
     presence = config.get("presence")
     if presence is None:
         return None
     if not isinstance(presence, dict):
-        raise PhoenixProtocolError(
-            f"join presence config must be an object, got {_describe(presence)}"
-        )
+        raise ProtocolError(f"join presence config must be an object, got {type_name(presence)}")
     key = presence.get("key")
     if key is None or key == "":
         return None
     if not isinstance(key, str):
-        raise PhoenixProtocolError(f"presence key must be a string, got {_describe(key)}")
+        raise ProtocolError(f"presence key must be a string, got {type_name(key)}")
     return key
