@@ -152,7 +152,18 @@ def test_limit_hits_are_counted(clock: ManualClock) -> None:
         with pytest.raises(LimitExceeded):
             tracker.track("c1", "b", "k", {})
     tracker.sync_metrics()
-    assert tracker.metrics.counter(LIMIT_HITS) == 3  # type: ignore[attr-defined]
+    assert (
+        sum(
+            tracker.metrics.counter(LIMIT_HITS, limit)
+            for limit in (
+                "rate_per_second",
+                "max_presences_per_connection",
+                "max_topics_per_connection",
+                "max_metas_per_key",
+            )
+        )
+        == 3
+    )  # type: ignore[attr-defined]
 
 
 # -- plans ---------------------------------------------------------------------------------------
@@ -273,3 +284,31 @@ def test_leaving_is_possible_after_a_plan_downgrade(clock: ManualClock) -> None:
     tracker.connect("c1", plan=DEFAULT_PLAN)
     assert tracker.untrack("c1", "a-long-topic-name", "a-long-key-name") == 1
     assert tracker.totals().presences == 0
+
+
+# -- the clock stepping backwards ----------------------------------------------------------------
+
+
+def test_a_clock_stepping_back_does_not_rate_limit_for_the_length_of_the_step(
+    clock: ManualClock,
+) -> None:
+    # An NTP step under clock=time.time: the bucket's arrival time is an hour ahead of `now`.
+    tracker = make(clock, rate_per_second=10, burst=5)
+    for i in range(3):
+        tracker.track("c1", f"t{i}", "k", {})
+    clock.set(clock() - 3600.0)
+    tracker.heartbeat("c1")  # heartbeats after the step change nothing about it
+    tracker.track("c1", "after-step", "k", {})  # admitted: the connection keeps its rate
+    with pytest.raises(RateLimited):  # ... but no more: the bucket counts as spent
+        tracker.track("c1", "burst", "k", {})
+    clock.advance(0.1)
+    tracker.track("c1", "later", "k", {})
+
+
+def test_a_full_burst_is_still_refused_without_a_clock_step(clock: ManualClock) -> None:
+    tracker = make(clock, rate_per_second=1, burst=3)
+    for i in range(3):
+        tracker.track("c1", f"t{i}", "k", {})
+    with pytest.raises(RateLimited) as info:
+        tracker.track("c1", "t3", "k", {})
+    assert 0.99 < info.value.retry_after <= 1.0

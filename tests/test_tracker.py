@@ -33,18 +33,20 @@ from presence_core.metrics import (
     DIFF_PROPAGATION_SECONDS,
     EVICTIONS,
     EXPIRIES,
-    LIMIT_HITS,
-    OPS_HEARTBEAT,
-    OPS_TRACK,
+    HOOK_ERRORS,
+    LAST_SEEN_EVICTIONS,
+    OPS,
     PRESENCES,
     STATUS_READ_HITS,
     STATUS_READS,
     TOPICS,
+    MetricDef,
     Metrics,
 )
 from presence_core.scaling import LoadSample, ScaleDecision
 from presence_core.testing import ClientView, ManualClock, RecordingTransport
-from presence_core.tracker import HOOK_ERRORS, STATUS_ORDER, Totals, Tracker, UserStatus
+from presence_core.tracker import STATUS_ORDER, Totals, Tracker, UserStatus
+from presence_core.tracker.tracker import _COUNTERS
 
 ROOM = "room:1"
 
@@ -562,9 +564,9 @@ def test_empty_topics_are_forgotten(tracker: Tracker) -> None:
     tracker.flush()
     tracker.disconnect("c1")
     tracker.flush()
-    assert set(tracker._topics) == {"watched"}  # kept while subscribed
+    assert set(tracker._state.topics) == {"watched"}  # kept while subscribed
     unsubscribe()
-    assert tracker._topics == {}
+    assert tracker._state.topics == {}
 
 
 def test_flush_records_diff_propagation(tracker: Tracker) -> None:
@@ -576,7 +578,7 @@ def test_flush_records_diff_propagation(tracker: Tracker) -> None:
     tracker.track("c9", "unheard", "k", {})
     assert tracker.flush() == 4  # the topic nobody hears is not encoded or counted
     histograms = tracker.metrics.as_dict()["histograms"]  # type: ignore[attr-defined]
-    assert histograms[DIFF_PROPAGATION_SECONDS]["count"] == 4
+    assert histograms[DIFF_PROPAGATION_SECONDS.name]["count"] == 4
     tracker.subscribe("unheard", RecordingTransport())
     assert tracker.flush() == 0  # its dropped changes do not come back later
 
@@ -652,7 +654,7 @@ def test_last_seen_is_bounded(clock: ManualClock) -> None:
         tracker.disconnect(key)
     assert [tracker.last_seen(k) for k in ("a", "b", "c")] == [None, 1002.0, 1003.0]
     tracker.sync_metrics()
-    assert tracker.metrics.counter("last_seen_evictions") == 1  # type: ignore[attr-defined]
+    assert tracker.metrics.counter(LAST_SEEN_EVICTIONS) == 1  # type: ignore[attr-defined]
     clock.advance(200)
     tracker.expire()
     assert tracker.last_seen("c") is None
@@ -674,6 +676,7 @@ def test_users_bulk(tracker: Tracker) -> None:
     result = tracker.users(["carol", "alice", "bob"])
     assert list(result) == ["carol", "alice", "bob"]
     assert [u.status for u in result.values()] == ["offline", "away", "offline"]
+    tracker.sync_metrics()
     metrics = tracker.metrics
     assert metrics.counter(STATUS_READS) == 3  # type: ignore[attr-defined]
     assert metrics.counter(STATUS_READ_HITS) == 2  # type: ignore[attr-defined]
@@ -751,8 +754,8 @@ def test_metrics_are_published_on_flush(tracker: Tracker, clock: ManualClock) ->
     tracker.tick()
     metrics = tracker.metrics
     assert isinstance(metrics, Metrics)
-    assert metrics.counter(OPS_TRACK) == 2
-    assert metrics.counter(OPS_HEARTBEAT) == 2
+    assert metrics.counter(OPS, "track") == 2
+    assert metrics.counter(OPS, "heartbeat") == 2
     assert metrics.counter(EXPIRIES) == 2
     assert (metrics.gauge(PRESENCES), metrics.gauge(CONNECTIONS), metrics.gauge(TOPICS)) == (
         0,
@@ -782,23 +785,23 @@ def test_load_sample_and_scalers(tracker: Tracker) -> None:
 
 
 def test_a_custom_metrics_sink(clock: ManualClock) -> None:
-    calls: list[tuple[str, str, float]] = []
+    calls: list[tuple[str, str, float, tuple[str, ...]]] = []
 
     class Sink:
-        def inc(self, name: str, n: int = 1) -> None:
-            calls.append(("inc", name, n))
+        def inc(self, metric: MetricDef, n: int = 1, labels: tuple[str, ...] = ()) -> None:
+            calls.append(("inc", metric.name, n, labels))
 
-        def set(self, name: str, value: float) -> None:
-            calls.append(("set", name, value))
+        def set(self, metric: MetricDef, value: float, labels: tuple[str, ...] = ()) -> None:
+            calls.append(("set", metric.name, value, labels))
 
-        def observe(self, name: str, seconds: float) -> None:
-            calls.append(("observe", name, seconds))
+        def observe(self, metric: MetricDef, seconds: float, labels: tuple[str, ...] = ()) -> None:
+            calls.append(("observe", metric.name, seconds, labels))
 
     tracker = Tracker(clock=clock, metrics=Sink())
     tracker.track("c1", ROOM, "alice", {})
     tracker.flush()
-    assert ("inc", OPS_TRACK, 1) in calls
-    assert ("set", PRESENCES, 1) in calls
+    assert ("inc", OPS.name, 1, ("track",)) in calls
+    assert ("set", PRESENCES.name, 1, ()) in calls
     assert tracker.load_sample().presences == 1
     with pytest.raises(PresenceTypeError):
         Tracker(metrics=object())  # type: ignore[arg-type]
@@ -849,7 +852,8 @@ def test_repr(tracker: Tracker) -> None:
 
 def snapshot(tracker: Tracker) -> Any:
     """Everything observable about a tracker, plus the internals a refused call could touch."""
-    topics = sorted(tracker._topics)
+    state = tracker._state
+    topics = sorted(state.topics)
     conns = sorted(tracker._conns, key=repr)
     records = {c: tracker._conns.get(c) for c in conns}
     return (
@@ -859,20 +863,25 @@ def snapshot(tracker: Tracker) -> Any:
             for t in topics
         },
         {
-            c: (tracker.connection_presences(c), r.tat, r.plan, r.ttl, tracker._conns.deadline(c))
+            c: (tracker.connection_presences(c), r, tracker._conns.deadline(c))
             for c, r in records.items()
             if r is not None
         },
         {k: tracker._user(k) for k in ("alice", "bob", "carol", "dave")},
         {
             k: sorted(map(repr, v if isinstance(v, (list, dict)) else [v]))
-            for k, v in tracker._users.items()
+            for k, v in state.users.items()
         },
-        sorted(tracker._dirty),
-        tracker._data_bytes,
+        tracker.pending(),
+        state.data_bytes,
         len(tracker._seen),
-        # Counters (a refusal may count itself in limit_hits, nothing else) and the tables.
-        {name: n for name, n in tracker._counts.items() if name != LIMIT_HITS},
+        # Counters (a refusal may count itself in limit_hits, nothing else; the snapshot's own
+        # status reads count themselves) and the tables.
+        [
+            n
+            for n, (metric, _) in zip(tracker._counts, _COUNTERS, strict=True)
+            if metric not in (STATUS_READS, STATUS_READ_HITS)
+        ],
         tracker._n_heartbeat,
         tracker._conns.stats(),
         tracker._seen.stats(),
@@ -935,6 +944,11 @@ BAD_CALLS: list[tuple[str, Any, type[Exception]]] = [
     ("track conn empty", lambda t: t.track("", ROOM, "k", {}), PresenceValueError),
     ("track conn long", lambda t: t.track("c" * 257, ROOM, "k", {}), PresenceValueError),
     ("track conn list", lambda t: t.track(["c1"], ROOM, "k", {}), PresenceTypeError),
+    # The fast path of track once skipped the id check for non-ASCII ids: a lone surrogate got
+    # in, and disconnect, untrack and update then refused the id, so nothing could remove it.
+    ("track conn surrogate", lambda t: t.track("c\ud800", ROOM, "k", {}), PresenceValueError),
+    ("track conn surrogate 2", lambda t: t.track("\udfff", ROOM, "k", {}), PresenceValueError),
+    ("connect conn surrogate", lambda t: t.connect("c\ud800"), PresenceValueError),
     # topics and keys
     ("track topic int", lambda t: t.track("c1", 1, "k", {}), PresenceTypeError),
     ("track topic empty", lambda t: t.track("c1", "", "k", {}), PresenceValueError),
@@ -1167,7 +1181,7 @@ def test_heartbeat_with_an_id_of_another_type_finds_no_connection(
     clock.advance(15)
     assert tracker.expire() == [1]  # only "a" was refreshed
     tracker.sync_metrics()
-    assert tracker.metrics.counter(OPS_HEARTBEAT) == 1  # type: ignore[attr-defined]
+    assert tracker.metrics.counter(OPS, "heartbeat") == 1  # type: ignore[attr-defined]
 
 
 def test_a_clock_that_returns_garbage_is_refused_before_anything_changes() -> None:
@@ -1210,7 +1224,7 @@ def test_a_subscriber_whose_initial_state_raises_is_not_left_subscribed(tracker:
 
     with pytest.raises(RuntimeError):
         tracker.subscribe("lonely", broken)
-    assert "lonely" not in tracker._topics  # nothing left behind for an empty topic
+    assert "lonely" not in tracker._state.topics  # nothing left behind for an empty topic
     with pytest.raises(RuntimeError):
         tracker.subscribe(ROOM, broken)
     tracker.track("c1", ROOM, "alice", {})
@@ -1359,9 +1373,9 @@ def test_on_evict_may_call_back_into_the_tracker(clock: ManualClock) -> None:
     assert tracker.list("elsewhere") == {"zed": metas(("n.3", {}))}
     tracker.flush()
     assert tracker.list(ROOM) == view.state == {"bob": metas(("n.2", {}))}
-    assert tracker.count(ROOM) == 1 and ROOM in tracker._topics
+    assert tracker.count(ROOM) == 1 and ROOM in tracker._state.topics
     totals = tracker.totals()
-    assert totals.presences == sum(tracker.count(t, metas=True) for t in tracker._topics)
+    assert totals.presences == sum(tracker.count(t, metas=True) for t in tracker._state.topics)
     assert tracker.disconnect("c2") == 1
     tracker.flush()
     assert view.state == tracker.list(ROOM) == {}
@@ -1704,3 +1718,31 @@ def test_a_failing_scaler_does_not_stop_the_others(
     assert tracker.metrics.counter(HOOK_ERRORS) == 2  # type: ignore[attr-defined]
     with pytest.raises(PresenceTypeError):
         tracker.run_scalers(now="soon", sample=tracker.load_sample())  # type: ignore[arg-type]
+
+
+def test_a_non_ascii_connection_id_can_be_removed_as_it_was_tracked(tracker: Tracker) -> None:
+    conn = "sock-é-🙂"
+    tracker.track(conn, ROOM, "k", {})
+    tracker.update(conn, ROOM, "k", {"v": 1})
+    assert tracker.untrack(conn, ROOM) == 1
+    tracker.track(conn, ROOM, "k", {})
+    assert tracker.disconnect(conn) == 1
+    assert tracker.totals() == Totals(0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_integers_beyond_float_range_are_refused_clearly(clock: ManualClock, value: int) -> None:
+    tracker = Tracker(clock=clock)
+    for call in (
+        lambda: tracker.track("c1", ROOM, "k", {}, now=value),
+        lambda: tracker.heartbeat("c1", now=value),
+        lambda: tracker.heartbeat_many(["c1"], now=value),
+        lambda: tracker.expire(now=value),
+        lambda: tracker.tick(now=value),
+        lambda: tracker.connect("c1", ttl=value),
+        lambda: Tracker(connection_ttl=value),
+        lambda: Tracker(last_seen_ttl=value),
+    ):
+        with pytest.raises(PresenceValueError):
+            call()
+    assert tracker.totals() == Totals(0, 0, 0, 0)

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from .errors import PresenceTypeError, PresenceValueError
 
 __all__ = [
+    "MAX_CONNECTION_ID_LENGTH",
     "check_callable",
+    "check_conn_id",
     "check_int",
     "check_seconds",
     "check_text",
     "check_time",
+    "is_conn_id",
     "is_int",
     "is_number",
     "type_name",
@@ -122,3 +125,29 @@ def check_callable(value: object, what: str) -> Callable[..., object]:
     if not callable(value):
         raise PresenceTypeError(f"{what} must be callable, not {type_name(value)}")
     return value
+
+
+MAX_CONNECTION_ID_LENGTH: Final = 256
+"""Connection ids are the host's own (a socket id, a UUID); longer str ids are refused."""
+
+_MIN_INT_ID: Final = -(2**63)
+_MAX_INT_ID: Final = 2**63 - 1
+
+
+def is_conn_id(conn: object) -> bool:
+    """Whether ``conn`` has a type a connection id can have (str, or int but not bool)."""
+    return isinstance(conn, (str, int)) and not isinstance(conn, bool)
+
+
+def check_conn_id(conn: object) -> str | int:
+    """``conn`` if it is a valid connection id: a str as `check_text` allows, or a 64-bit int."""
+    if isinstance(conn, str):
+        return check_text(conn, "connection id", MAX_CONNECTION_ID_LENGTH)
+    if is_int(conn):
+        if not _MIN_INT_ID <= conn <= _MAX_INT_ID:  # type: ignore[operator]
+            # Ids are socket ids or counters; a bigger int cannot even go in an error message.
+            raise PresenceValueError(
+                f"an int connection id must fit in 64 bits, got one of {conn.bit_length()} bits"  # type: ignore[attr-defined]
+            )
+        return conn  # type: ignore[return-value]
+    raise PresenceTypeError(f"connection id must be a str or an int, not {type_name(conn)}")

@@ -20,13 +20,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Final
 
-__all__ = ["DEFAULT_PLAN", "MAX_CONNECTION_ID_LENGTH", "Limits"]
+from ._validate import check_int, is_number, type_name
+from .errors import PresenceTypeError, PresenceValueError, RateLimited
+
+__all__ = ["DEFAULT_PLAN", "Limits", "admit"]
 
 DEFAULT_PLAN: Final = "default"
 """The plan name a connection gets when the host does not name one."""
-
-MAX_CONNECTION_ID_LENGTH: Final = 256
-"""Connection ids are the host's own (a socket id, a UUID); longer str ids are refused."""
 
 _MAX_BURST: Final = 2**53
 
@@ -69,23 +69,23 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in _COUNTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"Limits.{name} must be an int, not {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"Limits.{name} must be >= 1, got {value}")
+            check_int(getattr(self, name), f"Limits.{name}", low=1)
         rate = self.rate_per_second
-        if not isinstance(rate, (int, float)) or isinstance(rate, bool):
-            raise TypeError(f"Limits.rate_per_second must be a number, not {type(rate).__name__}")
+        if not is_number(rate):
+            raise PresenceTypeError(
+                f"Limits.rate_per_second must be a number, not {type_name(rate)}"
+            )
         if not (0 < rate < math.inf):
-            raise ValueError(f"Limits.rate_per_second must be positive and finite, got {rate!r}")
+            raise PresenceValueError(
+                f"Limits.rate_per_second must be positive and finite, got {rate!r}"
+            )
         rate = float(rate)
         # The bucket works in float seconds: a burst beyond 2**53 is not exact, and an interval
         # or tolerance that overflows to inf would make the bucket admit everything.
         if self.burst > _MAX_BURST:
-            raise ValueError(f"Limits.burst must be at most 2**53, got {self.burst}")
+            raise PresenceValueError(f"Limits.burst must be at most 2**53, got {self.burst}")
         if not math.isfinite((self.burst - 1) / rate) or not math.isfinite(1.0 / rate):
-            raise ValueError(
+            raise PresenceValueError(
                 f"Limits.rate_per_second {rate!r} with burst {self.burst} puts the token "
                 "bucket beyond float range"
             )
@@ -104,3 +104,29 @@ class Limits:
     def as_dict(self) -> dict[str, float]:
         """The limits by field name (for logs, config dumps and tests)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def admit(limits: Limits, tat: float, now: float, conn: str | int) -> float:
+    """Spend one write from a connection's token bucket; returns the bucket's new ``tat``.
+
+    ``tat`` is the bucket's theoretical arrival time (``-inf`` for a full bucket).  Raises
+    `RateLimited` if the write does not fit, leaving the bucket as it was.
+
+    A clock that steps backwards (an NTP step under ``clock=time.time``) would leave ``tat``
+    further ahead of ``now`` than any sequence of admitted writes can put it, and the connection
+    would be refused for the length of the step.  Such a ``tat`` is clamped to the furthest a
+    bucket can legitimately be ahead, so the connection keeps its sustained rate.
+    """
+    interval = 1.0 / limits.rate_per_second
+    allowed = (limits.burst - 1) * interval
+    ahead = tat - now
+    if ahead <= 0.0:
+        return now + interval
+    if ahead > allowed + 2.0 * interval:
+        # Beyond what admitted writes can leave (allowed + interval, plus rounding slack):
+        # the clock went back since the last write.
+        return now + allowed + interval
+    # The slack absorbs float rounding of `tat - now` when the clock reads large values.
+    if ahead > allowed + interval * 1e-3:
+        raise RateLimited(conn, ahead - allowed)
+    return tat + interval

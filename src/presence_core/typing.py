@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
+    from .metrics import MetricDef
     from .scaling import LoadSample, ScaleDecision
 
 __all__ = ["ConnId", "MetricsSink", "RawTransport", "Scaler", "Transport"]
@@ -81,21 +82,25 @@ class Scaler(Protocol):
 
 @runtime_checkable
 class MetricsSink(Protocol):
-    """Where the Tracker reports what it does.
+    """Where the Tracker (and the store) report what they do.
 
     `presence_core.metrics.Metrics` implements it; a host may pass an adapter to its own backend
-    (statsd, OpenTelemetry) instead.  These calls sit on hot paths, so implementations should be
-    cheap and must not block.  Metric names are the constants in `presence_core.metrics`.
+    (statsd, OpenTelemetry) instead.  Every call names a metric declared in
+    `presence_core.metrics` (a `presence_core.metrics.MetricDef`: name, kind, help, label
+    names) and gives the label values in the declared order.  The Tracker batches its counts
+    and publishes them once per flush, but implementations should still be cheap and must not
+    block.  A sink that raises is logged and counted (``hook_errors``); what it did not take
+    is published at the next flush.
     """
 
-    def inc(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to the counter ``name``."""
+    def inc(self, metric: MetricDef, n: int = 1, labels: tuple[str, ...] = ()) -> None:
+        """Add ``n`` to the counter ``metric`` (the series with these label values)."""
         ...
 
-    def set(self, name: str, value: float) -> None:
-        """Set the gauge ``name`` to ``value``."""
+    def set(self, metric: MetricDef, value: float, labels: tuple[str, ...] = ()) -> None:
+        """Set the gauge ``metric`` to ``value``."""
         ...
 
-    def observe(self, name: str, seconds: float) -> None:
-        """Record one latency of ``seconds`` in the histogram ``name``."""
+    def observe(self, metric: MetricDef, seconds: float, labels: tuple[str, ...] = ()) -> None:
+        """Record one duration of ``seconds`` in the histogram ``metric``."""
         ...

@@ -1,0 +1,239 @@
+"""Delivery: each flush's batch of changes, to the feed readers first, then to the hooks.
+
+A flush takes one batch from the `ChangeFeed` and turns it into a queue of jobs: one that hands
+the whole batch to every feed reader (the Redis store), then one per topic that encodes the
+topic's ``presence_diff`` once and calls the topic's subscribers and every transport with it.
+
+Why a queue that outlives the call
+----------------------------------
+A hook may raise something that is not an `Exception` (``KeyboardInterrupt``, ``SystemExit``,
+``asyncio.CancelledError``).  That must propagate, but it must not cost anyone a diff: the queue
+keeps the unfinished jobs, each knowing which hooks it has called, and the next flush finishes
+them before it takes a new batch.  The hook that raised counts as called.
+
+Which state a new client gets while a flush is under way
+--------------------------------------------------------
+A topic's hooks are read when its job starts, not when the batch is taken, so a subscriber added
+by a hook before that point gets the topic's diff like everyone else; and `state_json` answers
+for the moment it is asked:
+
+* a topic whose job has not started yet: the state before its diff (it will be delivered);
+* a topic whose job is under way: the state with its diff, unless the state is asked for on
+  behalf of a hook that has yet to be called with that diff;
+* any other topic: the state as of the last flush, as outside a flush.
+
+So a client never gets a diff twice, and never misses one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+import orjson
+
+from ..phoenix import EVENT_PRESENCE_DIFF
+from .encoding import DATA, KEY, Presence, diff_json, state_json
+from .feed import TopicChanges
+from .state import PresenceState, Topic, presences_of
+
+__all__ = ["Delivery", "Hook", "disable_hook", "new_hook"]
+
+logger = logging.getLogger("presence_core.tracker")
+
+Hook: TypeAlias = list[Any]
+"""A registered subscriber, transport or reader: ``[callable, raw]``, raw meaning it takes the
+payload as JSON bytes.  Removing one swaps the callable for `_removed` (and raw for True, so no
+copy is made for it): a flush under way then skips it at no cost per delivery, where a flag to
+test would cost every delivery to every hook."""
+
+_loads = orjson.loads
+_perf_counter = time.perf_counter
+
+
+def _removed(*args: object) -> None:
+    """What a removed hook's entry calls, should a flush under way still hold it."""
+
+
+def new_hook(call: Callable[..., object], raw: object) -> Hook:
+    return [call, bool(raw)]
+
+
+def disable_hook(entry: Hook) -> bool:
+    """Mark ``entry`` removed; False if it already was."""
+    if entry[0] is _removed:
+        return False
+    entry[0] = _removed
+    entry[1] = True
+    return True
+
+
+class _ReadersJob:
+    __slots__ = ("batch", "index", "readers")
+
+    def __init__(self, batch: list[TopicChanges], readers: tuple[Hook, ...]) -> None:
+        self.batch = batch
+        self.readers = readers
+        self.index = 0
+
+
+class _TopicJob:
+    __slots__ = ("blob", "changes", "hooks", "index")
+
+    def __init__(self, changes: TopicChanges) -> None:
+        self.changes = changes
+        self.hooks: tuple[Hook, ...] | None = None  # read when the job starts
+        self.blob = b""
+        self.index = 0
+
+    def owes(self, hook: object) -> bool:
+        """Whether the diff is still to be delivered to ``hook`` (or to anyone, if None)."""
+        hooks = self.hooks
+        if hooks is None:
+            return True
+        if hook is None:
+            return False
+        return any(entry[0] is hook for entry in hooks[self.index :])
+
+
+class Delivery:
+    """The readers, the transports and the queue of deliveries; see the module docstring."""
+
+    __slots__ = (
+        "_flushing",
+        "_inflight",
+        "_queue",
+        "_state",
+        "hook_errors",
+        "latencies",
+        "readers",
+        "transports",
+    )
+
+    def __init__(self, state: PresenceState) -> None:
+        self._state = state
+        self.transports: tuple[Hook, ...] = ()
+        self.readers: tuple[Hook, ...] = ()
+        self._queue: deque[_ReadersJob | _TopicJob] = deque()
+        self._inflight: dict[str, _TopicJob] = {}
+        self._flushing = False
+        self.hook_errors = 0
+        self.latencies: list[float] = []  # seconds, taken by the metrics sync
+
+    def pending(self) -> int:
+        """Topics with changes not delivered yet (pending in the feed or queued)."""
+        return len(self._state.feed) + len(self._inflight)
+
+    def flush(self) -> int:
+        """Finish any interrupted flush, then deliver a new batch; returns topics delivered."""
+        if self._flushing:
+            return 0
+        self._flushing = True
+        try:
+            start = _perf_counter()
+            delivered = self._run(start)
+            if not self._queue:
+                self._enqueue(self._state.feed.take())
+                delivered += self._run(start)
+            return delivered
+        finally:
+            self._flushing = False
+
+    def _enqueue(self, batch: list[TopicChanges]) -> None:
+        if not batch:
+            return
+        state, queue, inflight = self._state, self._queue, self._inflight
+        readers = self.readers
+        if readers:
+            queue.append(_ReadersJob(batch, readers))
+        transports = self.transports
+        for changes in batch:
+            t = changes.record
+            if transports or t.subscribers:
+                job = _TopicJob(changes)
+                queue.append(job)
+                inflight[t.name] = job
+            # Nobody to tell is the common case of a service that only reads state: the changes
+            # were never encoded, and are simply dropped here.
+            state.prune(t)
+
+    def _run(self, start: float) -> int:
+        queue = self._queue
+        delivered = 0
+        while queue:
+            job = queue[0]
+            if type(job) is _ReadersJob:
+                self._read(job)
+            elif self._deliver(job):  # type: ignore[arg-type]
+                delivered += 1
+                self.latencies.append(_perf_counter() - start)
+            queue.popleft()
+        return delivered
+
+    def _read(self, job: _ReadersJob) -> None:
+        readers, batch = job.readers, job.batch
+        while job.index < len(readers):
+            reader = readers[job.index][0]
+            job.index += 1
+            try:
+                reader(batch)
+            except Exception:
+                self.hook_errors += 1
+                logger.exception("feed reader %r failed", reader)
+
+    def _deliver(self, job: _TopicJob) -> bool:
+        t = job.changes.record
+        name = t.name
+        hooks = job.hooks
+        if hooks is None:
+            transports = self.transports
+            hooks = job.hooks = t.subscribed() + transports if transports else t.subscribed()
+            if not hooks:
+                del self._inflight[name]
+                return False
+            job.blob = diff_json(job.changes.joins, job.changes.leaves)
+        blob = job.blob
+        while job.index < len(hooks):
+            hook, raw = hooks[job.index]
+            job.index += 1
+            try:
+                # A fresh dict per hook: a client library may mutate what it is given.
+                hook(name, EVENT_PRESENCE_DIFF, blob if raw else _loads(blob))
+            except Exception:
+                self.hook_errors += 1
+                logger.exception("presence hook %r failed for topic %r", hook, name)
+        del self._inflight[name]
+        return True
+
+    def state_json(self, t: Topic, hook: object = None) -> bytes:
+        """The ``presence_state`` of ``t`` that the diffs still to come apply to exactly.
+
+        ``hook``: the registered hook the state is for, if any (see the module docstring).
+        """
+        joins: Sequence[dict[Presence, Any]] = (t.joins,) if t.joins else ()
+        leaves: Sequence[dict[Presence, None]] = (t.leaves,) if t.leaves else ()
+        job = self._inflight.get(t.name) if self._inflight else None
+        if job is not None and job.changes.record is t and job.owes(hook):
+            joins = (*joins, job.changes.joins)
+            # The batch's leaves left first: the receiver holds them until the diff.
+            leaves = (job.changes.leaves, *leaves)
+        groups: dict[str, list[bytes]] = {}
+        for key, held in t.keys.items():
+            datas = [
+                p[DATA] for p in presences_of(held) if not any(p in pending for pending in joins)
+            ]
+            if datas:
+                groups[key] = datas
+        for left in leaves:
+            for p in left:
+                if any(p in pending for pending in joins):
+                    continue  # joined in the diff still to come, gone since: it never shows
+                group = groups.get(p[KEY])
+                if group is None:
+                    groups[p[KEY]] = [p[DATA]]
+                else:
+                    group.append(p[DATA])  # its position does not matter: a diff removes it
+        return state_json(groups.items())

@@ -1,0 +1,1178 @@
+"""The Tracker: who is present in which topic, in the Phoenix Presence model.
+
+A *presence* is (topic, key, ref) with a meta: a connection says "I am `key` in `topic`, with
+this meta", and gets back a ref that names this one presence.  A key may be present several times
+in a topic (one per connection or device); clients see every meta under the key.  This is what
+Phoenix Presence does and what Supabase Realtime and its clients speak, so the payloads here can
+go to those clients unchanged.
+
+The data path, one module each:
+
+* this module checks every call and decides what changes (the hot paths are written out here, so
+  a valid call costs few function calls);
+* `presence_core.tracker.state` holds topics, presences and the users index, and records every
+  change in `presence_core.tracker.feed`;
+* connections live in the native `presence_core.table.PresenceTable`: a heartbeat is one table
+  touch, and a silent connection expires through the table's timing wheel;
+* `presence_core.tracker.delivery` hands each flush's batch of changes to the feed readers (the
+  Redis store) and the hooks (subscribers and transports);
+* `presence_core.tracker.users` derives a user's status from the user's presences.
+
+Time: every time-driven call takes ``now=`` (seconds on the Tracker's clock, default
+`time.monotonic`).  Latency measurements use `time.perf_counter`, which is real time whatever the
+injected clock does.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from itertools import count, islice
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple, NoReturn, cast
+
+import orjson
+
+from .._validate import (
+    MAX_CONNECTION_ID_LENGTH,
+    check_callable,
+    check_conn_id,
+    check_int,
+    check_seconds,
+    check_text,
+    check_time,
+    is_conn_id,
+    type_name,
+)
+from ..errors import (
+    NotTracked,
+    PresenceTypeError,
+    PresenceValueError,
+    QuotaExceeded,
+    RateLimited,
+    UnknownPlan,
+)
+from ..limits import DEFAULT_PLAN, Limits, admit
+from ..metrics import (
+    CONNECTION_EXPIRIES,
+    CONNECTIONS,
+    DIFF_PROPAGATION_SECONDS,
+    EVICTIONS,
+    EXPIRIES,
+    HOOK_ERRORS,
+    LAST_SEEN_EVICTIONS,
+    LIMIT_HITS,
+    OPS,
+    PENDING_CHANGES,
+    PRESENCES,
+    STATUS_READ_HITS,
+    STATUS_READS,
+    TOPICS,
+    MetricDef,
+    Metrics,
+)
+from ..phoenix import EVENT_PRESENCE_STATE
+from ..scaling import LoadSample, ScaleDecision
+from ..table import PresenceTable
+from ..table._common import MAX_CAPACITY
+from ..typing import ConnId, MetricsSink, RawTransport, Scaler, Transport
+from .delivery import Delivery, disable_hook, new_hook
+from .encoding import DATA, KEY, TOPIC, Presence, encode_meta, ref_of, same_meta, state_json, stored
+from .feed import TopicChanges
+from .state import (
+    C_PLAN,
+    C_PRESENCES,
+    C_TAT,
+    C_TTL,
+    INDEX_THRESHOLD,
+    ConnRecord,
+    PresenceState,
+    Topic,
+    datas_of,
+)
+from .users import OFFLINE, UserStatus, derive_status
+
+__all__ = ["FeedReader", "Totals", "Tracker"]
+
+logger = logging.getLogger("presence_core.tracker")
+
+FeedReader = Callable[[Sequence[TopicChanges]], object]
+"""Reads every batch of the change feed: ``reader(batch)``; see `Tracker.add_feed_reader`."""
+
+_NODE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_NEG_INF: Final = -math.inf
+
+# realtime-js collects presence state in a plain JS object, where this key is the prototype
+# slot: a presence under it silently disappears from every Supabase JavaScript client.
+_FORBIDDEN_KEY: Final = "__proto__"
+
+# users() answers this many keys at most per call: a team view is 10-500.
+_MAX_BULK_KEYS: Final = 10_000
+
+_loads = orjson.loads
+
+# Counters the hot paths bump as plain ints in a list, published to the metrics sink by
+# `Tracker.sync_metrics`: an item increment costs a fraction of a method call.
+_COUNTERS: Final[tuple[tuple[MetricDef, tuple[str, ...]], ...]] = (
+    (OPS, ("track",)),
+    (OPS, ("update",)),
+    (OPS, ("untrack",)),
+    (OPS, ("disconnect",)),
+    (OPS, ("heartbeat",)),
+    (EXPIRIES, ()),
+    (CONNECTION_EXPIRIES, ()),
+    (EVICTIONS, ()),
+    (LAST_SEEN_EVICTIONS, ()),
+    (STATUS_READS, ()),
+    (STATUS_READ_HITS, ()),
+    (HOOK_ERRORS, ()),
+)
+_TRACK, _UPDATE, _UNTRACK, _DISCONNECT, _HEARTBEAT = 0, 1, 2, 3, 4
+_EXPIRIES, _CONN_EXPIRIES, _EVICTIONS, _SEEN_EVICTIONS = 5, 6, 7, 8
+_STATUS_READS, _STATUS_HITS, _HOOK_ERRORS = 9, 10, 11
+
+
+class Totals(NamedTuple):
+    """Process-wide counts, each kept up to date on every change (O(1) to read)."""
+
+    presences: int
+    connections: int
+    topics: int
+    keys: int
+
+
+# -- argument checks -------------------------------------------------------------------------
+# The common case (an exact str, a float) is tested inline by the callers; these raise the
+# precise error or accept what the inline test could not (non-ASCII text, int ids).
+
+
+def _check_now(now: object) -> float:
+    if type(now) is float and now - now == 0.0:  # the common case; false for inf and nan
+        return now
+    return check_time(now, "now")
+
+
+def _checked_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """``clock`` with its readings checked, so a bad one is refused before anything changes."""
+
+    def read() -> float:
+        value = clock()
+        if type(value) is float and value - value == 0.0:
+            return value
+        try:
+            return check_time(value)
+        except PresenceTypeError:
+            raise PresenceTypeError(
+                f"clock() must return seconds as a number, not {type_name(value)}"
+            ) from None
+        except PresenceValueError:
+            raise PresenceValueError(f"clock() must return a finite time, got {value!r}") from None
+
+    return read
+
+
+def _check_key(key: object, limit: int) -> str:
+    check_text(key, "key", limit)
+    if key == _FORBIDDEN_KEY:
+        raise PresenceValueError(
+            "key '__proto__' cannot be used: Supabase's JavaScript client silently drops it"
+        )
+    return key  # type: ignore[return-value]
+
+
+_ID_TYPES: Final = frozenset((str, int))
+
+
+def _conn_ids_only(conns: Iterable[ConnId]) -> Sequence[ConnId]:
+    """``conns`` without the items no connection can have as its id (bools, floats...).
+
+    Those would find an int id they compare equal to.  Every item is still hashed, so an
+    unhashable one raises TypeError as the table would.
+    """
+    ids = conns if type(conns) is list or type(conns) is tuple else builtins.list(conns)
+    if set(map(type, ids)) <= _ID_TYPES:
+        return ids
+    kept = []
+    for conn in ids:
+        if is_conn_id(conn):
+            kept.append(conn)
+        else:
+            hash(conn)
+    return kept
+
+
+class Tracker:
+    """Presence for one process: track, list, diff, expire, and per-user status.
+
+    Args:
+        connection_ttl: Seconds a connection stays alive without a heartbeat (default 60; a
+            Phoenix or Supabase client heartbeats every 25-30 s).
+        max_connections: Capacity of the connection table.  A new connection beyond it evicts
+            the least recently active one, with leaves for its presences (counted in
+            ``evictions`` and reported to ``on_evict``).
+        plans: Limits by plan name.  Default: one plan, ``"default"``, with `Limits()`.
+        default_plan: The plan of connections registered without one.
+        clock: Seconds, used whenever a call's ``now`` is omitted (default `time.monotonic`;
+            use `time.time` when last-seen times must mean something to other processes).
+        metrics: Where counters, gauges and latencies go (default: a new `Metrics`).
+        transports: Hooks that receive every topic's events (see `add_transport`).
+        scalers: Policies consulted by `run_scalers`.
+        last_seen_capacity: Users whose last-seen time is remembered after they leave (LRU).
+        last_seen_ttl: Seconds a last-seen time is remembered (default 30 days).
+        record_last_seen_changes: Keep the last-seen table's change list for a store to drain
+            with `drain_last_seen`; off by default, because undrained changes accumulate.
+        node: The prefix of every ref this Tracker makes ([A-Za-z0-9_-], up to 32 characters).
+            Default: 8 random characters, so refs are unique across processes.
+        on_evict: Called with the id of each connection evicted for capacity, so the host can
+            close it; called once the call that evicted it has finished, so it may call back
+            into the Tracker.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_conns",
+        "_counts",
+        "_default_limits",
+        "_default_plan",
+        "_delivery",
+        "_int_ids",
+        "_limit_hits",
+        "_metrics",
+        "_n_heartbeat",
+        "_node",
+        "_on_evict",
+        "_plans",
+        "_read_key_limit",
+        "_read_topic_limit",
+        "_refs",
+        "_scalers",
+        "_seen",
+        "_seen_ttl",
+        "_state",
+        "_synced",
+        "_touch",
+        "_touch_many",
+        "_ttl",
+        "_upsert",
+    )
+
+    def __init__(
+        self,
+        *,
+        connection_ttl: float = 60.0,
+        max_connections: int = 1_000_000,
+        plans: Mapping[str, Limits] | None = None,
+        default_plan: str = DEFAULT_PLAN,
+        clock: Callable[[], float] | None = None,
+        metrics: MetricsSink | None = None,
+        transports: Iterable[Transport] = (),
+        scalers: Iterable[Scaler] = (),
+        last_seen_capacity: int = 100_000,
+        last_seen_ttl: float = 30 * 86400.0,
+        record_last_seen_changes: bool = False,
+        node: str | None = None,
+        on_evict: Callable[[ConnId], object] | None = None,
+    ) -> None:
+        self._ttl = check_seconds(connection_ttl, "connection_ttl")
+        check_int(max_connections, "max_connections", low=1, high=MAX_CAPACITY)
+        check_int(last_seen_capacity, "last_seen_capacity", low=1, high=MAX_CAPACITY)
+        if not isinstance(default_plan, str):
+            raise PresenceTypeError(f"default_plan must be a str, not {type_name(default_plan)}")
+        if plans is None:
+            plans = {default_plan: Limits()}
+        if not isinstance(plans, Mapping):
+            raise PresenceTypeError(f"plans must be a mapping, not {type_name(plans)}")
+        for name, limits in plans.items():
+            if not isinstance(name, str) or not isinstance(limits, Limits):
+                raise PresenceTypeError(
+                    f"plans must map str names to Limits, got {name!r}: {type_name(limits)}"
+                )
+        if default_plan not in plans:
+            raise UnknownPlan(f"default_plan {default_plan!r} is not one of {sorted(plans)}")
+        self._plans: Mapping[str, Limits] = MappingProxyType(dict(plans))
+        self._default_plan = default_plan
+        self._default_limits = self._plans[default_plan]
+        # Reads and leaves are not tied to a plan: accept anything some plan allows.
+        self._read_key_limit = max(limits.max_key_length for limits in self._plans.values())
+        self._read_topic_limit = max(limits.max_topic_length for limits in self._plans.values())
+        if clock is not None:
+            check_callable(clock, "clock")
+        # time.monotonic needs no checking; any other clock's readings are checked.
+        self._clock: Callable[[], float] = (
+            time.monotonic if clock is None else _checked_clock(clock)
+        )
+        self._seen_ttl = check_seconds(last_seen_ttl, "last_seen_ttl")
+        if node is None:
+            node = secrets.token_urlsafe(6)
+        elif not isinstance(node, str) or not _NODE_PATTERN.fullmatch(node):
+            raise PresenceValueError(f"node must match [A-Za-z0-9_-]{{1,32}}, got {node!r}")
+        self._node = node.encode("ascii") + b"."
+        self._refs = count(1)
+        if on_evict is not None:
+            check_callable(on_evict, "on_evict")
+        self._on_evict = on_evict
+        self._state = PresenceState()
+        self._delivery = Delivery(self._state)
+        for transport in transports:
+            check_callable(transport, "a transport")
+            self._delivery.transports += (new_hook(transport, False),)
+        self._scalers: tuple[Scaler, ...] = ()
+        for scaler in scalers:
+            check_callable(scaler, "a scaler")
+            self._scalers += (scaler,)
+        if metrics is None:
+            metrics = Metrics(clock=self._clock)
+        for method in ("inc", "set", "observe"):
+            if not callable(getattr(metrics, method, None)):
+                raise PresenceTypeError(f"metrics must have an {method}() method (MetricsSink)")
+        self._metrics = metrics
+        # With the default clock the tables read CLOCK_MONOTONIC natively (same as
+        # time.monotonic), which spares a Python call on every heartbeat without `now`.
+        table_clock = clock
+        self._conns: PresenceTable[ConnId, ConnRecord] = PresenceTable(
+            max_connections, clock=table_clock, track_dirty=False
+        )
+        # Bound once: a heartbeat is then one attribute read and one native call.
+        self._touch = self._conns.touch
+        self._touch_many = self._conns.touch_many
+        self._upsert = self._conns.upsert
+        # Last-seen times change rarely and live long, so a one-second tick keeps the wheel idle.
+        self._seen: PresenceTable[str, float] = PresenceTable(
+            last_seen_capacity, tick=1.0, clock=table_clock, track_dirty=record_last_seen_changes
+        )
+        self._counts = [0] * len(_COUNTERS)
+        self._synced = [0] * len(_COUNTERS)
+        self._limit_hits: dict[str, list[int]] = {}  # limit -> [count, synced]
+        self._n_heartbeat = 0  # separate from _counts: the heartbeat path is the hottest
+        # Whether any connection id is an int: only then can a bool or float (True == 1,
+        # 1.0 == 1) passed to heartbeat_many find a connection it does not name.
+        self._int_ids = False
+
+    # -- configuration -----------------------------------------------------------------------
+
+    @property
+    def plans(self) -> Mapping[str, Limits]:
+        """The configured plans (read-only)."""
+        return self._plans
+
+    @property
+    def metrics(self) -> MetricsSink:
+        """The metrics sink this Tracker reports to."""
+        return self._metrics
+
+    @property
+    def node(self) -> str:
+        """The prefix of this Tracker's refs."""
+        return self._node[:-1].decode("ascii")
+
+    @property
+    def connection_ttl(self) -> float:
+        """Seconds a connection registered without its own TTL lives without a heartbeat."""
+        return self._ttl
+
+    def _now(self, now: object) -> float:
+        return self._clock() if now is None else _check_now(now)
+
+    def _new_ref(self) -> bytes:
+        return self._node + b"%x" % next(self._refs)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def connect(
+        self,
+        conn: ConnId,
+        *,
+        plan: str | None = None,
+        ttl: float | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Register ``conn`` (or change its plan or TTL); returns True if it was new.
+
+        Registering is optional: `track` registers an unknown connection with the default plan
+        and TTL.  Call `connect` first to give a connection another plan.  Changing the plan of
+        a live connection applies to its later calls; presences it already holds stay.
+        """
+        now_s = self._now(now)
+        check_conn_id(conn)
+        if plan is not None and not isinstance(plan, str):
+            raise PresenceTypeError(f"plan must be a str, not {type_name(plan)}")
+        if plan is not None and plan not in self._plans:
+            raise UnknownPlan(f"unknown plan {plan!r}; configured plans: {sorted(self._plans)}")
+        ttl_s = None if ttl is None else check_seconds(ttl, "ttl")
+        rec = self._conns.get(conn)
+        if rec is not None:
+            new_plan = rec[C_PLAN] if plan is None else plan
+            new_ttl = rec[C_TTL] if ttl_s is None else ttl_s
+            self._upsert(
+                conn, (conn, new_plan, new_ttl, rec[C_PRESENCES], rec[C_TAT]), new_ttl, now_s
+            )
+            return False
+        record = (
+            conn,
+            self._default_plan if plan is None else plan,
+            self._ttl if ttl_s is None else ttl_s,
+            (),
+            _NEG_INF,
+        )
+        evicted = self._insert_conn(record, now_s)
+        if evicted:
+            self._notify_evicted(evicted)
+        return True
+
+    def _insert_conn(self, rec: ConnRecord, now: float) -> builtins.list[ConnId] | None:
+        """Add a new connection; returns the ids evicted to make room, for `_notify_evicted`.
+
+        The caller finishes its own change before it calls ``on_evict``, which may call back
+        into the Tracker.
+        """
+        conns = self._conns
+        full = len(conns) >= conns.capacity
+        conn = rec[0]
+        self._upsert(conn, rec, rec[C_TTL], now)
+        if type(conn) is not str:
+            self._int_ids = True
+        if not full:
+            return None
+        ids: builtins.list[ConnId] = []
+        for conn_id, evicted in conns.drain_evicted():
+            self._drop_conn(evicted, now, now)
+            self._counts[_EVICTIONS] += 1
+            ids.append(conn_id)
+        return ids
+
+    def _notify_evicted(self, ids: builtins.list[ConnId]) -> None:
+        on_evict = self._on_evict
+        if on_evict is None:
+            return
+        for conn_id in ids:
+            try:
+                on_evict(conn_id)
+            except Exception:
+                self._counts[_HOOK_ERRORS] += 1
+                logger.exception("on_evict callback failed for %r", conn_id)
+
+    def heartbeat(self, conn: ConnId, *, now: float | None = None) -> bool:
+        """Keep ``conn`` and all its presences alive for another TTL; False if it is unknown.
+
+        One native table touch: no per-presence work, however many topics the connection is in.
+        An id of the wrong type is simply unknown (no connection can have it), even one that
+        compares equal to a connection's int id (``True``, ``1.0``).
+        """
+        if type(conn) is str or type(conn) is int or is_conn_id(conn):
+            live = self._touch(conn, None, now)
+        else:
+            try:
+                hash(conn)
+            except TypeError:  # a caller's bug, not an unknown connection
+                raise PresenceTypeError(
+                    f"connection id must be a str or an int, not {type_name(conn)}"
+                ) from None
+            if now is not None:
+                _check_now(now)
+            return False
+        if live:
+            self._n_heartbeat += 1
+        return live
+
+    def heartbeat_many(self, conns: Iterable[ConnId], *, now: float | None = None) -> int:
+        """`heartbeat` every connection in ``conns`` in one native call; returns how many live."""
+        if isinstance(conns, (str, bytes, bytearray)):
+            raise PresenceTypeError(
+                f"conns must be an iterable of connection ids, not a single {type_name(conns)}"
+            )
+        try:
+            if self._int_ids:
+                conns = _conn_ids_only(conns)
+            touched = self._touch_many(conns, None, now)
+        except PresenceTypeError:
+            raise
+        except TypeError:  # an unhashable item, or not an iterable at all
+            raise PresenceTypeError(
+                "conns must be an iterable of connection ids (str or int)"
+            ) from None
+        self._n_heartbeat += touched
+        return touched
+
+    def disconnect(self, conn: ConnId, *, now: float | None = None) -> int:
+        """Forget ``conn``: every presence it holds leaves.  Returns how many presences left."""
+        now_s = self._now(now)
+        check_conn_id(conn)
+        rec = self._conns.pop(conn)
+        if rec is None:
+            return 0
+        self._counts[_DISCONNECT] += 1
+        return self._drop_conn(rec, now_s, now_s)
+
+    def expire(self, *, now: float | None = None) -> builtins.list[ConnId]:
+        """Drop every connection whose TTL ran out; returns their ids.
+
+        Their presences leave (delivered at the next `flush`).  The last-seen time of a user who
+        goes offline this way is the connection's deadline minus its TTL, i.e. its last sign
+        of life, to the resolution of the calls to `expire`.
+        """
+        now_s = self._now(now)
+        expired = self._conns.expire(now_s)
+        ids: builtins.list[ConnId] = []
+        removed = 0
+        for conn_id, rec in expired:
+            removed += self._drop_conn(rec, now_s - rec[C_TTL], now_s)
+            ids.append(conn_id)
+        self._counts[_EXPIRIES] += removed
+        self._counts[_CONN_EXPIRIES] += len(ids)
+        self._seen.expire(now_s)
+        return ids
+
+    def tick(self, *, now: float | None = None) -> builtins.list[ConnId]:
+        """`expire` then `flush`: what a host calls every 10-100 ms.  Returns expired ids.
+
+        The ids are the host's to close sockets with, so nothing after the expiry may lose
+        them: a hook or metrics sink that fails in the flush is logged and counted.  Only a
+        `BaseException` that is not an `Exception` propagates, and the deliveries it
+        interrupted are finished by the next flush.
+        """
+        expired = self.expire(now=now)
+        self.flush()
+        return expired
+
+    def _drop_conn(self, rec: ConnRecord, seen_at: float, now: float) -> int:
+        presences = rec[C_PRESENCES]
+        remove = self._state.remove
+        for p in presences:
+            remove(p)
+        conn = rec[0]
+        for key in {p[KEY] for p in presences}:
+            self._release(key, conn, seen_at, now)
+        return len(presences)
+
+    def _release(self, key: str, conn: ConnId, seen_at: float, now: float) -> None:
+        """``conn`` holds no presence as ``key`` any more: remember when the user was seen."""
+        if self._state.release(key, conn):
+            seen = self._seen
+            full = len(seen) >= seen.capacity
+            seen.upsert(key, seen_at, self._seen_ttl, now)
+            if full:
+                self._counts[_SEEN_EVICTIONS] += len(seen.drain_evicted())
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def track(
+        self, conn: ConnId, topic: str, key: str, meta: dict[str, Any], *, now: float | None = None
+    ) -> str:
+        """Make ``conn`` present as ``key`` in ``topic`` with ``meta``; returns the ref.
+
+        Tracking the same (conn, topic, key) again with an equal meta changes nothing and
+        returns the existing ref; with a different meta it is an `update`.  An unknown
+        connection is registered with the default plan.  The meta is stored as JSON (orjson),
+        so what `list` returns is its JSON round trip: tuples come back as lists, datetimes as
+        strings.
+
+        Raises:
+            PresenceTypeError, PresenceValueError: bad argument types or values.
+            InvalidMeta, MetaTooLarge: the meta cannot be stored.
+            QuotaExceeded, RateLimited: the connection's plan refuses the call.
+        """
+        now_s = self._clock() if now is None else _check_now(now)
+        # The checks are written out for the common case (plain ASCII str within limits) so a
+        # valid call costs no function calls; anything else goes to the checker, which raises
+        # with the precise message or accepts (non-ASCII text, int connection ids).
+        if (
+            type(conn) is not str
+            or not 0 < len(conn) <= MAX_CONNECTION_ID_LENGTH
+            or not conn.isascii()
+        ):
+            check_conn_id(conn)
+        rec: ConnRecord | None = self._conns.get(conn)
+        limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
+        if (
+            type(topic) is not str
+            or not 0 < len(topic) <= limits.max_topic_length
+            or not topic.isascii()
+        ):
+            check_text(topic, "topic", limits.max_topic_length)
+        if (
+            type(key) is not str
+            or not 0 < len(key) <= limits.max_key_length
+            or not key.isascii()
+            or key == _FORBIDDEN_KEY
+        ):
+            _check_key(key, limits.max_key_length)
+        blob = encode_meta(meta, limits)
+        old = None
+        shares_key = False  # whether this connection already holds `key` in another topic
+        if rec is None:
+            tat = admit(limits, _NEG_INF, now_s, conn)
+        else:
+            for p in rec[C_PRESENCES]:
+                if p[KEY] == key:
+                    if p[TOPIC] == topic:
+                        old = p
+                        break
+                    shares_key = True
+            tat = self._admit(rec, limits, now_s)
+            if old is not None:
+                self._counts[_TRACK] += 1
+                return self._rewrite(rec, old, blob, tat, now_s)
+            self._check_connection_quotas(rec, topic, limits)
+        state = self._state
+        t = state.topics.get(topic)
+        held = None if t is None else t.keys.get(key)
+        if (
+            held is not None
+            and (1 if type(held) is tuple else len(held)) >= limits.max_metas_per_key
+        ):
+            self._refuse(conn, "max_metas_per_key", limits.max_metas_per_key)
+        # Every check passed: from here on the call changes state and cannot fail.
+        evicted = None
+        if rec is None:
+            rec = (conn, self._default_plan, self._ttl, (), tat)
+            evicted = self._insert_conn(rec, now_s)
+            if evicted and t is not None:
+                held = t.keys.get(key)  # a connection evicted for room may have held it
+        if t is None:
+            t = state.topic(topic)
+        self._counts[_TRACK] += 1
+        ref = self._node + b"%x" % next(self._refs)
+        p = state.add(t, key, held, stored(ref, blob), conn)
+        if not shares_key:
+            state.hold(key, conn)
+        ttl = rec[C_TTL]
+        self._upsert(conn, (conn, rec[C_PLAN], ttl, (*rec[C_PRESENCES], p), tat), ttl, now_s)
+        if evicted:
+            self._notify_evicted(evicted)  # last: on_evict may call back into the Tracker
+        return ref.decode()
+
+    def update(
+        self, conn: ConnId, topic: str, key: str, meta: dict[str, Any], *, now: float | None = None
+    ) -> str:
+        """Replace the meta of ``conn``'s presence as ``key`` in ``topic``; returns the new ref.
+
+        Subscribers get one diff: the new meta in joins (with ``phx_ref_prev`` naming the old
+        ref) and the old meta in leaves.  An equal meta changes nothing and returns the current
+        ref.
+
+        Raises:
+            NotTracked: there is no such presence.
+            and the errors of `track`.
+        """
+        now_s = self._clock() if now is None else _check_now(now)
+        check_conn_id(conn)
+        rec: ConnRecord | None = self._conns.get(conn)
+        limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
+        check_text(topic, "topic", limits.max_topic_length)
+        _check_key(key, limits.max_key_length)
+        blob = encode_meta(meta, limits)
+        old = None
+        if rec is not None:
+            for p in rec[C_PRESENCES]:
+                if p[KEY] == key and p[TOPIC] == topic:
+                    old = p
+                    break
+        if rec is None or old is None:
+            raise NotTracked(f"connection {conn!r} has no presence as {key!r} in {topic!r}")
+        tat = self._admit(rec, limits, now_s)
+        self._counts[_UPDATE] += 1
+        return self._rewrite(rec, old, blob, tat, now_s)
+
+    def _rewrite(self, rec: ConnRecord, old: Presence, blob: bytes, tat: float, now: float) -> str:
+        """Give ``old`` the meta encoded as ``blob`` (a new ref, unless it is the same meta)."""
+        conn, plan, ttl, presences, _ = rec
+        ref = ref_of(old[DATA])
+        if not same_meta(old[DATA], ref, blob):
+            ref = self._new_ref()
+            new = self._state.replace(old, stored(ref, blob))
+            i = presences.index(old)
+            presences = (*presences[:i], new, *presences[i + 1 :])
+        self._upsert(conn, (conn, plan, ttl, presences, tat), ttl, now)
+        return ref.decode()
+
+    def untrack(
+        self, conn: ConnId, topic: str, key: str | None = None, *, now: float | None = None
+    ) -> int:
+        """Remove ``conn``'s presence(s) in ``topic`` (only as ``key`` if given).
+
+        Returns how many presences left; 0 for an unknown connection or topic.  Never rate
+        limited: leaving must always be possible, so topic and key are checked against the most
+        permissive plan, not the connection's own (which may have shrunk since it tracked).
+        """
+        now_s = self._now(now)
+        check_conn_id(conn)
+        check_text(topic, "topic", self._read_topic_limit)
+        if key is not None:
+            check_text(key, "key", self._read_key_limit)
+        rec: ConnRecord | None = self._conns.get(conn)
+        if rec is None:
+            return 0
+        self._counts[_UNTRACK] += 1
+        presences = rec[C_PRESENCES]
+        gone = [p for p in presences if p[TOPIC] == topic and (key is None or p[KEY] == key)]
+        if not gone:
+            self._touch(conn, None, now_s)
+            return 0
+        kept = tuple(p for p in presences if not (p[TOPIC] == topic and p in gone))
+        ttl = rec[C_TTL]
+        self._upsert(conn, (conn, rec[C_PLAN], ttl, kept, rec[C_TAT]), ttl, now_s)
+        for p in gone:
+            self._state.remove(p)
+        for left_key in {p[KEY] for p in gone}:
+            if not any(p[KEY] == left_key for p in kept):
+                self._release(left_key, conn, now_s, now_s)
+        return len(gone)
+
+    def _admit(self, rec: ConnRecord, limits: Limits, now: float) -> float:
+        """Spend one write of ``rec``'s token bucket, or count the refusal and raise it."""
+        try:
+            return admit(limits, rec[C_TAT], now, rec[0])
+        except RateLimited:
+            self._limit_hit("rate_per_second")
+            raise
+
+    def _check_connection_quotas(self, rec: ConnRecord, topic: str, limits: Limits) -> None:
+        presences = rec[C_PRESENCES]
+        if len(presences) >= limits.max_presences_per_connection:
+            self._refuse(
+                rec[0], "max_presences_per_connection", limits.max_presences_per_connection
+            )
+        # Counting distinct topics costs a set, so only when the count could reach the quota.
+        if len(presences) >= limits.max_topics_per_connection:
+            topics = {p[TOPIC] for p in presences}
+            if topic not in topics and len(topics) >= limits.max_topics_per_connection:
+                self._refuse(rec[0], "max_topics_per_connection", limits.max_topics_per_connection)
+
+    def _refuse(self, conn: ConnId, limit: str, value: int) -> NoReturn:
+        self._limit_hit(limit)
+        raise QuotaExceeded(conn, limit, value)
+
+    def _limit_hit(self, limit: str) -> None:
+        hits = self._limit_hits.get(limit)
+        if hits is None:
+            hits = self._limit_hits[limit] = [0, 0]
+        hits[0] += 1
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _topic_of(self, topic: object) -> Topic | None:
+        return self._state.topics.get(check_text(topic, "topic", self._read_topic_limit))
+
+    def count(self, topic: str, *, metas: bool = False) -> int:
+        """Keys present in ``topic`` (or, with ``metas=True``, presences).  O(1)."""
+        t = self._topic_of(topic)
+        if t is None:
+            return 0
+        return t.metas if metas else len(t.keys)
+
+    def totals(self) -> Totals:
+        """Presences, connections, topics with a presence, and distinct keys.  O(1)."""
+        state = self._state
+        return Totals(state.n_presences, len(self._conns), state.n_topics, len(state.users))
+
+    def list(self, topic: str) -> dict[str, Any]:
+        """``topic``'s presences now, in the ``presence_state`` shape.
+
+        ``{key: {"metas": [{"phx_ref": ref, ...meta}, ...]}}`` with each key's metas in the
+        order they were tracked (an update moves a meta to the end).  A new structure on every
+        call: mutate it freely.  This includes changes not flushed yet; to start a new
+        subscriber, use `initial_state`.  For a huge topic, prefer `page` or `count`.
+        """
+        t = self._topic_of(topic)
+        if t is None or not t.keys:
+            return {}
+        return _loads(state_json((key, datas_of(held)) for key, held in t.keys.items()))  # type: ignore[no-any-return]
+
+    def initial_state(self, topic: str) -> dict[str, Any]:
+        """The ``presence_state`` to send a subscriber that starts following ``topic`` now.
+
+        This is the state the next ``presence_diff`` applies to exactly (unflushed joins left
+        out, unflushed leaves still in), so it never joins a ref twice or leaves a key the
+        subscriber does not hold.  Called from a hook during a flush, it also accounts for the
+        diffs that flush has yet to deliver (see `presence_core.tracker.delivery`).
+        """
+        return _loads(self.initial_state_json(topic))  # type: ignore[no-any-return]
+
+    def initial_state_json(self, topic: str) -> bytes:
+        """`initial_state` as JSON bytes, for a transport that writes frames without parsing."""
+        t = self._topic_of(topic)
+        if t is None:
+            return b"{}"
+        return self._delivery.state_json(t)
+
+    def page(
+        self, topic: str, cursor: str | None = None, *, limit: int = 1000
+    ) -> tuple[dict[str, Any], str | None]:
+        """Up to ``limit`` keys of ``topic`` in key order, after ``cursor``: ``(state, next)``.
+
+        ``state`` has the `list` shape; ``next`` is the cursor for the following page, or None
+        after the last one.  Start with ``cursor=None``.  Every key present for the whole
+        walk is returned exactly once; keys that join or leave during it may or may not be.
+        Costs O(limit + log n) per page: the topic is never copied (a topic over 1,024 keys
+        gets a sorted key index the first time it is paged, maintained from then on).
+        """
+        t = self._topic_of(topic)
+        if cursor is not None and not isinstance(cursor, str):
+            raise PresenceTypeError(f"cursor must be a str or None, not {type_name(cursor)}")
+        check_int(limit, "limit", low=1)
+        if t is None or not t.keys:
+            return {}, None
+        keys = t.keys
+        chosen: builtins.list[str]
+        if t.index is not None or len(keys) > INDEX_THRESHOLD:
+            index = t.sorted_keys()
+            after = index.irange(minimum=cursor, inclusive=(False, False)) if cursor else index
+            chosen = builtins.list(islice(after, limit + 1))
+        else:
+            candidates = keys if cursor is None else [k for k in keys if k > cursor]
+            chosen = sorted(candidates)[: limit + 1]
+        more = len(chosen) > limit
+        chosen = chosen[:limit]
+        state = _loads(state_json((key, datas_of(keys[key])) for key in chosen))
+        return state, (chosen[-1] if more else None)
+
+    def connection_presences(self, conn: ConnId) -> builtins.list[tuple[str, str, str]]:
+        """``(topic, key, ref)`` of every presence ``conn`` holds; empty if it is unknown."""
+        check_conn_id(conn)
+        rec = self._conns.get(conn)
+        if rec is None:
+            return []
+        return [(p[TOPIC], p[KEY], ref_of(p[DATA]).decode()) for p in rec[C_PRESENCES]]
+
+    def connected(self, conn: ConnId) -> bool:
+        """Whether ``conn`` is a live connection."""
+        return check_conn_id(conn) in self._conns
+
+    # -- users -------------------------------------------------------------------------------
+
+    def user(self, key: str, *, now: float | None = None) -> UserStatus:
+        """``key``'s status across every topic and connection (see `UserStatus` for the rule)."""
+        check_text(key, "key", self._read_key_limit)
+        self._check_now_arg(now)
+        status = self._user(key)
+        self._counts[_STATUS_READS] += 1
+        if status.last_seen is not None:
+            self._counts[_STATUS_HITS] += 1
+        return status
+
+    def users(self, keys: Iterable[str], *, now: float | None = None) -> dict[str, UserStatus]:
+        """`user` for many keys at once (a team view: 10-500), in the order given."""
+        if isinstance(keys, (str, bytes, bytearray)):
+            raise PresenceTypeError(f"keys must be an iterable of str, not a {type_name(keys)}")
+        try:
+            items = iter(keys)
+        except TypeError:
+            raise PresenceTypeError(
+                f"keys must be an iterable of str, not {type_name(keys)}"
+            ) from None
+        # One more than allowed is enough to refuse: an endless iterable must not hang.
+        wanted = builtins.list(islice(items, _MAX_BULK_KEYS + 1))
+        if len(wanted) > _MAX_BULK_KEYS:
+            raise PresenceValueError(
+                f"users() takes at most {_MAX_BULK_KEYS} keys per call, got {len(wanted)}"
+            )
+        limit = self._read_key_limit
+        for key in wanted:
+            check_text(key, "key", limit)
+        self._check_now_arg(now)
+        out = {key: self._user(key) for key in wanted}
+        self._counts[_STATUS_READS] += len(out)
+        self._counts[_STATUS_HITS] += sum(
+            1 for status in out.values() if status.last_seen is not None
+        )
+        return out
+
+    def _check_now_arg(self, now: object) -> None:
+        # Reads take `now` for symmetry (a Redis tier will age cached answers by it).
+        if now is not None:
+            _check_now(now)
+
+    def _user(self, key: str) -> UserStatus:
+        holders = self._state.holders(key)
+        if not holders:
+            return UserStatus(key, OFFLINE, last_seen=self._seen.get(key))
+        conns = self._conns
+        presences: builtins.list[Presence] = []
+        last_active = _NEG_INF
+        for conn in holders:
+            rec = cast(ConnRecord, conns.get(conn))  # a holder is always live
+            presences.extend(p for p in rec[C_PRESENCES] if p[KEY] == key)
+            last_active = max(last_active, conns.deadline(conn, _NEG_INF) - rec[C_TTL])
+        return derive_status(key, presences, len(holders), last_active)
+
+    def last_seen(self, key: str) -> float | None:
+        """When ``key`` was last seen: now-ish while online, else when it went offline.
+
+        None if the user was never seen or has been forgotten (LRU capacity or TTL).
+        """
+        check_text(key, "key", self._read_key_limit)
+        return self._user(key).last_seen
+
+    def drain_last_seen(self, limit: int | None = None) -> builtins.list[tuple[str, Any]]:
+        """Changed last-seen entries since the last drain, for a store to persist.
+
+        ``(key, seconds)`` or ``(key, TOMBSTONE)``.  Needs ``record_last_seen_changes=True``;
+        otherwise always empty.
+        """
+        return self._seen.drain_dirty(limit)
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        topic: str,
+        callback: Transport | RawTransport,
+        *,
+        send_state: bool = True,
+        raw: bool = False,
+    ) -> Callable[[], None]:
+        """Deliver ``topic``'s diffs to ``callback(topic, event, payload)``; returns unsubscribe.
+
+        With ``send_state`` (the default) the callback first gets ``presence_state`` with
+        `initial_state`, now, so the diffs that follow apply to it exactly.  Each delivery is
+        the callback's own copy.  With ``raw=True`` the payload is the JSON encoding as
+        ``bytes`` instead: immutable, so every raw hook shares one object and a fan-out to
+        thousands of sockets costs one call each, no copy.  The returned function is
+        idempotent; once it has returned, the callback gets nothing more, even from a flush
+        under way.  If the callback raises on the state, it is not subscribed and the error
+        propagates.  Subscribing and unsubscribing cost O(1) however many subscribers a topic
+        has.
+        """
+        check_text(topic, "topic", self._read_topic_limit)
+        check_callable(callback, "callback")
+        state = self._state
+        t = state.topic(topic)
+        subscribers = t.subscribers
+        if subscribers is None:
+            subscribers = t.subscribers = {}
+        entry = new_hook(callback, raw)
+        token = id(entry)  # unique while the entry lives, and the closure keeps it alive
+        subscribers[token] = entry
+        t.hooks = None
+
+        def unsubscribe() -> None:
+            if not disable_hook(entry):
+                return
+            del subscribers[token]
+            t.hooks = None
+            state.prune(t)
+
+        if send_state:
+            blob = self._delivery.state_json(t, callback)
+            try:
+                callback(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
+            except BaseException:
+                unsubscribe()
+                raise
+        return unsubscribe
+
+    def add_transport(
+        self, transport: Transport | RawTransport, *, raw: bool = False
+    ) -> Callable[[], None]:
+        """Deliver every topic's diffs to ``transport``; returns a function that removes it.
+
+        A transport follows all topics, so the host sends each new client its starting state
+        itself, with `send_state` (or `initial_state`).  ``raw`` as in `subscribe`.
+        """
+        check_callable(transport, "transport")
+        entry = new_hook(transport, raw)
+        delivery = self._delivery
+        delivery.transports += (entry,)
+
+        def remove() -> None:
+            if disable_hook(entry):
+                delivery.transports = tuple(h for h in delivery.transports if h is not entry)
+
+        return remove
+
+    def add_feed_reader(self, reader: FeedReader) -> Callable[[], None]:
+        """Give ``reader`` every batch of the change feed; returns a function that removes it.
+
+        At each `flush`, before any subscriber or transport, ``reader(batch)`` gets a sequence
+        of `presence_core.tracker.TopicChanges`: every presence that joined or left since the
+        last flush, coalesced (a presence that joined and left in between is in neither),
+        whether or not anyone listens to the topic locally.  This is how the Redis store sees
+        every change.  The batch is read-only and only valid during the call: a reader copies
+        what it keeps and must not block (hand the work to another task).  A reader that
+        raises is logged and counted (``hook_errors``).
+        """
+        check_callable(reader, "reader")
+        entry = new_hook(reader, True)
+        delivery = self._delivery
+        delivery.readers += (entry,)
+
+        def remove() -> None:
+            if disable_hook(entry):
+                delivery.readers = tuple(h for h in delivery.readers if h is not entry)
+
+        return remove
+
+    def send_state(
+        self, topic: str, transport: Transport | RawTransport, *, raw: bool = False
+    ) -> None:
+        """Send ``transport`` the ``presence_state`` of ``topic`` for a client starting now.
+
+        Called from inside a flush for a transport that has yet to receive the diff under way,
+        the state leaves that diff out, so the client gets it exactly once.
+        """
+        check_callable(transport, "transport")
+        t = self._topic_of(topic)
+        blob = b"{}" if t is None else self._delivery.state_json(t, transport)
+        transport(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
+
+    def pending(self) -> int:
+        """Topics with changes not delivered yet (waiting for the next `flush`)."""
+        return self._delivery.pending()
+
+    def flush(self) -> int:
+        """Deliver each changed topic's coalesced ``presence_diff``; returns how many topics.
+
+        The feed readers get the whole batch first.  Then every subscriber of the topic and
+        every transport gets its own copy (raw hooks share the immutable JSON bytes); topics
+        nobody hears are not encoded.  A hook that raises an `Exception` is logged and counted
+        (``hook_errors``) and the others still get theirs.  Any other `BaseException`
+        propagates, and the next flush first finishes the deliveries it interrupted.  Changes
+        made by hooks while they run go out with the next flush, and so do those of a `flush`
+        called by a hook (itself or through `tick`): it returns 0 at once, because delivering
+        then would hand the hooks not yet called the newer diff before the one under way.  A
+        hook removed during the flush is not called after its removal.  The time from this
+        call to each topic's last delivery is recorded in ``diff_propagation_seconds``.
+        """
+        try:
+            return self._delivery.flush()
+        finally:
+            self.sync_metrics()
+
+    # -- metrics and scaling -----------------------------------------------------------------
+
+    def sync_metrics(self) -> None:
+        """Publish counters and gauges to the metrics sink (`flush` does it every time).
+
+        Never raises: a sink that fails is logged and counted (``hook_errors``), and what it
+        did not take is published at the next call.
+        """
+        try:
+            self._publish()
+        except Exception:
+            self._counts[_HOOK_ERRORS] += 1
+            logger.exception("metrics sink %r failed", self._metrics)
+
+    def _publish(self) -> None:
+        sink = self._metrics
+        counts, synced = self._counts, self._synced
+        delivery = self._delivery
+        counts[_HEARTBEAT] = self._n_heartbeat
+        counts[_HOOK_ERRORS] += delivery.hook_errors
+        delivery.hook_errors = 0
+        latencies, delivery.latencies = delivery.latencies, []
+        for latency in latencies:
+            sink.observe(DIFF_PROPAGATION_SECONDS, latency)
+        for i, (metric, labels) in enumerate(_COUNTERS):
+            delta = counts[i] - synced[i]
+            if delta:
+                sink.inc(metric, delta, labels)
+                synced[i] = counts[i]
+        for limit, hits in self._limit_hits.items():
+            delta = hits[0] - hits[1]
+            if delta:
+                sink.inc(LIMIT_HITS, delta, (limit,))
+                hits[1] = hits[0]
+        state = self._state
+        sink.set(PRESENCES, state.n_presences)
+        sink.set(CONNECTIONS, len(self._conns))
+        sink.set(TOPICS, state.n_topics)
+        sink.set(PENDING_CHANGES, delivery.pending())
+
+    def memory_estimate(self) -> int:
+        """Approximate bytes held for presences, connections and topics (for scalers).
+
+        Counted from sizes that are known exactly (the encoded metas) plus fixed per-object
+        costs measured on CPython 3.11; it is an estimate, not a walk of the heap.
+        """
+        state = self._state
+        return (
+            state.data_bytes
+            + state.n_presences * 150  # bytes header, tuple, dict slots
+            + len(self._conns) * 150  # record tuple, table entry and index
+            + len(state.users) * 40
+            + len(state.topics) * 250
+        )
+
+    def load_sample(
+        self,
+        *,
+        now: float | None = None,
+        wall_time: datetime | None = None,
+        memory_bytes: int | None = None,
+    ) -> LoadSample:
+        """A `LoadSample` of this process for a scaler.
+
+        ``wall_time`` defaults to the current UTC time; ``memory_bytes`` to `memory_estimate`
+        (pass the process RSS instead if your thresholds are written for it).  Ops per second
+        and diff latency quantiles need the built-in `Metrics`; with another sink they read 0.
+        """
+        now_s = self._now(now)
+        if wall_time is None:
+            wall_time = datetime.now(UTC)
+        elif not isinstance(wall_time, datetime):
+            raise PresenceTypeError(f"wall_time must be a datetime, not {type_name(wall_time)}")
+        if memory_bytes is not None:
+            check_int(memory_bytes, "memory_bytes", low=0)
+        self.sync_metrics()
+        memory = self.memory_estimate() if memory_bytes is None else memory_bytes
+        metrics = self._metrics
+        if isinstance(metrics, Metrics):
+            return metrics.load_sample(at=now_s, wall_time=wall_time, memory_bytes=memory)
+        totals = self.totals()
+        return LoadSample(
+            at=now_s,
+            wall_time=wall_time,
+            presences=totals.presences,
+            connections=totals.connections,
+            topics=totals.topics,
+            memory_bytes=memory,
+        )
+
+    def add_scaler(self, scaler: Scaler) -> None:
+        """Consult ``scaler`` in `run_scalers` from now on."""
+        check_callable(scaler, "scaler")
+        self._scalers += (scaler,)
+
+    def run_scalers(
+        self, *, now: float | None = None, sample: LoadSample | None = None
+    ) -> builtins.list[ScaleDecision]:
+        """Give every scaler a load sample (`load_sample` if not given); returns their decisions.
+
+        Scalers that answer None are left out.  A scaler that raises or answers something other
+        than a `ScaleDecision` is logged and counted (``hook_errors``) and the others are still
+        consulted.  The Tracker never acts on a decision: the host applies it (and tells a
+        `ThresholdScaler` the new replica count).
+        """
+        if sample is None:
+            sample = self.load_sample(now=now)
+        elif not isinstance(sample, LoadSample):
+            raise PresenceTypeError(f"sample must be a LoadSample, not {type_name(sample)}")
+        elif now is not None:
+            _check_now(now)
+        decisions: builtins.list[ScaleDecision] = []
+        for scaler in self._scalers:
+            try:
+                decision = scaler(sample)
+            except Exception:
+                self._counts[_HOOK_ERRORS] += 1
+                logger.exception("scaler %r failed", scaler)
+                continue
+            if isinstance(decision, ScaleDecision):
+                decisions.append(decision)
+            elif decision is not None:
+                self._counts[_HOOK_ERRORS] += 1
+                logger.error("scaler %r answered %r, not a ScaleDecision", scaler, decision)
+        return decisions
+
+    def __repr__(self) -> str:
+        totals = self.totals()
+        return (
+            f"<Tracker node={self.node!r} presences={totals.presences} "
+            f"connections={totals.connections} topics={totals.topics} keys={totals.keys}>"
+        )
