@@ -1,37 +1,65 @@
-"""Counters, gauges and latency histograms: cheap to write, readable as a dict or by Prometheus.
+"""Counters, gauges and latency histograms: declared once, cheap to write, read by Prometheus.
 
-`Metrics` is the built-in `presence_core.typing.MetricsSink`.  Writing sits on the Tracker's hot
-paths, so `Metrics.inc`, `Metrics.set` and `Metrics.observe` take no lock and allocate nothing
-beyond the numbers themselves.  Reading (`Metrics.as_dict`, `Metrics.quantile`, Prometheus
-scrapes) does the work instead.
+Every metric is a `MetricDef` declared in this module: its name, kind, help text and label names,
+in one place.  `CATALOGUE` lists them all.  Everything else is derived from the declarations:
+the Prometheus families (name, type, help, label names), the keys of `Metrics.as_dict`, the
+checks on each write.
+
+`Metrics` is the built-in `presence_core.typing.MetricsSink`: it keeps the numbers in plain
+dicts, and a collector turns them into ``prometheus_client`` metric families when a scrape asks.
+The split is deliberate.  The Tracker writes on its hot paths, so a write must cost a dict update
+and nothing more: no lock, no label lookup in a client library, no formatting.  A scrape comes
+every few seconds at most and can afford the work of building families, so it does it.  The same
+dicts answer in-memory readings (`Metrics.counter`, `Metrics.quantile`, `Metrics.rate`) for
+the scaler and for tests, with no Prometheus round trip.
+
+A write is checked in full once per series, when it creates the series: the metric must be a
+declaration in this `Metrics`' catalogue, of the kind the method writes, with one str value per
+declared label, and the amount must be a count (an int >= 0) or a number.  Later writes to the
+same series go straight to the dict, which still refuses anything but a known series of the
+right kind and a number; a refused write changes nothing.
 
 Histograms have fixed, log-spaced buckets: four per doubling, from about 1 microsecond
 (2**-20 s) to 1024 s, plus one bucket below and one above.  Every bucket spans a factor of
 2**0.25 (about 19 %), so a quantile read from the buckets is within one bucket of the exact
 value, whatever the distribution, at the cost of one ``log2`` per observation and about 1 KiB per
-histogram.
+series.  Prometheus gets the power-of-two bounds only (31 of them, plus ``+Inf``): buckets are
+cumulative there, so the coarser view is exact at the bounds it keeps, and a series per bucket
+is what a scrape pays for.
 
 Threads: the write methods are meant to be called from one thread (the Tracker's event loop).
 Readers on other threads, such as the scrape thread of ``prometheus_client.start_http_server``,
-are safe: they copy each table in one step before reading it, so they see every write that
+are safe: they copy each series table in one step before reading it, so they see every write that
 finished before the copy, never a half-built entry.
 
-Prometheus support needs the optional extra ``presence-core[prometheus]``; nothing here imports
-``prometheus_client`` until it is used.
+``prometheus_client`` is imported on first use only, so a process that never exports metrics
+does not pay for importing it.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias
 
-from presence_core.scaling import LoadSample
+from ._validate import (
+    check_callable,
+    check_int,
+    check_seconds,
+    check_text,
+    check_time,
+    is_number,
+    type_name,
+)
+from .errors import PresenceTypeError, PresenceValueError
+from .scaling import LoadSample
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -39,6 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKET_BOUNDS",
+    "CATALOGUE",
     "CONNECTIONS",
     "CONNECTION_EXPIRIES",
     "DIFF_PROPAGATION_SECONDS",
@@ -47,95 +76,215 @@ __all__ = [
     "HOOK_ERRORS",
     "LAST_SEEN_EVICTIONS",
     "LIMIT_HITS",
-    "OPS_COUNTERS",
-    "OPS_DISCONNECT",
-    "OPS_HEARTBEAT",
-    "OPS_TRACK",
-    "OPS_UNTRACK",
-    "OPS_UPDATE",
+    "OPS",
+    "OPS_KINDS",
+    "PENDING_CHANGES",
     "PRESENCES",
     "REDIS_ERRORS",
     "REDIS_FLUSH_LAG_SECONDS",
     "REDIS_PENDING",
     "STATUS_READS",
     "STATUS_READ_HITS",
-    "STATUS_READ_HIT_RATIO",
     "TOPICS",
     "Histogram",
+    "MetricDef",
+    "MetricKind",
     "Metrics",
     "PrometheusCollector",
     "register_prometheus",
 ]
 
-# --- The names the Tracker and the Redis store report under -------------------------------
+MetricKind: TypeAlias = Literal["counter", "gauge", "histogram"]
+_KINDS: Final = ("counter", "gauge", "histogram")
+_WRITER: Final = {"counter": "inc()", "gauge": "set()", "histogram": "observe()"}
 
-PRESENCES: Final = "presences"
-"""Gauge: live presences (topic, key, ref) in this process."""
-CONNECTIONS: Final = "connections"
-"""Gauge: live connections."""
-TOPICS: Final = "topics"
-"""Gauge: topics with at least one presence."""
+Labels: TypeAlias = tuple[str, ...]
 
-OPS_TRACK: Final = "ops_track"
-"""Counter: track operations."""
-OPS_UPDATE: Final = "ops_update"
-"""Counter: update operations."""
-OPS_UNTRACK: Final = "ops_untrack"
-"""Counter: untrack operations."""
-OPS_HEARTBEAT: Final = "ops_heartbeat"
-"""Counter: heartbeats (one per connection, however many presences it refreshes)."""
-OPS_DISCONNECT: Final = "ops_disconnect"
-"""Counter: disconnects."""
-OPS_COUNTERS: Final = (OPS_TRACK, OPS_UPDATE, OPS_UNTRACK, OPS_HEARTBEAT, OPS_DISCONNECT)
-"""Every operation counter; their summed rate is the ``ops_per_s`` of a load sample."""
 
-EXPIRIES: Final = "expiries"
-"""Counter: presences removed because their connection stopped heartbeating."""
-EVICTIONS: Final = "evictions"
-"""Counter: entries evicted because a table reached its capacity."""
-LIMIT_HITS: Final = "limit_hits"
-"""Counter: operations refused by a quota or rate limit."""
-CONNECTION_EXPIRIES: Final = "connection_expiries"
-"""Counter: connections removed because they stopped heartbeating."""
-LAST_SEEN_EVICTIONS: Final = "last_seen_evictions"
-"""Counter: last-seen records dropped because the last-seen table reached its capacity."""
-HOOK_ERRORS: Final = "hook_errors"
-"""Counter: exceptions raised by subscribers, transports, eviction callbacks or scalers (logged)."""
+@dataclass(frozen=True, slots=True, eq=False)
+class MetricDef:
+    """The declaration of one metric: what it is called, what it measures, how it is sliced.
 
-DIFF_PROPAGATION_SECONDS: Final = "diff_propagation_seconds"
-"""Histogram: from a `Tracker.flush()` call to the last hook of a topic receiving its diff."""
+    A declaration is checked when it is made, and each one is its own metric: two declarations
+    are never equal, even with the same fields (`Metrics` refuses both in one catalogue anyway),
+    and `copy.copy` / `copy.deepcopy` return the declaration itself.  Comparing by identity also
+    makes hashing free, which is what every write pays for.
 
-STATUS_READS: Final = "status_reads"
-"""Counter: user statuses asked for (each key of a bulk read counts)."""
-STATUS_READ_HITS: Final = "status_read_hits"
-"""Counter: statuses answered locally, without Redis."""
-STATUS_READ_HIT_RATIO: Final = "status_read_hit_ratio"
-"""Derived in `Metrics.as_dict`: status_read_hits / status_reads."""
+    Attributes:
+        name: snake_case, without the namespace: ``Metrics(namespace="presence")`` exports
+            ``OPS`` as ``presence_ops_total``.  A counter's name does not end in ``_total``;
+            prometheus-client adds it.
+        kind: ``"counter"``, ``"gauge"`` or ``"histogram"`` (of seconds).
+        help: One sentence, exported as the Prometheus ``HELP`` line.
+        labels: The label names; each write passes one value per name, in this order.
+    """
 
-REDIS_FLUSH_LAG_SECONDS: Final = "redis_flush_lag_seconds"
-"""Gauge: age of the oldest change not yet written to Redis, seconds."""
-REDIS_PENDING: Final = "redis_pending"
-"""Gauge: changes waiting to be written to Redis."""
-REDIS_ERRORS: Final = "redis_errors"
-"""Counter: failed Redis commands and connection errors."""
+    name: str
+    kind: MetricKind
+    help: str
+    labels: Labels = ()
 
-_HELP: Final = {
-    PRESENCES: "Live presences in this process.",
-    CONNECTIONS: "Live connections in this process.",
-    TOPICS: "Topics with at least one presence.",
-    EXPIRIES: "Presences removed because their connection stopped heartbeating.",
-    EVICTIONS: "Entries evicted because a table reached its capacity.",
-    LIMIT_HITS: "Operations refused by a quota or rate limit.",
-    CONNECTION_EXPIRIES: "Connections removed because they stopped heartbeating.",
-    LAST_SEEN_EVICTIONS: "Last-seen records dropped at the last-seen table's capacity.",
-    HOOK_ERRORS: "Exceptions raised by subscribers, transports, callbacks or scalers.",
-    DIFF_PROPAGATION_SECONDS: "Time from a flush to the last hook of a topic receiving its diff.",
-    STATUS_READS: "User statuses asked for.",
-    STATUS_READ_HITS: "User statuses answered without Redis.",
-    REDIS_FLUSH_LAG_SECONDS: "Age of the oldest change not yet written to Redis.",
-    REDIS_PENDING: "Changes waiting to be written to Redis.",
-    REDIS_ERRORS: "Failed Redis commands and connection errors.",
+    def __post_init__(self) -> None:
+        _check_declaration(self)
+
+    def __copy__(self) -> MetricDef:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MetricDef:
+        return self
+
+
+# --- Checking declarations -----------------------------------------------------------------
+
+_METRIC_NAME: Final = re.compile(r"[a-z][a-z0-9_]*")
+_LABEL_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_NAMESPACE: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_MAX_HELP: Final = 1024
+_MAX_LABEL_VALUE: Final = 256
+# The sample names prometheus-client derives from a family's name, by type; two declarations
+# whose derived names meet would make a registry refuse the collector.
+_SUFFIXES: Final = {
+    "counter": ("_total", "_created"),
+    "gauge": (),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
 }
+
+
+def _check_catalogue(catalogue: object) -> tuple[MetricDef, ...]:
+    if isinstance(catalogue, (str, bytes)) or not isinstance(catalogue, Iterable):
+        raise PresenceTypeError(
+            f"catalogue must be an iterable of MetricDef, not {type_name(catalogue)}"
+        )
+    metrics = tuple(catalogue)
+    owners: dict[str, int] = {}  # every sample name a scrape can show -> index of its metric
+    for index, metric in enumerate(metrics):
+        if not isinstance(metric, MetricDef):
+            raise PresenceTypeError(f"catalogue entries must be MetricDef, not {type_name(metric)}")
+        for suffix in ("", *_SUFFIXES[metric.kind]):
+            owner = owners.setdefault(metric.name + suffix, index)
+            if owner == index:
+                continue
+            other = metrics[owner].name
+            if other == metric.name:
+                raise PresenceValueError(f"catalogue declares {other!r} more than once")
+            raise PresenceValueError(
+                f"catalogue declares {other!r} and {metric.name!r}, whose Prometheus names "
+                f"clash on {metric.name + suffix!r}"
+            )
+    return metrics
+
+
+def _check_declaration(metric: MetricDef) -> None:
+    name, kind, help_text, labels = metric.name, metric.kind, metric.help, metric.labels
+    if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+        raise PresenceValueError(f"metric name must be snake_case ([a-z][a-z0-9_]*), got {name!r}")
+    if kind not in _KINDS:
+        raise PresenceValueError(f"{name}: kind must be one of {_KINDS}, got {kind!r}")
+    if kind == "counter" and name.endswith("_total"):
+        raise PresenceValueError(f"{name}: a counter's name must not end in _total")
+    check_text(help_text, f"{name}: help", _MAX_HELP)
+    if not isinstance(labels, tuple):
+        raise PresenceTypeError(f"{name}: labels must be a tuple of str, not {type_name(labels)}")
+    for label in labels:
+        if not isinstance(label, str) or not _LABEL_NAME.fullmatch(label):
+            raise PresenceValueError(f"{name}: invalid label name {label!r}")
+        if label.startswith("__") or (kind == "histogram" and label == "le"):
+            raise PresenceValueError(f"{name}: label name {label!r} is reserved by Prometheus")
+    if len(set(labels)) != len(labels):
+        raise PresenceValueError(f"{name}: label names repeat in {labels!r}")
+
+
+# --- The declarations ----------------------------------------------------------------------
+
+PRESENCES: Final = MetricDef("presences", "gauge", "Live presences (topic, key, ref).")
+CONNECTIONS: Final = MetricDef("connections", "gauge", "Live connections.")
+TOPICS: Final = MetricDef("topics", "gauge", "Topics with at least one presence.")
+
+OPS_KINDS: Final = ("track", "update", "untrack", "heartbeat", "disconnect")
+OPS: Final = MetricDef(
+    "ops",
+    "counter",
+    "Tracker operations by kind: track, update, untrack, heartbeat (one per connection, "
+    "however many presences it refreshes) and disconnect.",
+    ("kind",),
+)
+
+EXPIRIES: Final = MetricDef(
+    "expiries", "counter", "Presences removed because their connection stopped heartbeating."
+)
+CONNECTION_EXPIRIES: Final = MetricDef(
+    "connection_expiries", "counter", "Connections removed because they stopped heartbeating."
+)
+EVICTIONS: Final = MetricDef(
+    "evictions", "counter", "Entries evicted because a table reached its capacity."
+)
+LAST_SEEN_EVICTIONS: Final = MetricDef(
+    "last_seen_evictions",
+    "counter",
+    "Last-seen records dropped because the last-seen table reached its capacity.",
+)
+LIMIT_HITS: Final = MetricDef(
+    "limit_hits",
+    "counter",
+    "Operations refused by a quota or rate limit, by the name of the Limits field that "
+    "refused them.",
+    ("limit",),
+)
+HOOK_ERRORS: Final = MetricDef(
+    "hook_errors",
+    "counter",
+    "Exceptions raised by subscribers, transports, callbacks, scalers or the metrics sink "
+    "(each one is logged).",
+)
+
+DIFF_PROPAGATION_SECONDS: Final = MetricDef(
+    "diff_propagation_seconds",
+    "histogram",
+    "Time from a flush to the last hook of a topic receiving its diff, seconds.",
+)
+
+STATUS_READS: Final = MetricDef(
+    "status_reads", "counter", "User statuses asked for (each key of a bulk read counts)."
+)
+STATUS_READ_HITS: Final = MetricDef(
+    "status_read_hits", "counter", "User statuses answered locally, without Redis."
+)
+PENDING_CHANGES: Final = MetricDef(
+    "pending_changes", "gauge", "Presence changes waiting for the next flush."
+)
+
+REDIS_FLUSH_LAG_SECONDS: Final = MetricDef(
+    "redis_flush_lag_seconds",
+    "gauge",
+    "Age of the oldest change not yet written to Redis, seconds.",
+)
+REDIS_PENDING: Final = MetricDef(
+    "redis_pending", "gauge", "Changes waiting to be written to Redis."
+)
+REDIS_ERRORS: Final = MetricDef(
+    "redis_errors", "counter", "Failed Redis commands and connection errors."
+)
+
+CATALOGUE: Final[tuple[MetricDef, ...]] = (
+    PRESENCES,
+    CONNECTIONS,
+    TOPICS,
+    OPS,
+    EXPIRIES,
+    CONNECTION_EXPIRIES,
+    EVICTIONS,
+    LAST_SEEN_EVICTIONS,
+    LIMIT_HITS,
+    HOOK_ERRORS,
+    DIFF_PROPAGATION_SECONDS,
+    STATUS_READS,
+    STATUS_READ_HITS,
+    PENDING_CHANGES,
+    REDIS_FLUSH_LAG_SECONDS,
+    REDIS_PENDING,
+    REDIS_ERRORS,
+)
+"""Every metric declared above, in the order scrapes and `Metrics.as_dict` list them."""
 
 # --- Histogram buckets ---------------------------------------------------------------------
 
@@ -153,8 +302,7 @@ _MIN_BOUND: Final = BUCKET_BOUNDS[0]
 _MAX_BOUND: Final = BUCKET_BOUNDS[-1]
 _OVERFLOW: Final = _FINITE  # index of the bucket above the last bound
 
-# Prometheus stores one series per bucket, so scrapes get the power-of-two bounds only (31 of
-# them).  Buckets are cumulative there, so the coarser view is exact at the bounds it keeps.
+# The buckets a scrape shows: every fourth bound, the powers of two.
 _EXPORTED: Final = tuple(range(0, _FINITE, _PER_DOUBLING))
 # repr() of a float round-trips exactly, which is all the exposition format asks of "le".
 _LE_LABELS: Final = tuple(repr(bound) for bound in BUCKET_BOUNDS)
@@ -169,11 +317,7 @@ _ceil = math.ceil
 
 
 class Histogram:
-    """Latency observations in fixed log-spaced buckets (see the module docstring).
-
-    Obtain one from `Metrics.histogram` and keep it: calling `observe` on the handle skips the
-    name lookup, which is worth it on the hottest paths.
-    """
+    """Durations in fixed log-spaced buckets (see the module docstring); one series of a metric."""
 
     __slots__ = ("_counts", "_sum")
 
@@ -185,6 +329,8 @@ class Histogram:
 
     def observe(self, seconds: float) -> None:
         """Record one duration.  NaN is ignored: it is a broken clock, not a latency."""
+        # The sum first: a value that is not a number fails here, before any bucket moves.
+        total = self._sum + seconds
         if _MIN_BOUND < seconds <= _MAX_BOUND:
             self._counts[_ceil(_log2(seconds) * _PER_DOUBLING_F + _INDEX_OFFSET)] += 1
         elif seconds > _MAX_BOUND:
@@ -193,7 +339,7 @@ class Histogram:
             self._counts[0] += 1
         else:
             return
-        self._sum += seconds
+        self._sum = total
 
     @property
     def count(self) -> int:
@@ -212,14 +358,24 @@ class Histogram:
         interpolation.  Values at or below the first bound read as that bound, values above the
         last as the last: the buckets do not know more.
         """
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile must be between 0 and 1, got {q!r}")
-        return _quantile(list(self._counts), q)
+        return _quantile(list(self._counts), _check_q(q))
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations at or below it)`` for every bound, then ``(inf, count)``."""
         cumulative = list(accumulate(self._counts))
         return [*zip(BUCKET_BOUNDS, cumulative[:-1], strict=True), (math.inf, cumulative[-1])]
+
+    def __repr__(self) -> str:
+        return f"Histogram(count={self.count}, sum={self._sum!r})"
+
+
+def _check_q(q: object) -> float:
+    if not is_number(q):
+        raise PresenceTypeError(f"quantile must be a number, not {type_name(q)}")
+    value = float(q)  # type: ignore[arg-type]
+    if not 0.0 <= value <= 1.0:
+        raise PresenceValueError(f"quantile must be between 0 and 1, got {q!r}")
+    return value
 
 
 def _quantile(counts: list[int], q: float) -> float:
@@ -242,24 +398,50 @@ def _quantile(counts: list[int], q: float) -> float:
     return _MAX_BOUND  # unreachable: rank <= total
 
 
+def _summary(histogram: Histogram) -> dict[str, float | int]:
+    counts = list(histogram._counts)
+    return {
+        "count": sum(counts),
+        "sum": histogram._sum,
+        "p50": _quantile(counts, 0.50),
+        "p95": _quantile(counts, 0.95),
+        "p99": _quantile(counts, 0.99),
+    }
+
+
+# --- The sink ------------------------------------------------------------------------------
+
+
 class Metrics:
-    """Named counters, gauges and latency histograms, created on first use.
+    """The declared metrics of one process, in memory; the Tracker's default `MetricsSink`.
 
     Args:
         clock: Seconds for rate windows; the Tracker passes its own injectable clock.
-        rate_window_s: How far back `rate` looks.
+        rate_window_s: How far back `rate` looks, seconds.
         namespace: Prefix of the Prometheus names (``presence_ops_total`` ...).
+        catalogue: The metrics this instance serves, `CATALOGUE` by default.  A host that
+            reports metrics of its own through the same sink declares them as `MetricDef` and
+            passes ``(*CATALOGUE, *its_own)``.  Writing a metric outside the catalogue is refused:
+            a scrape and `as_dict` show exactly the catalogue.
+
+    Every unlabelled metric of the catalogue reads and exports as zero (an empty histogram)
+    before its first write, so dashboards and alerts find every series name from the start.  A
+    labelled series appears on its first write; writing 0 (``inc(OPS, 0, ("track",))``) makes one
+    appear without counting anything.
     """
 
     __slots__ = (
+        "_catalogue",
         "_clock",
         "_counters",
+        "_declared",
         "_gauges",
         "_histograms",
         "_namespace",
-        "_prometheus_registry",
         "_rate_history",
         "_rate_window_s",
+        "_registry",
+        "_registry_lock",
     )
 
     def __init__(
@@ -268,110 +450,192 @@ class Metrics:
         clock: Callable[[], float] = time.monotonic,
         rate_window_s: float = 10.0,
         namespace: str = "presence",
+        catalogue: Iterable[MetricDef] = CATALOGUE,
     ) -> None:
-        if not callable(clock):
-            raise TypeError(f"clock must be callable, not {type(clock).__name__}")
-        if (
-            not isinstance(rate_window_s, (int, float))
-            or isinstance(rate_window_s, bool)
-            or not 0 < rate_window_s < math.inf
-        ):
-            raise ValueError(
-                f"rate_window_s must be a positive finite number, got {rate_window_s!r}"
-            )
-        if not isinstance(namespace, str) or not _PROMETHEUS_NAME.fullmatch(namespace):
-            raise ValueError(
+        self._clock: Callable[[], float] = check_callable(clock, "clock")  # type: ignore[assignment]
+        self._rate_window_s = check_seconds(rate_window_s, "rate_window_s")
+        if not isinstance(namespace, str):
+            raise PresenceTypeError(f"namespace must be a str, not {type_name(namespace)}")
+        if not _NAMESPACE.fullmatch(namespace):
+            raise PresenceValueError(
                 f"namespace must be a valid Prometheus name prefix ([a-zA-Z_][a-zA-Z0-9_]*), "
                 f"got {namespace!r}"
             )
-        self._clock = clock
-        self._rate_window_s = float(rate_window_s)
         self._namespace = namespace
-        self._counters: dict[str, int] = {}
-        self._gauges: dict[str, float] = {}
-        self._histograms: dict[str, Histogram] = {}
-        self._rate_history: dict[tuple[str, ...], deque[tuple[float, int]]] = {}
-        self._prometheus_registry: CollectorRegistry | None = None
+        self._catalogue = _check_catalogue(catalogue)
+        self._declared = {metric.name: metric for metric in self._catalogue}
+        # One table of series per metric, keyed by the tuple of label values.  The tables are
+        # split by kind so that the kind check costs nothing: inc() looks only in _counters.
+        self._counters: dict[MetricDef, dict[Labels, int]] = {}
+        self._gauges: dict[MetricDef, dict[Labels, float]] = {}
+        self._histograms: dict[MetricDef, dict[Labels, Histogram]] = {}
+        # Every series, unlabelled ones included, is created by its first write, so that every
+        # first write is checked; readers show an unwritten unlabelled metric as zero.
+        for metric in self._catalogue:
+            if metric.kind == "counter":
+                self._counters[metric] = {}
+            elif metric.kind == "gauge":
+                self._gauges[metric] = {}
+            else:
+                self._histograms[metric] = {}
+        self._rate_history: dict[MetricDef, deque[tuple[float, int]]] = {}
+        self._registry: CollectorRegistry | None = None
+        self._registry_lock = threading.Lock()
 
     @property
     def namespace(self) -> str:
         """Prefix of the Prometheus names."""
         return self._namespace
 
-    # --- writing (hot paths) ---------------------------------------------------------------
+    @property
+    def catalogue(self) -> tuple[MetricDef, ...]:
+        """The metrics this instance serves, in export order."""
+        return self._catalogue
 
-    def inc(self, name: str, n: int = 1) -> None:
-        """Add ``n`` (>= 0, unchecked: this is a hot path) to the counter ``name``."""
-        counters = self._counters
-        counters[name] = counters.get(name, 0) + n
+    # --- writing ---------------------------------------------------------------------------
+    #
+    # Each writer tries the plain dict update first.  Anything unusual (a metric outside the
+    # catalogue or of another kind, a new series, wrong labels, a value of the wrong type) ends
+    # in a KeyError or TypeError there, before anything changed, and goes to _write_slow, which
+    # checks the call, then creates the series or explains the refusal.
 
-    def set(self, name: str, value: float) -> None:
-        """Set the gauge ``name`` to ``value``."""
-        self._gauges[name] = value
+    def inc(self, metric: MetricDef, n: int = 1, labels: Labels = ()) -> None:
+        """Add ``n`` (an int >= 0) to the counter ``metric``, in the series ``labels``.
 
-    def add(self, name: str, delta: float) -> None:
-        """Move the gauge ``name`` by ``delta`` (which may be negative)."""
-        gauges = self._gauges
-        gauges[name] = gauges.get(name, 0) + delta
+        ``n`` is checked when the call creates the series; later calls trust it.
+        """
+        try:
+            self._counters[metric][labels] += n
+        except (KeyError, TypeError):
+            self._write_slow("counter", metric, n, labels)
 
-    def observe(self, name: str, seconds: float) -> None:
-        """Record one duration in the histogram ``name`` (NaN is ignored)."""
-        histogram = self._histograms.get(name)
-        if histogram is None:
-            histogram = self._histograms[name] = Histogram()
-        histogram.observe(seconds)
+    def set(self, metric: MetricDef, value: float, labels: Labels = ()) -> None:
+        """Set the gauge ``metric``, in the series ``labels``, to ``value`` (an int or float)."""
+        try:
+            series = self._gauges[metric]
+            if labels in series:
+                # Adding 0.0 stores a float and refuses a str or None for the price of one
+                # addition: a gauge that is not a number would break the next scrape.
+                series[labels] = value + 0.0
+                return
+        except (KeyError, TypeError, OverflowError):
+            pass
+        self._write_slow("gauge", metric, value, labels)
 
-    def histogram(self, name: str) -> Histogram:
-        """The histogram ``name``, created if new; keep it to observe without the lookup."""
-        histogram = self._histograms.get(name)
-        if histogram is None:
-            histogram = self._histograms[name] = Histogram()
-        return histogram
+    def observe(self, metric: MetricDef, seconds: float, labels: Labels = ()) -> None:
+        """Record one duration in the histogram ``metric``, series ``labels`` (NaN is ignored)."""
+        try:
+            self._histograms[metric][labels].observe(seconds)
+        except (KeyError, TypeError):
+            self._write_slow("histogram", metric, seconds, labels)
+
+    def _write_slow(self, kind: MetricKind, metric: object, value: object, labels: object) -> None:
+        table = self._table(metric, kind, _WRITER[kind])
+        declared: MetricDef = metric  # type: ignore[assignment]  # _table() checked it
+        key = _check_labels(declared, labels)
+        if kind == "counter":
+            n = check_int(value, f"{declared.name}: n", low=0)
+            table[key] = table.get(key, 0) + n
+        elif kind == "gauge":
+            if not is_number(value):
+                raise PresenceTypeError(
+                    f"{declared.name}: value must be a number, not {type_name(value)}"
+                )
+            try:
+                table[key] = float(value)  # type: ignore[arg-type]
+            except OverflowError:
+                raise PresenceValueError(
+                    f"{declared.name}: value is out of range for a float, got an int of "
+                    f"{int(value).bit_length()} bits"  # type: ignore[call-overload]
+                ) from None
+        else:
+            if not is_number(value):
+                raise PresenceTypeError(
+                    f"{declared.name}: seconds must be a number, not {type_name(value)}"
+                )
+            seconds: float = value  # type: ignore[assignment]  # a number, checked above
+            histogram = table.get(key)
+            if histogram is None:
+                histogram = Histogram()
+                histogram.observe(seconds)
+                table[key] = histogram  # published only once it holds the observation
+            else:
+                histogram.observe(seconds)
+
+    def _table(self, metric: object, kind: MetricKind, method: str) -> dict[Labels, Any]:
+        """The series table of ``metric``, a ``kind`` of this catalogue; or the reason it is not."""
+        tables: dict[MetricDef, dict[Labels, Any]]
+        if kind == "counter":
+            tables = self._counters
+        elif kind == "gauge":
+            tables = self._gauges
+        else:
+            tables = self._histograms
+        if isinstance(metric, MetricDef):
+            try:
+                return tables[metric]
+            except (KeyError, TypeError):
+                pass
+        self._refuse(metric, kind, method)
+
+    def _refuse(self, metric: object, kind: MetricKind, method: str) -> NoReturn:
+        if not isinstance(metric, MetricDef):
+            raise PresenceTypeError(
+                f"{method} takes a MetricDef declared in presence_core.metrics, "
+                f"not {type_name(metric)}"
+            )
+        declared = self._declared.get(metric.name)
+        if declared is not metric:
+            raise PresenceValueError(
+                f"{metric.name!r} is not a metric of this Metrics' catalogue"
+                + ("" if declared is None else " (it declares another metric by that name)")
+            )
+        raise PresenceTypeError(
+            f"{metric.name} is a {metric.kind}, not a {kind}: {method} cannot take it"
+            + (f"; use {_WRITER[metric.kind]}" if method in _WRITER.values() else "")
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
-    def counter(self, name: str) -> int:
-        """The counter ``name``; 0 if it was never incremented."""
-        return self._counters.get(name, 0)
+    def counter(self, metric: MetricDef, *labels: str) -> int:
+        """The counter ``metric`` in the series ``labels``; 0 if it was never incremented."""
+        table = self._table(metric, "counter", "counter()")
+        return table.get(_check_arity(metric, labels), 0)  # type: ignore[no-any-return]
 
-    def gauge(self, name: str) -> float:
-        """The gauge ``name``; 0.0 if it was never set."""
-        return float(self._gauges.get(name, 0.0))
+    def gauge(self, metric: MetricDef, *labels: str) -> float:
+        """The gauge ``metric`` in the series ``labels``; 0.0 if it was never set."""
+        table = self._table(metric, "gauge", "gauge()")
+        return float(table.get(_check_arity(metric, labels), 0.0))
 
-    def quantile(self, name: str, q: float) -> float:
-        """The ``q``-quantile of the histogram ``name`` in seconds; 0.0 if nothing was observed.
+    def quantile(self, metric: MetricDef, q: float, *labels: str) -> float:
+        """The ``q``-quantile of the histogram ``metric``, series ``labels``, in seconds.
 
         Within one bucket (a factor of 2**0.25) of the exact quantile of the observations.
-        Reading an idle histogram as 0.0 lets a scaler read an idle service as idle.
+        0.0 if nothing was observed: a scaler reads an idle service as idle.
         """
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile must be between 0 and 1, got {q!r}")
-        histogram = self._histograms.get(name)
+        table = self._table(metric, "histogram", "quantile()")
+        q = _check_q(q)
+        histogram = table.get(_check_arity(metric, labels))
         if histogram is None:
             return 0.0
         return _quantile(list(histogram._counts), q)
 
-    def rate(self, *names: str, now: float | None = None) -> float:
-        """Per-second rate of the sum of the counters ``names`` over the last window.
+    def rate(self, metric: MetricDef, *, now: float | None = None) -> float:
+        """Per-second rate of the counter ``metric`` (all its series together) over the window.
 
         Nothing is recorded on the write path: each call remembers the current total, and the
         rate is measured against the oldest remembered total inside the window (or the newest
-        one before it).  So the first call for a set of names returns 0.0, and callers should
-        ask at a steady interval shorter than ``rate_window_s`` (a scaler's sampling interval
-        is).
+        one before it).  So the first call for a metric returns 0.0, and callers should ask at
+        a steady interval shorter than ``rate_window_s`` (a scaler's sampling interval is).
         """
-        if not names:
-            raise ValueError("rate() needs at least one counter name")
-        at = self._clock() if now is None else now
-        counters = self._counters
-        total = 0
-        for name in names:
-            total += counters.get(name, 0)
-        history = self._rate_history.get(names)
+        table = self._table(metric, "counter", "rate()")
+        at = self._clock() if now is None else check_time(now)
+        total: int = sum(table.copy().values())
+        history = self._rate_history.get(metric)
         if history is None:
             # Bounded so that a caller polling in a tight loop cannot grow it without limit;
             # the window then shrinks to the last 1,024 calls, which is still a fine average.
-            history = self._rate_history[names] = deque(maxlen=1024)
+            history = self._rate_history[metric] = deque(maxlen=1024)
         history.append((at, total))
         horizon = at - self._rate_window_s
         # Keep the newest point at or before the horizon as the base, so the rate spans the
@@ -385,8 +649,8 @@ class Metrics:
         return (total - base_total) / elapsed
 
     def ops_per_s(self, now: float | None = None) -> float:
-        """Tracker operations per second, all kinds together (see `OPS_COUNTERS`)."""
-        return self.rate(*OPS_COUNTERS, now=now)
+        """Tracker operations per second, all kinds together (the rate of `OPS`)."""
+        return self.rate(OPS, now=now)
 
     def load_sample(
         self,
@@ -398,9 +662,10 @@ class Metrics:
         """A `LoadSample` built from the standard metrics, for a `presence_core.typing.Scaler`.
 
         ``at`` defaults to the clock.  Memory is not something these metrics know, so the host
-        passes it.  Diff latencies are converted to milliseconds.
+        passes it.  Diff latencies are converted to milliseconds.  Needs the standard metrics
+        (`PRESENCES`, `OPS`, `DIFF_PROPAGATION_SECONDS` ...) in the catalogue.
         """
-        now = self._clock() if at is None else at
+        now = self._clock() if at is None else check_time(at, "at")
         return LoadSample(
             at=now,
             wall_time=wall_time,
@@ -416,72 +681,134 @@ class Metrics:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """A snapshot, safe to serialise and to keep.
+        """A snapshot, safe to serialise as JSON and to keep.
 
-        Shape::
+        Shape, with every metric of the catalogue under its declared name::
 
-            {"counters": {name: int}, "gauges": {name: float},
-             "histograms": {name: {"count": int, "sum": float,
-                                   "p50": float, "p95": float, "p99": float}},
+            {"counters": {"expiries": 3, "ops": {"track": 5, "heartbeat": 40}, ...},
+             "gauges": {"presences": 12.0, ...},
+             "histograms": {"diff_propagation_seconds":
+                                {"count": int, "sum": float,
+                                 "p50": float, "p95": float, "p99": float}},
              "status_read_hit_ratio": float | None}
 
-        Histogram values are seconds.  The hit ratio is None until a status has been read.
+        An unlabelled metric maps to its value; a labelled one to a dict keyed by the value of
+        its first label (then its second, and so on).  Histogram values are seconds.  The hit
+        ratio is None until a status has been read.
         """
-        counters = dict(self._counters)
-        gauges = {name: float(value) for name, value in dict(self._gauges).items()}
-        histograms: dict[str, dict[str, float | int]] = {}
-        for name, histogram in dict(self._histograms).items():
-            counts = list(histogram._counts)
-            histograms[name] = {
-                "count": sum(counts),
-                "sum": histogram.sum,
-                "p50": _quantile(counts, 0.50),
-                "p95": _quantile(counts, 0.95),
-                "p99": _quantile(counts, 0.99),
-            }
-        reads = counters.get(STATUS_READS, 0)
-        ratio = counters.get(STATUS_READ_HITS, 0) / reads if reads else None
+        counters = {m.name: _nest(m, self._series(m)) for m in self._counters}
+        gauges = {
+            m.name: _nest(m, {key: float(v) for key, v in self._series(m).items()})
+            for m in self._gauges
+        }
+        histograms = {
+            m.name: _nest(m, {key: _summary(h) for key, h in self._series(m).items()})
+            for m in self._histograms
+        }
+        reads = self._total(STATUS_READS)
+        ratio = self._total(STATUS_READ_HITS) / reads if reads else None
         return {
             "counters": counters,
             "gauges": gauges,
             "histograms": histograms,
-            STATUS_READ_HIT_RATIO: ratio,
+            "status_read_hit_ratio": ratio,
         }
 
-    def to_prometheus(self) -> bytes:
-        """These metrics in the Prometheus text exposition format.
+    def _total(self, metric: MetricDef) -> int:
+        table = self._counters.get(metric)
+        return 0 if table is None else sum(table.copy().values())
 
-        Needs ``prometheus-client`` (``pip install 'presence-core[prometheus]'``).  To serve
-        them from an existing registry instead, use `register_prometheus`.
+    # --- Prometheus ------------------------------------------------------------------------
+
+    def registry(self) -> CollectorRegistry:
+        """A ``prometheus_client`` registry of its own serving these metrics, created once.
+
+        Serve it with ``prometheus_client.start_http_server(port, registry=metrics.registry())``;
+        to add these metrics to another registry instead, use `register_prometheus`.
         """
-        registry = self._prometheus_registry
+        registry = self._registry
         if registry is None:
-            prometheus_client = _import_prometheus()
-            registry = prometheus_client.CollectorRegistry(auto_describe=False)
-            registry.register(PrometheusCollector(self))
-            self._prometheus_registry = registry
-        from prometheus_client import generate_latest
+            with self._registry_lock:
+                registry = self._registry
+                if registry is None:
+                    prometheus_client = _import_prometheus()
+                    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+                    registry.register(PrometheusCollector(self))
+                    self._registry = registry
+        return registry
 
-        return generate_latest(registry)
+    def to_prometheus(self) -> bytes:
+        """These metrics in the Prometheus text exposition format."""
+        prometheus_client = _import_prometheus()
+        text: bytes = prometheus_client.generate_latest(self.registry())
+        return text
 
-    def _snapshot(
-        self,
-    ) -> tuple[dict[str, int], dict[str, float], list[tuple[str, list[int], float]]]:
-        histograms = [(name, list(h._counts), h._sum) for name, h in dict(self._histograms).items()]
-        return dict(self._counters), dict(self._gauges), histograms
+    def _series(self, metric: MetricDef) -> dict[Labels, Any]:
+        """A copy of the series table of ``metric``, safe to read while the writer runs.
+
+        An unlabelled metric that was never written reads as one series at zero.
+        """
+        kind = metric.kind
+        table: dict[Labels, Any]
+        if kind == "counter":
+            table = self._counters[metric].copy()
+        elif kind == "gauge":
+            table = self._gauges[metric].copy()
+        else:
+            table = self._histograms[metric].copy()
+        if not table and not metric.labels:
+            zero: Any = 0 if kind == "counter" else 0.0 if kind == "gauge" else Histogram()
+            table[()] = zero
+        return table
 
     def __repr__(self) -> str:
+        series = sum(
+            len(table)
+            for tables in (self._counters, self._gauges, self._histograms)
+            for table in tables.values()
+        )
         return (
-            f"Metrics(counters={len(self._counters)}, gauges={len(self._gauges)}, "
-            f"histograms={len(self._histograms)})"
+            f"Metrics(namespace={self._namespace!r}, metrics={len(self._catalogue)}, "
+            f"series={series})"
         )
 
 
-# --- Prometheus --------------------------------------------------------------------------
+def _check_labels(metric: MetricDef, labels: object) -> Labels:
+    if not isinstance(labels, tuple):
+        raise PresenceTypeError(
+            f"{metric.name}: labels must be a tuple of str (one per label name "
+            f"{metric.labels!r}), not {type_name(labels)}"
+        )
+    _check_arity(metric, labels)
+    for name, value in zip(metric.labels, labels, strict=True):
+        check_text(value, f"{metric.name}: label {name!r}", _MAX_LABEL_VALUE)
+    # A plain tuple: a subclass could hash and compare in ways the hot path does not expect.
+    return tuple(labels)
 
-_PROMETHEUS_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_NOT_IN_NAME: Final = re.compile(r"[^a-zA-Z0-9_]")
-_OPS_PREFIX: Final = "ops_"
+
+def _check_arity(metric: MetricDef, labels: tuple[object, ...]) -> Labels:
+    if len(labels) != len(metric.labels):
+        raise PresenceValueError(
+            f"{metric.name} has {len(metric.labels)} label(s) {metric.labels!r}, "
+            f"got {len(labels)} value(s) {labels!r}"
+        )
+    return labels  # type: ignore[return-value]
+
+
+def _nest(metric: MetricDef, table: dict[Labels, Any]) -> Any:
+    """``table`` keyed by label values as nested dicts, one level per label name."""
+    if not metric.labels:
+        return table.get(())
+    nested: dict[str, Any] = {}
+    for key, value in table.items():
+        level = nested
+        for part in key[:-1]:
+            level = level.setdefault(part, {})
+        level[key[-1]] = value
+    return nested
+
+
+# --- Prometheus ----------------------------------------------------------------------------
 
 
 def _import_prometheus() -> Any:
@@ -489,92 +816,81 @@ def _import_prometheus() -> Any:
         import prometheus_client
     except ImportError as exc:
         raise ImportError(
-            "Prometheus export needs the prometheus-client package; install it with "
-            "pip install 'presence-core[prometheus]'"
+            "Prometheus export needs the prometheus-client package; "
+            "install it with pip install prometheus-client"
         ) from exc
     return prometheus_client
-
-
-def _prometheus_name(namespace: str, name: str) -> str:
-    # Metric names are free-form strings here; Prometheus allows far less.
-    return f"{namespace}_{_NOT_IN_NAME.sub('_', name)}"
 
 
 class PrometheusCollector:
     """Exposes a `Metrics` to a ``prometheus_client`` registry, reading it at scrape time.
 
-    Nothing is recorded twice: each scrape turns the current counters, gauges and histograms
-    into metric families.  The operation counters ``ops_<kind>`` become one counter
-    ``<namespace>_ops_total`` with a ``kind`` label, the Prometheus way to slice one quantity.
-    Histograms are exported at their power-of-two bounds.
+    `collect` yields one family per declaration of the catalogue, named
+    ``<namespace>_<name>`` (prometheus-client adds ``_total`` to counters), with the declared
+    help and label names; `describe` yields the same families without samples, so a registry
+    can refuse a collector whose names clash with ones it already serves.
     """
 
-    def __init__(self, metrics: Metrics, namespace: str | None = None) -> None:
-        _import_prometheus()
+    __slots__ = ("_metrics",)
+
+    def __init__(self, metrics: Metrics) -> None:
         if not isinstance(metrics, Metrics):
-            raise TypeError(f"expected a Metrics, not {type(metrics).__name__}")
+            raise PresenceTypeError(f"expected a Metrics, not {type_name(metrics)}")
         self._metrics = metrics
-        self._namespace = metrics.namespace if namespace is None else namespace
-        if not _PROMETHEUS_NAME.fullmatch(self._namespace):
-            raise ValueError(f"namespace must be a valid Prometheus name, got {self._namespace!r}")
+
+    def describe(self) -> Iterator[Metric]:
+        """Yield every family, without samples (a registry calls this when registering)."""
+        for metric in self._metrics.catalogue:
+            yield self._family(metric)
 
     def collect(self) -> Iterator[Metric]:
-        """Yield one metric family per counter, gauge and histogram (a registry calls this)."""
+        """Yield every family with its current samples (a registry calls this per scrape)."""
+        metrics = self._metrics
+        for metric in metrics.catalogue:
+            family = self._family(metric)
+            series = metrics._series(metric)
+            if metric.kind == "histogram":
+                for key, histogram in series.items():
+                    counts = list(histogram._counts)
+                    cumulative = list(accumulate(counts))
+                    buckets = [(_LE_LABELS[i], float(cumulative[i])) for i in _EXPORTED]
+                    buckets.append(("+Inf", float(cumulative[-1])))
+                    family.add_metric(list(key), buckets, histogram._sum)
+            else:
+                for key, value in series.items():
+                    family.add_metric(list(key), float(value))
+            yield family
+
+    def _family(self, metric: MetricDef) -> Any:
         from prometheus_client.metrics_core import (
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
         )
 
-        ns = self._namespace
-        counters, gauges, histograms = self._metrics._snapshot()
+        family_type = {
+            "counter": CounterMetricFamily,
+            "gauge": GaugeMetricFamily,
+            "histogram": HistogramMetricFamily,
+        }[metric.kind]
+        name = f"{self._metrics.namespace}_{metric.name}"
+        return family_type(name, metric.help, labels=list(metric.labels))
 
-        ops: list[tuple[str, int]] = []
-        for name, value in sorted(counters.items()):
-            if name.startswith(_OPS_PREFIX) and len(name) > len(_OPS_PREFIX):
-                ops.append((name[len(_OPS_PREFIX) :], value))
-                continue
-            help_text = _HELP.get(name, f"presence-core counter {name}.")
-            yield CounterMetricFamily(_prometheus_name(ns, name), help_text, value=value)
-        if ops:
-            family = CounterMetricFamily(
-                f"{ns}_ops", "Tracker operations by kind.", labels=["kind"]
-            )
-            for kind, value in ops:
-                family.add_metric([kind], value)
-            yield family
-
-        for name, level in sorted(gauges.items()):
-            help_text = _HELP.get(name, f"presence-core gauge {name}.")
-            yield GaugeMetricFamily(_prometheus_name(ns, name), help_text, value=float(level))
-
-        for name, counts, total_seconds in sorted(histograms, key=_first):
-            cumulative = list(accumulate(counts))
-            buckets = [(_LE_LABELS[i], float(cumulative[i])) for i in _EXPORTED]
-            buckets.append(("+Inf", float(cumulative[-1])))
-            help_text = _HELP.get(name, f"presence-core histogram {name}.")
-            yield HistogramMetricFamily(
-                _prometheus_name(ns, name), help_text, buckets=buckets, sum_value=total_seconds
-            )
-
-
-def _first(item: tuple[str, list[int], float]) -> str:
-    return item[0]
+    def __repr__(self) -> str:
+        return f"PrometheusCollector({self._metrics!r})"
 
 
 def register_prometheus(
-    metrics: Metrics,
-    registry: CollectorRegistry | None = None,
-    *,
-    namespace: str | None = None,
+    metrics: Metrics, registry: CollectorRegistry | None = None
 ) -> PrometheusCollector:
-    """Serve ``metrics`` from a Prometheus registry (the global one by default).
+    """Serve ``metrics`` from a Prometheus registry (the global ``REGISTRY`` by default).
 
     Returns the collector, so the caller can ``registry.unregister(collector)`` later.  Raises
-    ImportError with installation advice when ``prometheus-client`` is missing.
+    ``ValueError`` (prometheus-client's ``DuplicateTimeseries``) if the registry already serves
+    one of the names, for instance the same metrics registered twice.
     """
     prometheus_client = _import_prometheus()
-    collector = PrometheusCollector(metrics, namespace)
+    collector = PrometheusCollector(metrics)
     target: CollectorRegistry = prometheus_client.REGISTRY if registry is None else registry
     target.register(collector)
     return collector
