@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -11,13 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from presence_core.errors import PresenceError, PresenceTypeError, PresenceValueError
 from presence_core.scaling import (
     LOAD_SIGNALS,
+    REPLICA_LIMIT,
     LoadCalendar,
     LoadSample,
     ScaleDecision,
     Threshold,
     ThresholdScaler,
+    ThresholdUnit,
 )
 from presence_core.typing import Scaler
 
@@ -65,6 +69,99 @@ def test_load_sample_is_frozen_keyword_only_and_zero_by_default() -> None:
         s.signal("at")
 
 
+# --- LoadSample checks its fields --------------------------------------------------------------
+
+
+def one_field(name: str, value: object, at: float = 0.0) -> LoadSample:
+    """A sample with ``name`` set to ``value`` (of whatever type) and the rest at their defaults."""
+    fields: dict[str, Any] = {name: value}
+    return LoadSample(at=at, **fields)
+
+
+_COUNTS = ("presences", "connections", "topics", "memory_bytes")
+_MEASURES = ("ops_per_s", "diff_p50_ms", "diff_p95_ms", "diff_p99_ms", "flush_lag_s")
+
+
+def test_load_signals_split_into_counts_and_measures() -> None:
+    assert sorted(_COUNTS + _MEASURES) == sorted(LOAD_SIGNALS)
+
+
+@pytest.mark.parametrize("name", LOAD_SIGNALS)
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (-1, PresenceValueError),
+        (-1e-9, None),
+        (math.nan, None),  # a float: a type error for counts, a value error for measures
+        (math.inf, None),
+        (-math.inf, None),
+        ("10", PresenceTypeError),
+        (b"10", PresenceTypeError),
+        (None, PresenceTypeError),
+        (True, PresenceTypeError),
+        (False, PresenceTypeError),
+        ([1], PresenceTypeError),
+    ],
+    ids=repr,
+)
+def test_load_sample_refuses_bad_signal_values(
+    name: str, value: Any, error: type[Exception] | None
+) -> None:
+    if error is None:
+        error = PresenceTypeError if name in _COUNTS else PresenceValueError
+    with pytest.raises(error, match=name):
+        one_field(name, value, at=0.0)
+
+
+@pytest.mark.parametrize("name", _COUNTS)
+def test_load_sample_counts_stay_ints_of_any_size(name: str) -> None:
+    with pytest.raises(PresenceTypeError, match=f"{name} must be an int"):
+        one_field(name, 3.0, at=0.0)
+    big = one_field(name, 10**400, at=0.0)
+    assert getattr(big, name) == 10**400 and type(getattr(big, name)) is int
+    # As a float, a count beyond float range reads as the largest float.
+    assert big.signal(name) == sys.float_info.max
+
+
+@pytest.mark.parametrize("name", _MEASURES)
+def test_load_sample_measures_become_finite_floats(name: str) -> None:
+    s = one_field(name, 7, at=0)
+    assert getattr(s, name) == 7.0 and type(getattr(s, name)) is float
+    assert type(s.at) is float
+    assert getattr(one_field(name, 1e308, at=0.0), name) == 1e308
+    with pytest.raises(PresenceValueError, match=f"{name} is out of float range"):
+        one_field(name, 10**400, at=0.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"at": math.nan}, PresenceValueError, "at must be finite"),
+        ({"at": math.inf}, PresenceValueError, "at must be finite"),
+        ({"at": "0"}, PresenceTypeError, "at must be a number"),
+        ({"at": True}, PresenceTypeError, "at must be a number"),
+        ({"at": None}, PresenceTypeError, "at must be a number"),
+        ({"at": 10**400}, PresenceValueError, "at is out of range"),
+        ({"at": 0.0, "wall_time": "2024-06-08T18:00"}, PresenceTypeError, "wall_time"),
+        ({"at": 0.0, "wall_time": 1717862400.0}, PresenceTypeError, "wall_time"),
+        ({"at": 0.0, "wall_time": JUNE_SATURDAY.date()}, PresenceTypeError, "wall_time"),
+    ],
+    ids=repr,
+)
+def test_load_sample_refuses_bad_at_and_wall_time(
+    fields: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        LoadSample(**fields)
+
+
+def test_load_sample_accepts_negative_clock_readings_and_unknown_signals_are_refused() -> None:
+    # ``at`` is a clock reading: a monotonic clock may be negative.
+    assert LoadSample(at=-5).at == -5.0
+    with pytest.raises(PresenceValueError, match="unknown load signal"):
+        LoadSample(at=0).signal("replicas")
+
+
 def test_scale_decision_checks_itself_and_freezes_its_signals() -> None:
     signals = {"presences": 1.0}
     decision = ScaleDecision("scale_up", 3, 2, "why", signals)
@@ -81,6 +178,33 @@ def test_scale_decision_checks_itself_and_freezes_its_signals() -> None:
         ScaleDecision("grow", 3, 2, "why")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=">= 0"):
         ScaleDecision("scale_down", -1, 2, "why")
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (("scale_up", "3", 2, "why"), PresenceTypeError, "desired must be an int"),
+        (("scale_up", 3, 2.0, "why"), PresenceTypeError, "current must be an int"),
+        (("hold", True, True, "why"), PresenceTypeError, "desired must be an int"),
+        (("scale_down", 1, -2, "why"), PresenceValueError, "current must be >= 0"),
+        (("hold", 2, 2, None), PresenceTypeError, "reason must be a str"),
+        (("hold", 2, 2, "why", [("x", 1.0)]), PresenceTypeError, "signals must be a mapping"),
+        (("hold", 2, 2, "why", {1: 1.0}), PresenceTypeError, "signal names must be str"),
+        (("hold", 2, 2, "why", {"x": "1"}), PresenceTypeError, "signal 'x' must be a number"),
+        (("hold", 2, 2, "why", {"x": True}), PresenceTypeError, "signal 'x' must be a number"),
+        (("hold", 2, 2, "why", {"x": math.inf}), PresenceValueError, "signal 'x' must be finite"),
+        (("hold", 2, 2, "why", {"x": math.nan}), PresenceValueError, "signal 'x' must be finite"),
+        (("hold", 2, 2, "why", {"x": 10**400}), PresenceValueError, "out of float range"),
+        (("grow", 3, 2, "why"), PresenceValueError, "action must be one of"),
+        ((["scale_up"], 3, 2, "why"), PresenceValueError, "action must be one of"),
+    ],
+    ids=repr,
+)
+def test_scale_decision_raises_presence_errors(
+    args: tuple[Any, ...], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        ScaleDecision(*args)
 
 
 def test_threshold_scaler_is_a_scaler() -> None:
@@ -103,18 +227,26 @@ def test_threshold_resolves_unit_and_target() -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "message"),
     [
-        (("replicas", 10, 1), {}, ValueError, "unknown signal 'replicas'"),
-        (("presences", 500, 500), {}, ValueError, "hysteresis band"),
-        (("presences", 400, 500), {}, ValueError, "must be greater than scale_down_below"),
-        (("presences", 1000, -1), {}, ValueError, "scale_down_below must be >= 0"),
-        (("presences", math.nan, 1), {}, ValueError, "scale_up_above must be finite"),
-        (("presences", math.inf, 1), {}, ValueError, "scale_up_above must be finite"),
-        (("presences", True, 0), {}, TypeError, "scale_up_above must be a number"),
-        (("presences", "10", 1), {}, TypeError, "scale_up_above must be a number"),
-        (("presences", 1000, 500), {"unit": "percent"}, ValueError, "unit must be"),
-        (("diff_p99_ms", 20, 5), {"target": 10}, ValueError, "target only applies"),
-        (("presences", 1000, 500), {"target": 500}, ValueError, r"target \(500.0\) must be in"),
-        (("presences", 1000, 500), {"target": 1001}, ValueError, "must be in"),
+        (("replicas", 10, 1), {}, PresenceValueError, "unknown signal 'replicas'"),
+        ((None, 10, 1), {}, PresenceTypeError, "signal must be a str"),
+        (("presences", 500, 500), {}, PresenceValueError, "hysteresis band"),
+        (("presences", 400, 500), {}, PresenceValueError, "must be greater than scale_down_below"),
+        (("presences", 1000, -1), {}, PresenceValueError, "scale_down_below must be >= 0"),
+        (("presences", math.nan, 1), {}, PresenceValueError, "scale_up_above must be finite"),
+        (("presences", math.inf, 1), {}, PresenceValueError, "scale_up_above must be finite"),
+        (("presences", 10**400, 1), {}, PresenceValueError, "scale_up_above is out of float"),
+        (("presences", True, 0), {}, PresenceTypeError, "scale_up_above must be a number"),
+        (("presences", "10", 1), {}, PresenceTypeError, "scale_up_above must be a number"),
+        (("presences", 1000, 500), {"unit": "percent"}, PresenceValueError, "unit must be"),
+        (("diff_p99_ms", 20, 5), {"target": 10}, PresenceValueError, "target only applies"),
+        (
+            ("presences", 1000, 500),
+            {"target": 500},
+            PresenceValueError,
+            r"target \(500.0\) must be in",
+        ),
+        (("presences", 1000, 500), {"target": 1001}, PresenceValueError, "must be in"),
+        (("presences", 1000, 500), {"target": "800"}, PresenceTypeError, "target must be"),
     ],
 )
 def test_threshold_rejects_bad_configuration(
@@ -127,25 +259,34 @@ def test_threshold_rejects_bad_configuration(
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"thresholds": []}, ValueError, "at least one Threshold"),
+        ({"thresholds": []}, PresenceValueError, "at least one Threshold"),
         (
             {"thresholds": [Threshold("presences", 10, 1), Threshold("presences", 20, 2)]},
-            ValueError,
+            PresenceValueError,
             "two thresholds for signal 'presences'",
         ),
-        ({"thresholds": [("presences", 10, 1)]}, TypeError, "must be Threshold objects"),
-        ({"min_replicas": 0}, ValueError, "min_replicas must be >= 1"),
-        ({"min_replicas": 4, "max_replicas": 3}, ValueError, r"max_replicas \(3\) must be >="),
-        ({"max_replicas": 2.5}, TypeError, "max_replicas must be an int"),
-        ({"current": 0}, ValueError, "current must be >= 1"),
-        ({"up_cooldown_s": -1.0}, ValueError, "cooldowns must be >= 0"),
-        ({"down_cooldown_s": math.inf}, ValueError, "down_cooldown_s must be finite"),
-        ({"down_stable_samples": 0}, ValueError, "down_stable_samples must be >= 1"),
-        ({"up_stable_samples": True}, TypeError, "up_stable_samples must be an int"),
-        ({"max_step": 0}, ValueError, "max_step must be >= 1"),
-        ({"calendar": {6: 2.0}}, TypeError, "calendar must be a LoadCalendar"),
-        ({"calendar_mode": "both"}, ValueError, "calendar_mode must be"),
-        ({"sample_scope": "cluster"}, ValueError, "sample_scope must be"),
+        ({"thresholds": [("presences", 10, 1)]}, PresenceTypeError, "must be Threshold objects"),
+        ({"thresholds": Threshold("presences", 10, 1)}, PresenceTypeError, "an iterable"),
+        ({"min_replicas": 0}, PresenceValueError, "min_replicas must be between 1 and"),
+        (
+            {"min_replicas": 4, "max_replicas": 3},
+            PresenceValueError,
+            r"max_replicas \(3\) must be >=",
+        ),
+        ({"max_replicas": 2.5}, PresenceTypeError, "max_replicas must be an int"),
+        ({"max_replicas": REPLICA_LIMIT + 1}, PresenceValueError, "max_replicas must be between"),
+        ({"max_replicas": 10**400}, PresenceValueError, "max_replicas must be between"),
+        ({"current": 0}, PresenceValueError, "current must be between 1 and"),
+        ({"current": 2**63}, PresenceValueError, "current must be between 1 and"),
+        ({"up_cooldown_s": -1.0}, PresenceValueError, "cooldowns must be >= 0"),
+        ({"down_cooldown_s": math.inf}, PresenceValueError, "down_cooldown_s must be finite"),
+        ({"up_cooldown_s": 10**400}, PresenceValueError, "up_cooldown_s is out of float range"),
+        ({"down_stable_samples": 0}, PresenceValueError, "down_stable_samples must be >= 1"),
+        ({"up_stable_samples": True}, PresenceTypeError, "up_stable_samples must be an int"),
+        ({"max_step": 0}, PresenceValueError, "max_step must be between 1 and"),
+        ({"calendar": {6: 2.0}}, PresenceTypeError, "calendar must be a LoadCalendar"),
+        ({"calendar_mode": "both"}, PresenceValueError, "calendar_mode must be"),
+        ({"sample_scope": "cluster"}, PresenceValueError, "sample_scope must be"),
     ],
 )
 def test_scaler_rejects_bad_configuration(
@@ -160,18 +301,20 @@ def test_current_defaults_to_min_replicas_and_set_current_validates() -> None:
     assert scaler.current == 3
     scaler.set_current(5)
     assert scaler.current == 5
-    with pytest.raises(ValueError, match="replicas must be >= 1"):
+    with pytest.raises(PresenceValueError, match="replicas must be between 1 and"):
         scaler.set_current(0)
-    with pytest.raises(TypeError, match="replicas must be an int"):
+    with pytest.raises(PresenceValueError, match="replicas must be between 1 and"):
+        scaler.set_current(REPLICA_LIMIT + 1)
+    with pytest.raises(PresenceTypeError, match="replicas must be an int"):
         scaler.set_current(2.0)  # type: ignore[arg-type]
+    with pytest.raises(PresenceTypeError, match="replicas must be an int"):
+        scaler.set_current(True)
 
 
 def test_sample_is_checked() -> None:
     scaler = presences_scaler()
-    with pytest.raises(TypeError, match="expected a LoadSample"):
+    with pytest.raises(PresenceTypeError, match="expected a LoadSample"):
         scaler({"at": 0})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sample.at must be finite"):
-        scaler(sample(at=math.nan))
 
 
 # --- sizing ------------------------------------------------------------------------------
@@ -356,16 +499,16 @@ def test_counts_outside_the_bounds_are_corrected_at_once() -> None:
     assert "above max_replicas 10" in decision.reason
 
 
-def test_signals_without_data_do_not_vote() -> None:
+def test_every_signal_votes() -> None:
     scaler = presences_scaler(
         thresholds=[Threshold("presences", 1000, 500), Threshold("diff_p99_ms", 20, 2)],
         current=4,
     )
-    decision = scaler(sample(presences=100, diff_p99_ms=math.nan))
+    # An idle latency histogram reads 0.0 (see Metrics.quantile): low, so it allows a scale-down.
+    decision = scaler(sample(presences=100))
     assert decision.action == "scale_down"
-    assert "no data for diff_p99_ms" in decision.reason
-    nothing = scaler(sample(presences=math.nan, diff_p99_ms=math.inf))
-    assert nothing.action == "hold" and "no signal has data" in nothing.reason
+    decision = scaler(sample(presences=100, diff_p99_ms=10))
+    assert decision.action == "hold" and "diff_p99_ms 10 within [2, 20]" in decision.reason
 
 
 # --- the calendar ------------------------------------------------------------------------
@@ -441,24 +584,38 @@ def test_calendar_reads_hours_in_its_own_zone() -> None:
         ({"hours": {18: 0.0}}, ValueError, "multiplier must be positive"),
         ({"hours": {18: -1.0}}, ValueError, "multiplier must be positive"),
         ({"hours": {18: math.nan}}, ValueError, r"hours\[18\] must be finite"),
+        ({"hours": {18: True}}, PresenceTypeError, r"hours\[18\] must be a number"),
         ({"hours": [2.0]}, TypeError, "hours must be a mapping"),
         ({"lead": timedelta(hours=-1)}, ValueError, "lead must be between"),
         ({"lead": timedelta(days=8)}, ValueError, "lead must be between"),
         ({"lead": "1h"}, TypeError, "lead must be a timedelta"),
-        ({"lead": math.inf}, TypeError, "lead must be a timedelta"),
+        ({"lead": True}, PresenceTypeError, "lead must be a timedelta"),
+        ({"lead": math.inf}, PresenceValueError, "lead must be finite"),
+        ({"lead": -1}, PresenceValueError, "lead must be between"),
+        # timedelta(seconds=1e300) itself overflows: refused before it is built.
+        ({"lead": 1e300}, PresenceValueError, "lead must be between"),
+        ({"lead": 10**400}, PresenceValueError, "lead is out of float range"),
         ({"tz": "Europe/Berlin"}, TypeError, "tz must be a datetime.tzinfo"),
+        # Each multiplier is finite, but an hour's product is not.
+        ({"months": {6: 1e200}, "hours": {18: 1e200}}, PresenceValueError, r"= inf"),
+        ({"months": {6: 1e-200}, "hours": {18: 1e-200}}, PresenceValueError, r"= 0\.0"),
     ],
 )
 def test_calendar_rejects_bad_specs(
     kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         LoadCalendar(**kwargs)
+    assert isinstance(raised.value, PresenceError)
 
 
-def test_calendar_rejects_non_datetimes() -> None:
-    with pytest.raises(TypeError, match="expected a datetime"):
+def test_calendar_rejects_non_datetimes_and_bad_leads() -> None:
+    with pytest.raises(PresenceTypeError, match="expected a datetime"):
         LoadCalendar().multiplier(12)  # type: ignore[arg-type]
+    with pytest.raises(PresenceTypeError, match="lead must be a timedelta"):
+        LoadCalendar().peak(JANUARY_WEDNESDAY, "1h")  # type: ignore[arg-type]
+    with pytest.raises(PresenceValueError, match="lead must be between"):
+        LoadCalendar().peak(JANUARY_WEDNESDAY, timedelta(hours=-1))
 
 
 def test_scaler_pre_scales_before_the_evening_peak() -> None:
@@ -507,9 +664,7 @@ def test_calendar_is_skipped_without_wall_time() -> None:
 
 # --- every decision explains itself ------------------------------------------------------
 
-_SIGNAL_VALUES = st.one_of(
-    st.floats(min_value=0, max_value=1e7, allow_nan=False), st.just(math.nan)
-)
+_SIGNAL_VALUES = st.floats(min_value=0, max_value=1e7)
 
 
 @settings(max_examples=200, deadline=None)
@@ -517,8 +672,8 @@ _SIGNAL_VALUES = st.one_of(
     steps=st.lists(
         st.tuples(
             st.floats(min_value=0, max_value=120),  # seconds since the previous sample
-            _SIGNAL_VALUES,
-            _SIGNAL_VALUES,
+            st.integers(min_value=0, max_value=10**7),  # presences
+            _SIGNAL_VALUES,  # diff latency
             st.integers(min_value=1, max_value=12),  # replicas the host reports
             st.booleans(),  # whether the host reports at all
         ),
@@ -527,7 +682,7 @@ _SIGNAL_VALUES = st.one_of(
     hour=st.integers(min_value=0, max_value=23),
 )
 def test_every_decision_is_consistent_and_has_a_reason(
-    steps: list[tuple[float, float, float, int, bool]], hour: int
+    steps: list[tuple[float, int, float, int, bool]], hour: int
 ) -> None:
     scaler = ThresholdScaler(
         [
@@ -552,7 +707,7 @@ def test_every_decision_is_consistent_and_has_a_reason(
             LoadSample(
                 at=at,
                 wall_time=wall_time,
-                presences=presences,  # type: ignore[arg-type]
+                presences=presences,
                 diff_p99_ms=latency,
                 flush_lag_s=0.5,
             )
@@ -570,3 +725,192 @@ def test_every_decision_is_consistent_and_has_a_reason(
                 assert abs(decision.desired - current) <= 3
         if report:
             scaler.set_current(replicas)
+
+
+# --- extreme numbers: every valid sample gets a decision -----------------------------------------
+
+FLOAT_MAX = sys.float_info.max
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presences": 2**1023},
+        {"presences": 2**1024},  # beyond float range
+        {"presences": 10**400},
+        {"memory_bytes": 10**4000},
+        {"ops_per_s": 1e308},
+        {"ops_per_s": FLOAT_MAX, "diff_p99_ms": FLOAT_MAX, "flush_lag_s": FLOAT_MAX},
+        {"connections": 2**2000, "topics": 2**2000},
+        {"ops_per_s": 5e-324},
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("scope", ["replica", "service"])
+def test_extreme_samples_get_a_decision(fields: dict[str, Any], scope: Any) -> None:
+    thresholds = [
+        Threshold("presences", 1000, 500),
+        Threshold("connections", FLOAT_MAX, 1e-300, target=1e-300 * 2),
+        Threshold("topics", 1e-300, 0, target=5e-324),
+        Threshold("ops_per_s", 1e308, 0.5),
+        Threshold("memory_bytes", 2**60, 0),
+        Threshold("diff_p99_ms", FLOAT_MAX, 1),
+        Threshold("flush_lag_s", 1, 0.1),
+    ]
+    for max_replicas in (10, REPLICA_LIMIT):
+        scaler = ThresholdScaler(
+            thresholds,
+            max_replicas=max_replicas,
+            current=3,
+            up_cooldown_s=FLOAT_MAX,
+            sample_scope=scope,
+            calendar=LoadCalendar(months={6: FLOAT_MAX}, hours={3: 1e-300}, lead=3600),
+        )
+        for hour in (2, 3, 18):
+            decision = scaler(
+                sample(at=FLOAT_MAX, wall_time=JUNE_SATURDAY.replace(hour=hour), **fields)
+            )
+            assert isinstance(decision, ScaleDecision)
+            assert all(math.isfinite(v) for v in decision.signals.values())
+            assert 1 <= decision.desired <= max_replicas
+
+
+def test_a_huge_load_saturates_at_the_replica_limit() -> None:
+    scaler = presences_scaler(max_replicas=REPLICA_LIMIT, current=1)
+    decision = scaler(sample(presences=10**400))
+    assert (decision.action, decision.desired) == ("scale_up", REPLICA_LIMIT)
+    assert "saturated at REPLICA_LIMIT" in decision.reason
+    assert decision.signals["presences"] == FLOAT_MAX
+    # ...and with the usual ceiling, max_replicas caps it as always.
+    decision = presences_scaler(current=1)(sample(presences=10**400))
+    assert decision.desired == 10 and "capped at max_replicas 10" in decision.reason
+
+
+def test_a_calendar_ratio_beyond_float_range_saturates() -> None:
+    # Every hour's multiplier is finite, but peak / now is not: 1e300 / 1e-300.
+    calendar = LoadCalendar(hours={3: 1e-300, 4: 1e300}, lead=timedelta(hours=1))
+    scaler = presences_scaler(calendar=calendar)
+    decision = scaler(sample(presences=1, wall_time=JANUARY_WEDNESDAY.replace(hour=3, minute=30)))
+    assert decision.signals["calendar_factor"] == FLOAT_MAX
+    assert (decision.action, decision.desired) == ("scale_up", 10)
+
+
+@pytest.mark.parametrize(
+    "wall_time",
+    [
+        datetime.max,
+        datetime.min,
+        datetime.max.replace(tzinfo=UTC),
+        datetime.min.replace(tzinfo=UTC),
+        datetime.max.replace(tzinfo=timezone(timedelta(hours=-23, minutes=-59))),
+        datetime.min.replace(tzinfo=timezone(timedelta(hours=23, minutes=59))),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("tz", [None, UTC, timezone(timedelta(hours=14))], ids=repr)
+def test_wall_times_at_the_ends_of_the_calendar_get_a_decision(
+    wall_time: datetime, tz: Any
+) -> None:
+    calendar = LoadCalendar.wedding_season(lead=timedelta(days=7), tz=tz)
+    for mode in ("relative", "absolute"):
+        scaler = presences_scaler(calendar=calendar, calendar_mode=mode)
+        assert isinstance(scaler(sample(presences=700, wall_time=wall_time)), ScaleDecision)
+    assert calendar.peak(wall_time) >= 1.0
+
+
+_counts = st.one_of(
+    st.integers(min_value=0, max_value=10**6),
+    st.integers(min_value=0),
+    st.sampled_from([2**1023, 2**1024, 10**400]),
+)
+_measures = st.one_of(
+    st.floats(min_value=0, max_value=1e4),
+    st.floats(min_value=0, allow_infinity=False),
+    st.sampled_from([FLOAT_MAX, 1e308, 5e-324]),
+)
+_offsets = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(
+    lambda minutes: timezone(timedelta(minutes=minutes))
+)
+_wall_times = st.none() | st.datetimes() | st.datetimes(timezones=_offsets)
+_samples = st.builds(
+    LoadSample,
+    at=st.floats(allow_nan=False, allow_infinity=False),
+    wall_time=_wall_times,
+    **{name: _counts for name in _COUNTS},
+    **{name: _measures for name in _MEASURES},
+)
+_multipliers = st.one_of(
+    st.floats(min_value=1e-3, max_value=1e3),
+    st.floats(min_value=5e-324, allow_infinity=False),
+    st.sampled_from([5e-324, 1e-300, FLOAT_MAX, 1e300]),
+)
+
+
+@st.composite
+def _calendars(draw: st.DrawFn) -> LoadCalendar | None:
+    if draw(st.booleans()):
+        return None
+    months = draw(st.dictionaries(st.integers(1, 12), _multipliers, max_size=3))
+    weekdays = draw(st.dictionaries(st.integers(0, 6), _multipliers, max_size=3))
+    hours = draw(st.dictionaries(st.integers(0, 23), _multipliers, max_size=3))
+    lead = draw(st.floats(min_value=0, max_value=7 * 86400))
+    tz = draw(st.none() | _offsets)
+    try:
+        return LoadCalendar(months, weekdays, hours, lead=lead, tz=tz)
+    except PresenceValueError:
+        # An hour whose multipliers multiply out of float range: refused, as it should be.
+        return LoadCalendar(months, lead=lead, tz=tz)
+
+
+_UNITS: tuple[ThresholdUnit | None, ...] = (None, "per_replica", "absolute")
+
+
+@st.composite
+def _thresholds(draw: st.DrawFn) -> list[Threshold]:
+    names = draw(st.lists(st.sampled_from(LOAD_SIGNALS), min_size=1, max_size=4, unique=True))
+    thresholds = []
+    for name in names:
+        down = draw(st.floats(min_value=0, max_value=FLOAT_MAX / 2))
+        up = draw(st.floats(min_value=down, exclude_min=True, allow_infinity=False))
+        unit = draw(st.sampled_from(_UNITS))
+        thresholds.append(Threshold(name, up, down, unit=unit))
+    return thresholds
+
+
+@st.composite
+def _scalers(draw: st.DrawFn) -> ThresholdScaler:
+    low = draw(st.integers(1, 5) | st.integers(1, REPLICA_LIMIT))
+    high = draw(st.integers(low, min(low + 10, REPLICA_LIMIT)) | st.integers(low, REPLICA_LIMIT))
+    return ThresholdScaler(
+        draw(_thresholds()),
+        min_replicas=low,
+        max_replicas=high,
+        current=draw(st.integers(1, REPLICA_LIMIT)),
+        up_cooldown_s=draw(st.floats(min_value=0, allow_infinity=False)),
+        down_cooldown_s=draw(st.floats(min_value=0, allow_infinity=False)),
+        down_stable_samples=draw(st.integers(1, 3)),
+        max_step=draw(st.none() | st.integers(1, REPLICA_LIMIT)),
+        calendar=draw(_calendars()),
+        calendar_mode=draw(st.sampled_from(["relative", "absolute"])),
+        sample_scope=draw(st.sampled_from(["replica", "service"])),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scaler=_scalers(),
+    steps=st.lists(st.tuples(_samples, st.none() | st.integers(1, REPLICA_LIMIT)), max_size=8),
+)
+def test_any_valid_sample_gets_a_decision_never_an_exception(
+    scaler: ThresholdScaler, steps: list[tuple[LoadSample, int | None]]
+) -> None:
+    for load, reported in steps:
+        current = scaler.current
+        decision = scaler(load)
+        assert isinstance(decision, ScaleDecision)
+        assert decision.current == current
+        assert all(math.isfinite(v) for v in decision.signals.values())
+        if decision.action != "hold":
+            assert scaler.min_replicas <= decision.desired <= scaler.max_replicas
+        if reported is not None:
+            scaler.set_current(reported)

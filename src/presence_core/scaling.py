@@ -42,16 +42,29 @@ by ``peak within lead / multiplier now``: an hour before the evening peak that i
 is added ahead; during the peak it is 1.0 and the load is not counted twice.  With
 ``calendar_mode="absolute"`` the policy multiplies by the peak multiplier itself, which reads the
 calendar as extra seasonal headroom.
+
+Extreme numbers
+---------------
+Every valid `LoadSample` gets a decision, however large its numbers.  Arithmetic saturates
+instead of overflowing: a load, a calendar factor or a product beyond float range counts as the
+largest float, and a replica count sized from it counts as `REPLICA_LIMIT` (then capped at
+``max_replicas`` as usual).  Configuration is checked when it is built: a calendar hour whose
+multipliers multiply out of float range, and replica counts above `REPLICA_LIMIT`, are refused
+with `presence_core.errors.PresenceValueError`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from types import MappingProxyType
 from typing import Final, Literal, NamedTuple
+
+from ._validate import check_int, check_time, is_int, is_number, type_name
+from .errors import PresenceTypeError, PresenceValueError
 
 __all__ = [
     "LOAD_SIGNALS",
@@ -60,11 +73,20 @@ __all__ = [
     "ScaleAction",
     "ScaleDecision",
     "LoadCalendar",
+    "REPLICA_LIMIT",
     "SampleScope",
     "ThresholdScaler",
     "Threshold",
     "ThresholdUnit",
 ]
+
+#: The largest replica count the scaler works with: the range of Kubernetes' int32 ``replicas``.
+#: Replica counts given to it (``max_replicas``, ``current``...) must not exceed it, and a count
+#: sized from extreme load saturates at it before ``max_replicas`` caps it.
+REPLICA_LIMIT: Final = 2**31 - 1
+
+# The largest finite float: where saturating arithmetic stops.
+_FLOAT_MAX: Final = sys.float_info.max
 
 # Every numeric field of LoadSample, in declaration order.  A scaling threshold names one of
 # these; keeping the list next to the dataclass means a new field cannot be forgotten by the
@@ -80,6 +102,47 @@ LOAD_SIGNALS: Final = (
     "memory_bytes",
     "flush_lag_s",
 )
+# The signals LoadSample declares as counts: they stay ints, however large.
+_COUNT_SIGNALS: Final = frozenset({"presences", "connections", "topics", "memory_bytes"})
+
+
+def _check_number(value: object, what: str) -> float:
+    """``value`` (an int or float, not a bool) as a finite float."""
+    if not is_number(value):
+        # bool is an int, but True is a bug in the caller's configuration, not a number.
+        raise PresenceTypeError(f"{what} must be a number, not {type_name(value)}")
+    real: int | float = value  # type: ignore[assignment]
+    try:
+        number = float(real)
+    except OverflowError:
+        bits = int(real).bit_length()
+        raise PresenceValueError(
+            f"{what} is out of float range, got an int of {bits} bits"
+        ) from None
+    if number - number != 0.0:  # inf or nan
+        raise PresenceValueError(f"{what} must be finite, got {value!r}")
+    return number
+
+
+def _check_count(value: object, what: str, low: int = 1) -> int:
+    """``value`` as a replica count in ``[low, REPLICA_LIMIT]``."""
+    return check_int(value, what, low=low, high=REPLICA_LIMIT)
+
+
+def _saturated(value: int | float) -> float:
+    """``value`` (finite, or an int of any size) as a float, the largest float past the range."""
+    if type(value) is float:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return _FLOAT_MAX if value > 0 else -_FLOAT_MAX
+
+
+def _times(a: float, b: float) -> float:
+    """``a x b`` for finite non-negative floats, saturating at the largest float."""
+    product = a * b
+    return product if product <= _FLOAT_MAX else _FLOAT_MAX
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +152,14 @@ class LoadSample:
     Fields are keyword-only: with nine numbers of similar magnitude, a positional mix-up would be
     silent.  Load fields default to zero so a host that does not measure something (say, memory)
     can leave it out, and a zero never triggers a scale-up.
+
+    Every field is checked on construction, so a scaler can trust what it reads: ``at`` is a
+    finite number (stored as a float), ``wall_time`` a datetime or None, the counts
+    (``presences``, ``connections``, ``topics``, ``memory_bytes``) ints >= 0 of any size, and the
+    other loads finite numbers >= 0 (stored as floats).  A bool is not a number.  A value of the
+    wrong type raises `presence_core.errors.PresenceTypeError`, one out of range (negative, NaN,
+    infinite) `presence_core.errors.PresenceValueError`.  There is no "not measured" value: a
+    host without a measurement leaves the field at 0.
 
     Attributes:
         at: Seconds from the host's clock (the Tracker's injectable clock, monotonic by default).
@@ -121,11 +192,36 @@ class LoadSample:
     memory_bytes: int = 0
     flush_lag_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        # A sample is a record that scalers trust: check every field here, once, so that a
+        # policy never meets a negative load, a string or a bool.  Counts stay ints of any
+        # size; the other fields become finite floats.
+        object.__setattr__(self, "at", check_time(self.at, "at"))
+        wall_time = self.wall_time
+        if wall_time is not None and not isinstance(wall_time, datetime):
+            raise PresenceTypeError(
+                f"wall_time must be a datetime or None, not {type_name(wall_time)}"
+            )
+        for name in LOAD_SIGNALS:
+            value = getattr(self, name)
+            if name in _COUNT_SIGNALS:
+                check_int(value, name, low=0)
+                continue
+            number = _check_number(value, name)
+            if number < 0.0:
+                raise PresenceValueError(f"{name} must be >= 0, got {value!r}")
+            object.__setattr__(self, name, number)
+
     def signal(self, name: str) -> float:
-        """The value of the numeric field ``name`` (one of `LOAD_SIGNALS`) as a float."""
+        """The value of the numeric field ``name`` (one of `LOAD_SIGNALS`) as a float.
+
+        A count too large for a float reads as the largest float.
+        """
         if name not in LOAD_SIGNALS:
-            raise ValueError(f"unknown load signal {name!r}; expected one of {LOAD_SIGNALS}")
-        return float(getattr(self, name))
+            raise PresenceValueError(
+                f"unknown load signal {name!r}; expected one of {LOAD_SIGNALS}"
+            )
+        return _saturated(getattr(self, name))
 
 
 ScaleAction = Literal["scale_up", "scale_down", "hold"]
@@ -162,11 +258,11 @@ class ScaleDecision:
 
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
-            raise ValueError(f"action must be one of {_ACTIONS}, got {self.action!r}")
-        if self.desired < 0 or self.current < 0:
-            raise ValueError(
-                f"replica counts must be >= 0, got desired={self.desired} current={self.current}"
-            )
+            raise PresenceValueError(f"action must be one of {_ACTIONS}, got {self.action!r}")
+        check_int(self.desired, "desired", low=0)
+        check_int(self.current, "current", low=0)
+        if not isinstance(self.reason, str):
+            raise PresenceTypeError(f"reason must be a str, not {type_name(self.reason)}")
         if self.action == "scale_up":
             consistent = self.desired > self.current
         elif self.action == "scale_down":
@@ -174,17 +270,20 @@ class ScaleDecision:
         else:
             consistent = self.desired == self.current
         if not consistent:
-            raise ValueError(
+            raise PresenceValueError(
                 f"{self.action} is inconsistent with desired={self.desired} current={self.current}"
             )
+        if not isinstance(self.signals, Mapping):
+            raise PresenceTypeError(f"signals must be a mapping, not {type_name(self.signals)}")
+        signals: dict[str, float] = {}
         for name, value in self.signals.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise TypeError(f"signal {name!r} must be a number, got {type(value).__name__}")
-            if math.isinf(value):
-                raise ValueError(f"signal {name!r} must not be infinite")
+            if not isinstance(name, str):
+                raise PresenceTypeError(f"signal names must be str, not {type_name(name)}")
+            # Finite, so that decisions compare equal to themselves (nan != nan).
+            signals[name] = _check_number(value, f"signal {name!r}")
         # A read-only view over a private copy: whoever receives the decision cannot change what
         # the scaler recorded, and the caller's dict can be reused.
-        object.__setattr__(self, "signals", MappingProxyType(dict(self.signals)))
+        object.__setattr__(self, "signals", MappingProxyType(signals))
 
 
 ThresholdUnit = Literal["per_replica", "absolute"]
@@ -213,35 +312,22 @@ _HOUR: Final = timedelta(hours=1)
 _EPSILON: Final = 1e-9
 
 
-def _is_real(value: object) -> bool:
-    # bool is an int, but True is a bug in the caller's configuration, not a number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_finite(what: str, value: object) -> float:
-    if not _is_real(value):
-        raise TypeError(f"{what} must be a number, not {type(value).__name__}")
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number):
-        raise ValueError(f"{what} must be finite, got {value!r}")
-    return number
-
-
-def _check_int(what: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
 def _fmt(value: float) -> str:
-    """A number as a person reads it in a log line: 1,250 or 0.0123 or 12.5."""
+    """A number as a person reads it in a log line: 1,250 or 0.0123 or 12.5 or 3.2e+18."""
     if math.isnan(value):
         return "nan"
-    if abs(value) >= 1000:
+    if 1000 <= abs(value) < 1e15:
         return f"{value:,.0f}"
     return f"{value:.3g}"
+
+
+def _size(total: float, target: float) -> int:
+    """``ceil(total / target)`` replicas, saturating at `REPLICA_LIMIT`."""
+    # total is finite and >= 0 and target > 0, but a tiny target can still overflow the ratio.
+    ratio = total / target - _EPSILON
+    if ratio >= REPLICA_LIMIT:
+        return REPLICA_LIMIT
+    return max(0, math.ceil(ratio))
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,35 +357,37 @@ class Threshold:
     target: float | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.signal, str):
+            raise PresenceTypeError(f"signal must be a str, not {type_name(self.signal)}")
         if self.signal not in LOAD_SIGNALS:
-            raise ValueError(
+            raise PresenceValueError(
                 f"unknown signal {self.signal!r}; a threshold must name one of {LOAD_SIGNALS}"
             )
-        up = _check_finite(f"{self.signal}: scale_up_above", self.scale_up_above)
-        down = _check_finite(f"{self.signal}: scale_down_below", self.scale_down_below)
+        up = _check_number(self.scale_up_above, f"{self.signal}: scale_up_above")
+        down = _check_number(self.scale_down_below, f"{self.signal}: scale_down_below")
         if down < 0:
-            raise ValueError(f"{self.signal}: scale_down_below must be >= 0, got {down!r}")
+            raise PresenceValueError(f"{self.signal}: scale_down_below must be >= 0, got {down!r}")
         if not up > down:
-            raise ValueError(
+            raise PresenceValueError(
                 f"{self.signal}: scale_up_above ({up!r}) must be greater than scale_down_below "
                 f"({down!r}); the gap between them is the hysteresis band"
             )
         unit = self.unit if self.unit is not None else _DEFAULT_UNITS[self.signal]
         if unit not in ("per_replica", "absolute"):
-            raise ValueError(
+            raise PresenceValueError(
                 f"{self.signal}: unit must be 'per_replica', 'absolute' or None, got {unit!r}"
             )
         target = self.target
         if unit == "absolute":
             if target is not None:
-                raise ValueError(
+                raise PresenceValueError(
                     f"{self.signal}: target only applies to per_replica thresholds; an absolute "
                     f"threshold moves one replica at a time"
                 )
         else:
-            target = up if target is None else _check_finite(f"{self.signal}: target", target)
+            target = up if target is None else _check_number(target, f"{self.signal}: target")
             if not down < target <= up:
-                raise ValueError(
+                raise PresenceValueError(
                     f"{self.signal}: target ({target!r}) must be in (scale_down_below, "
                     f"scale_up_above] = ({down!r}, {up!r}]"
                 )
@@ -351,28 +439,31 @@ class LoadCalendar:
         self._months = self._check_axis("months", months, 1, 12)
         self._weekdays = self._check_axis("weekdays", weekdays, 0, 6)
         self._hours = self._check_axis("hours", hours, 0, 23)
-        if isinstance(lead, timedelta):
-            lead_td = lead
-        elif _is_real(lead) and math.isfinite(lead):
-            lead_td = timedelta(seconds=float(lead))
-        else:
-            raise TypeError(f"lead must be a timedelta or a finite number of seconds, got {lead!r}")
-        if not timedelta(0) <= lead_td <= _MAX_LEAD:
-            raise ValueError(f"lead must be between 0 and {_MAX_LEAD}, got {lead_td}")
+        self._lead = _check_lead(lead)
         if tz is not None and not isinstance(tz, tzinfo):
-            raise TypeError(f"tz must be a datetime.tzinfo or None, not {type(tz).__name__}")
-        self._lead = lead_td
+            raise PresenceTypeError(f"tz must be a datetime.tzinfo or None, not {type_name(tz)}")
         self._tz = tz
         # 12 x 7 x 24 = 2,016 precomputed cells: a lookup is one index computation, and the
         # look-ahead can afford to visit every hour up to a week out.
-        self._table = tuple(
-            self._months.get(month, 1.0)
-            * self._weekdays.get(weekday, 1.0)
-            * self._hours.get(hour, 1.0)
-            for month in range(1, 13)
-            for weekday in range(7)
-            for hour in range(24)
-        )
+        table: list[float] = []
+        for month in range(1, 13):
+            for weekday in range(7):
+                for hour in range(24):
+                    cell = (
+                        self._months.get(month, 1.0)
+                        * self._weekdays.get(weekday, 1.0)
+                        * self._hours.get(hour, 1.0)
+                    )
+                    # Each factor is positive and finite, but their product may not be: an
+                    # infinite multiplier would make every load infinite, and a zero one would
+                    # leave the relative mode dividing by zero.
+                    if not 0.0 < cell <= _FLOAT_MAX:
+                        raise PresenceValueError(
+                            f"months[{month}] x weekdays[{weekday}] x hours[{hour}] = {cell!r}: "
+                            f"every hour's multiplier must be positive and within float range"
+                        )
+                    table.append(cell)
+        self._table = tuple(table)
 
     @staticmethod
     def _check_axis(
@@ -381,16 +472,18 @@ class LoadCalendar:
         if spec is None:
             return {}
         if not isinstance(spec, Mapping):
-            raise TypeError(
-                f"{name} must be a mapping of int to multiplier, not {type(spec).__name__}"
+            raise PresenceTypeError(
+                f"{name} must be a mapping of int to multiplier, not {type_name(spec)}"
             )
         checked: dict[int, float] = {}
         for key, value in spec.items():
-            if not isinstance(key, int) or isinstance(key, bool) or not low <= key <= high:
-                raise ValueError(f"{name}: keys must be ints in {low}..{high}, got {key!r}")
-            factor = _check_finite(f"{name}[{key}]", value)
+            if not is_int(key) or not low <= key <= high:
+                raise PresenceValueError(f"{name}: keys must be ints in {low}..{high}, got {key!r}")
+            factor = _check_number(value, f"{name}[{key}]")
             if factor <= 0:
-                raise ValueError(f"{name}[{key}]: a multiplier must be positive, got {value!r}")
+                raise PresenceValueError(
+                    f"{name}[{key}]: a multiplier must be positive, got {value!r}"
+                )
             checked[key] = factor
         return checked
 
@@ -425,9 +518,14 @@ class LoadCalendar:
 
     def _local(self, dt: datetime) -> datetime:
         if not isinstance(dt, datetime):
-            raise TypeError(f"expected a datetime, not {type(dt).__name__}")
+            raise PresenceTypeError(f"expected a datetime, not {type_name(dt)}")
         if self._tz is not None and dt.tzinfo is not None:
-            return dt.astimezone(self._tz)
+            try:
+                return dt.astimezone(self._tz)
+            except OverflowError:
+                # Within hours of datetime.min / max the converted time does not exist; read
+                # the hour as given rather than fail (years 1 and 9999 have no seasons to miss).
+                return dt
         return dt
 
     def _cell(self, dt: datetime) -> float:
@@ -443,16 +541,17 @@ class LoadCalendar:
         Multipliers change only on the hour, so this visits ``dt`` and each hour boundary up to
         ``dt + lead``.
         """
-        span = self._lead if lead is None else lead
-        if not timedelta(0) <= span <= _MAX_LEAD:
-            raise ValueError(f"lead must be between 0 and {_MAX_LEAD}, got {span}")
+        span = self._lead if lead is None else _check_lead(lead)
         start = self._local(dt)
-        end = start + span
         best = self._cell(start)
-        boundary = start.replace(minute=0, second=0, microsecond=0) + _HOUR
-        while boundary <= end:
+        boundary = start.replace(minute=0, second=0, microsecond=0)
+        # Stepping past datetime.max ends the look-ahead: there are no later hours to read.
+        for _ in range(_hours_ahead(start, span)):
+            try:
+                boundary += _HOUR
+            except OverflowError:
+                break
             best = max(best, self._cell(boundary))
-            boundary += _HOUR
         return best
 
     def __repr__(self) -> str:
@@ -462,12 +561,40 @@ class LoadCalendar:
         )
 
 
+def _check_lead(lead: object) -> timedelta:
+    """``lead`` (a timedelta or seconds) as a timedelta in ``[0, _MAX_LEAD]``."""
+    if isinstance(lead, timedelta):
+        span = lead
+    elif is_number(lead):
+        seconds = _check_number(lead, "lead")
+        # Range first: timedelta(seconds=1e300) overflows.
+        if not 0.0 <= seconds <= _MAX_LEAD.total_seconds():
+            raise PresenceValueError(f"lead must be between 0 and {_MAX_LEAD}, got {lead!r} s")
+        span = timedelta(seconds=seconds)
+    else:
+        raise PresenceTypeError(
+            f"lead must be a timedelta or a number of seconds, not {type_name(lead)}"
+        )
+    if not timedelta(0) <= span <= _MAX_LEAD:
+        raise PresenceValueError(f"lead must be between 0 and {_MAX_LEAD}, got {span}")
+    return span
+
+
+def _hours_ahead(start: datetime, span: timedelta) -> int:
+    """How many hour boundaries lie in ``(start, start + span]``."""
+    into_hour = timedelta(
+        minutes=start.minute, seconds=start.second, microseconds=start.microsecond
+    )
+    return (into_hour + span) // _HOUR
+
+
 class ThresholdScaler:
     """Thresholds with hysteresis and cooldowns, and an optional calendar; a `Scaler`.
 
     Args:
         thresholds: One `Threshold` per signal (at least one; no signal twice).
         max_replicas: Never ask for more.  Required: an unbounded policy is a cost incident.
+            At most `REPLICA_LIMIT`, like every replica count the scaler is given.
         min_replicas: Never ask for fewer (>= 1).
         current: The replica count running now; defaults to ``min_replicas``.  Afterwards only
             `set_current` changes it (see the module docstring for why).
@@ -532,11 +659,17 @@ class ThresholdScaler:
     ) -> None:
         rules: list[_Rule] = []
         seen: set[str] = set()
+        if not isinstance(thresholds, Iterable):
+            raise PresenceTypeError(
+                f"thresholds must be an iterable of Threshold, not {type_name(thresholds)}"
+            )
         for threshold in thresholds:
             if not isinstance(threshold, Threshold):
-                raise TypeError(f"thresholds must be Threshold objects, got {threshold!r}")
+                raise PresenceTypeError(f"thresholds must be Threshold objects, got {threshold!r}")
             if threshold.signal in seen:
-                raise ValueError(f"two thresholds for signal {threshold.signal!r}; give one each")
+                raise PresenceValueError(
+                    f"two thresholds for signal {threshold.signal!r}; give one each"
+                )
             seen.add(threshold.signal)
             rules.append(
                 _Rule(
@@ -548,37 +681,39 @@ class ThresholdScaler:
                 )
             )
         if not rules:
-            raise ValueError("a ThresholdScaler needs at least one Threshold")
+            raise PresenceValueError("a ThresholdScaler needs at least one Threshold")
         self._rules = tuple(rules)
-        self._min_replicas = _check_int("min_replicas", min_replicas, 1)
-        self._max_replicas = _check_int("max_replicas", max_replicas, 1)
+        self._min_replicas = _check_count(min_replicas, "min_replicas")
+        self._max_replicas = _check_count(max_replicas, "max_replicas")
         if self._max_replicas < self._min_replicas:
-            raise ValueError(
+            raise PresenceValueError(
                 f"max_replicas ({max_replicas}) must be >= min_replicas ({min_replicas})"
             )
-        self._current = _check_int("current", min_replicas if current is None else current, 1)
-        self._up_cooldown_s = _check_finite("up_cooldown_s", up_cooldown_s)
-        self._down_cooldown_s = _check_finite("down_cooldown_s", down_cooldown_s)
+        self._current = _check_count(min_replicas if current is None else current, "current")
+        self._up_cooldown_s = _check_number(up_cooldown_s, "up_cooldown_s")
+        self._down_cooldown_s = _check_number(down_cooldown_s, "down_cooldown_s")
         if self._up_cooldown_s < 0 or self._down_cooldown_s < 0:
-            raise ValueError(
+            raise PresenceValueError(
                 f"cooldowns must be >= 0 seconds, got up_cooldown_s={up_cooldown_s!r} "
                 f"down_cooldown_s={down_cooldown_s!r}"
             )
-        self._up_stable_samples = _check_int("up_stable_samples", up_stable_samples, 1)
-        self._down_stable_samples = _check_int("down_stable_samples", down_stable_samples, 1)
-        self._max_step = None if max_step is None else _check_int("max_step", max_step, 1)
+        self._up_stable_samples = check_int(up_stable_samples, "up_stable_samples", low=1)
+        self._down_stable_samples = check_int(down_stable_samples, "down_stable_samples", low=1)
+        self._max_step = None if max_step is None else _check_count(max_step, "max_step")
         if calendar is not None and not isinstance(calendar, LoadCalendar):
-            raise TypeError(
-                f"calendar must be a LoadCalendar or None, not {type(calendar).__name__}"
+            raise PresenceTypeError(
+                f"calendar must be a LoadCalendar or None, not {type_name(calendar)}"
             )
         self._calendar = calendar
         if calendar_mode not in ("relative", "absolute"):
-            raise ValueError(
+            raise PresenceValueError(
                 f"calendar_mode must be 'relative' or 'absolute', got {calendar_mode!r}"
             )
         self._calendar_mode: CalendarMode = calendar_mode
         if sample_scope not in ("replica", "service"):
-            raise ValueError(f"sample_scope must be 'replica' or 'service', got {sample_scope!r}")
+            raise PresenceValueError(
+                f"sample_scope must be 'replica' or 'service', got {sample_scope!r}"
+            )
         self._sample_scope: SampleScope = sample_scope
         self._last_scale_at: float | None = None
         self._up_streak = 0
@@ -607,7 +742,7 @@ class ThresholdScaler:
         samples taken at the old count say little about per-replica load at the new one.
         Cooldowns are not touched: they run from the decision, not from its application.
         """
-        replicas = _check_int("replicas", replicas, 1)
+        replicas = _check_count(replicas, "replicas")
         if replicas != self._current:
             self._current = replicas
             self._up_streak = 0
@@ -622,7 +757,9 @@ class ThresholdScaler:
         now = calendar.multiplier(sample.wall_time)
         peak = calendar.peak(sample.wall_time)
         if self._calendar_mode == "relative":
-            factor = peak / now
+            # Both are positive and finite (the calendar checks its cells), but a tiny hour
+            # next to a huge one can still overflow the ratio.
+            factor = min(peak / now, _FLOAT_MAX)
             how = f"peak {_fmt(peak)} within lead {calendar.lead} / now {_fmt(now)}"
         else:
             factor = peak
@@ -632,33 +769,31 @@ class ThresholdScaler:
     def __call__(self, sample: LoadSample) -> ScaleDecision:
         """Judge one sample; always returns a decision, holds included, with its reason."""
         if not isinstance(sample, LoadSample):
-            raise TypeError(f"expected a LoadSample, not {type(sample).__name__}")
-        at = _check_finite("sample.at", sample.at)
+            raise PresenceTypeError(f"expected a LoadSample, not {type_name(sample)}")
+        # LoadSample checked its fields: every value below is finite and >= 0, and the
+        # arithmetic saturates (see "Extreme numbers" in the module docstring).
+        at = sample.at
         current = self._current
         factor, calendar_note = self._calendar_factor(sample)
         notes: list[str] = [] if calendar_note is None else [calendar_note]
         signals: dict[str, float] = {"replicas": float(current), "calendar_factor": factor}
 
         # Classify every signal against its band and work out what it would size the service
-        # to.  Non-finite values (no measurement yet) do not vote either way.
+        # to.
         above: list[tuple[str, int]] = []  # (clause, replicas this signal asks for)
         below: list[tuple[str, int]] = []
         within: list[str] = []
-        missing: list[str] = []
         for rule in self._rules:
             raw = sample.signal(rule.signal)
-            if not math.isfinite(raw):
-                missing.append(rule.signal)
-                continue
             total = raw
             if rule.per_replica:
                 if self._sample_scope == "replica":
-                    per_replica = raw * factor
-                    total = per_replica * current
+                    per_replica = _times(raw, factor)
+                    total = _times(per_replica, current)
                 else:
-                    total = raw * factor
+                    total = _times(raw, factor)
                     per_replica = total / current
-                sized = max(0, math.ceil(total / rule.target - _EPSILON))
+                sized = _size(total, rule.target)
                 shown = f"{rule.signal} {_fmt(per_replica)}/replica"
                 if factor != 1.0:
                     base = raw if self._sample_scope == "replica" else raw / current
@@ -672,6 +807,8 @@ class ThresholdScaler:
             if value > rule.up:
                 if rule.per_replica:
                     need = f"needs ceil({_fmt(total)} / {_fmt(rule.target)}) = {sized}"
+                    if sized == REPLICA_LIMIT:
+                        need += " (saturated at REPLICA_LIMIT)"
                 else:
                     sized = current + 1
                     need = "one step up"
@@ -685,8 +822,6 @@ class ThresholdScaler:
                 below.append((f"{shown} < scale_down_below {_fmt(rule.down)}, {need}", sized))
             else:
                 within.append(f"{shown} within [{_fmt(rule.down)}, {_fmt(rule.up)}]")
-        if missing:
-            notes.append(f"no data for {', '.join(missing)}")
 
         # Replica bounds come from configuration, not from load: a count outside them (replicas
         # crashed, someone scaled by hand) is corrected at once, whatever the cooldowns and
@@ -700,16 +835,14 @@ class ThresholdScaler:
             why = f"above max_replicas {self._max_replicas}"
             return self._scale(at, "scale_down", self._max_replicas, why, notes, signals)
 
-        voting = len(above) + len(below) + len(within)
+        all_below = len(below) == len(self._rules)
         self._up_streak = self._up_streak + 1 if above else 0
-        self._down_streak = self._down_streak + 1 if voting and len(below) == voting else 0
+        self._down_streak = self._down_streak + 1 if all_below else 0
 
         if above:
             return self._consider_up(at, above, notes, signals)
-        if voting and len(below) == voting:
+        if all_below:
             return self._consider_down(at, below, notes, signals)
-        if not voting:
-            return self._hold("no signal has data", notes, signals)
         clauses = [clause for clause, _ in below] + within
         return self._hold("signals within bands: " + "; ".join(clauses), notes, signals)
 
