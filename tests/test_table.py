@@ -992,6 +992,224 @@ def test_extreme_times_agree_with_the_twin(both: tuple[Any, Any]) -> None:
         p.check_invariants()
 
 
+# -- time going backwards ---------------------------------------------------------------------
+
+
+def test_expire_after_a_step_back_does_not_rescan_the_table(Table: Any) -> None:
+    # Reviewed defect: after the clock stepped back (an NTP step under clock=time.time), every
+    # entry written or touched sat on the pending list, its deadline tick not after the wheel's
+    # current tick (which stayed at the later time), and every expire() looked at all of them:
+    # O(n) per call for as long as the step lasted.  Now the first expire() after the step
+    # moves the wheel back, placing each entry once, and later calls cost what they did before.
+    n = 5_000
+    t = Table(n + 1, tick=TICK)
+    t.upsert_many([(i, i) for i in range(n)], 30.0, now=3600.0)
+    assert t.expire(now=3600.0) == []
+    assert t.touch_many(range(n), now=0.0) == n  # heartbeats after an hour's step back
+    t.upsert("new", -1, 30.0, now=0.0)
+    before = t.stats()
+    for step in range(1, 201):
+        assert t.expire(now=step * TICK) == []
+    after = t.stats()
+    assert after["pending"] == 0
+    assert after["wheel_rebases"] - before["wheel_rebases"] == 1
+    assert after["expire_examined"] - before["expire_examined"] <= n + 1  # once, not per call
+    # Still exact: nothing before its deadline, everything at it.
+    assert t.expire(now=29.99) == []
+    assert sorted(k for k, _ in t.expire(now=30.0) if k != "new") == list(range(n))
+    assert len(t) == 0
+    t.check_invariants()
+
+
+def test_small_step_back_leaves_the_wheel_and_stays_exact(Table: Any) -> None:
+    t = Table(10, tick=TICK)
+    t.upsert("a", 1, 1.0, now=100.0)
+    assert t.expire(now=100.0) == []
+    t.upsert("b", 2, 0.05, now=99.9)  # 10 ticks back: due before the wheel's current tick
+    assert t.stats()["pending"] == 1
+    assert t.expire(now=99.94) == []
+    assert t.expire(now=99.95) == [("b", 2)]
+    assert t.stats()["wheel_rebases"] == 0
+    assert t.expire(now=100.99) == []
+    assert t.expire(now=101.0) == [("a", 1)]
+    t.check_invariants()
+
+
+def test_time_going_back_and_forth_expires_exactly(both: tuple[Any, Any]) -> None:
+    native, twin = both
+    for seed in range(20):
+        rng = random.Random(seed)
+        c, p = native(50, tick=TICK), twin(50, tick=TICK)
+        deadlines: dict[int, float] = {}
+        now = 1000.0
+        for _ in range(400):
+            r = rng.random()
+            if r < 0.5:
+                key, ttl = rng.randrange(60), rng.choice([0.05, 0.3, 2.0, 30.0, 700.0])
+                assert c.upsert(key, now, ttl, now=now) == p.upsert(key, now, ttl, now=now)
+                deadlines[key] = now + ttl
+                evicted = c.drain_evicted()
+                assert evicted == p.drain_evicted()
+                for gone, _ in evicted:
+                    del deadlines[gone]
+            elif r < 0.65:
+                key = rng.randrange(60)
+                assert c.touch(key, now=now) == p.touch(key, now=now)
+                if key in deadlines:
+                    deadlines[key] = c.deadline(key)
+            else:
+                now += rng.choice([0.0, 0.01, 0.2, 3.0, -0.05, -0.2, -5.0, -800.0, 900.0])
+                got = c.expire(now=now)
+                assert got == p.expire(now=now)
+                want = {k for k, d in deadlines.items() if d <= now}
+                assert {k for k, _ in got} == want
+                for k in want:
+                    del deadlines[k]
+        assert c.stats()["wheel_rebases"] == p.stats()["wheel_rebases"] > 0
+        c.check_invariants()
+        p.check_invariants()
+
+
+# -- numbers beyond float range ----------------------------------------------------------------
+
+HUGE = [10**400, -(10**400), 10**5000]
+
+
+@pytest.mark.parametrize("huge", HUGE, ids=["1e400", "-1e400", "1e5000"])
+def test_ints_beyond_float_range_are_value_errors(Table: Any, huge: int) -> None:
+    # Reviewed defect: such ints raised a bare OverflowError (float(int)) or, past 4,300 digits,
+    # a plain ValueError from printing them in the message.
+    from presence_core.errors import PresenceValueError
+
+    t = _filled(Table)
+    before = snapshot(t)
+    calls = {
+        "ttl": [
+            lambda: t.upsert("new", 1, huge, now=1.0),
+            lambda: t.upsert_many([("new", 1)], huge, now=1.0),
+            lambda: t.touch(0, huge, now=1.0),
+            lambda: t.touch_many([0], huge, now=1.0),
+        ],
+        "now": [
+            lambda: t.upsert("new", 1, 1.0, now=huge),
+            lambda: t.upsert_many([("new", 1)], 1.0, now=huge),
+            lambda: t.touch(0, now=huge),
+            lambda: t.touch_many([0], now=huge),
+            lambda: t.expire(now=huge),
+        ],
+    }
+    for what, group in calls.items():
+        for call in group:
+            with pytest.raises(PresenceValueError, match=f"{what} is out of range"):
+                call()
+            assert snapshot(t) == before
+    clock_table = Table(4, tick=TICK, clock=lambda: huge)
+    with pytest.raises(PresenceValueError, match="now is out of range"):
+        clock_table.upsert("a", 1, 1.0)
+    with pytest.raises(PresenceValueError, match="tick must be between .* got an int of"):
+        Table(4, tick=huge)
+    with pytest.raises(PresenceValueError, match="capacity must be between 1 and .* an int of"):
+        Table(huge)
+    if huge < 0:
+        with pytest.raises(PresenceValueError, match="limit must be >= 0, got an int of"):
+            t.drain_dirty(limit=huge)
+    else:
+        assert t.drain_dirty(limit=huge) == [(0, "0"), (1, "1"), (2, "2"), (3, TOMBSTONE)]
+
+
+# -- the garbage collector during bulk calls ---------------------------------------------------
+
+
+class _Collections:
+    """Counts the collections that start while it is in `gc.callbacks`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self.count += 1
+
+
+def _collections_during(call: Any) -> tuple[int, Any]:
+    """How many collections start during `call()`, and its result.
+
+    Nothing between the callback's registration and removal allocates an object the collector
+    tracks, except `call()` itself: the collection that a bulk call's new tuples set off once
+    the collector is back on starts later, at the first allocation after this returns.
+    """
+    counter = _Collections()
+    gc.collect()
+    gc.callbacks.append(counter)
+    try:
+        result = call()
+    finally:
+        gc.callbacks.remove(counter)
+    return counter.count, result
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_bulk_calls_do_not_collect_midway_and_restore_the_collector(
+    Table: Any, enabled: bool
+) -> None:
+    # Reviewed defect: a million result tuples set off several full collections in the middle
+    # of expire() / drain_dirty(), each traversing every key and value of the table.
+    n = 20_000  # about 28 young collections' worth of new tuples
+    t = Table(n, tick=TICK)
+    values = [[i] for i in range(n)]  # values the collector tracks, as presence metas are
+    t.upsert_many(list(zip(range(n), values, strict=True)), 1.0, now=0.0)
+    evicting = [(n + i, values[i]) for i in range(n)]
+    was = gc.isenabled()
+    try:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+        # upsert_many evicts every first entry: a tuple each, for drain_evicted().
+        assert _collections_during(lambda: t.upsert_many(evicting, 1.0, now=0.0)) == (0, n)
+        assert gc.isenabled() is enabled
+        collections, drained = _collections_during(t.drain_dirty)
+        assert collections == 0 and len(drained) == 2 * n
+        assert gc.isenabled() is enabled
+        collections, expired = _collections_during(lambda: t.expire(now=1.0))
+        assert collections == 0 and len(expired) == n
+        assert gc.isenabled() is enabled
+        assert len(t.drain_evicted()) == n
+        # Restored when the call raises too.
+        t.upsert(BadEq(7), 1, 1.0, now=2.0)
+        with pytest.raises(ArithmeticError, match="bad eq"):
+            t.upsert_many([("x", 1), (BadEq(7), 2)], 1.0, now=2.0)
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+# -- signatures --------------------------------------------------------------------------------
+
+
+def test_constructor_signature_is_the_real_one(Table: Any) -> None:
+    import inspect
+    import pydoc
+
+    sig = inspect.signature(Table)
+    assert [(p.name, p.kind, p.default) for p in sig.parameters.values()] == [
+        ("capacity", inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty),
+        ("tick", inspect.Parameter.KEYWORD_ONLY, 0.01),
+        ("clock", inspect.Parameter.KEYWORD_ONLY, None),
+        ("track_dirty", inspect.Parameter.KEYWORD_ONLY, True),
+    ]
+    text = pydoc.render_doc(Table, renderer=pydoc.plaintext)  # what help() prints
+    assert f"PresenceTable{sig}" in text
+    assert "A bounded map of live entries" in text
+    if Table.__module__.endswith("_fast"):
+        # Reviewed defect: Cython's embedded signature put `tick` before the `*`, and
+        # inspect.signature() found none at all.
+        assert str(sig) == "(capacity, *, tick=0.01, clock=None, track_dirty=True)"
+
+
 # -- scale --------------------------------------------------------------------------------------
 
 

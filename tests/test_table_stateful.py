@@ -24,8 +24,11 @@ TTLS = st.one_of(
     st.sampled_from([0.001, 0.005, 0.01, 0.011, 0.5, 2.56, 3.0, 655.36, 700.0, 1e5, 5e7, 1e9]),
     st.floats(min_value=0.001, max_value=1e6, allow_nan=False, allow_infinity=False),
 )
+# Steps back, small and large: under 16 ticks the wheel stays where it is, beyond that the next
+# expire() moves it back and places every entry again.
 STEPS = st.sampled_from(
-    [0.0, 0.0, 0.001, 0.004, 0.01, 0.3, 1.0, 2.56, 10.0, 700.0, 1e5, 5e7, -0.5, -100.0]
+    [0.0, 0.0, 0.001, 0.004, 0.01, 0.3, 1.0, 2.56, 10.0, 700.0, 1e5, 5e7]
+    + [-0.004, -0.016, -0.5, -3.0, -100.0, -1e5, -5e7]
 )
 
 

@@ -37,6 +37,11 @@ DEFAULT_TICK: Final = 0.01
 # in ordering and never overflow.  2**53 keeps the float -> int conversion exact.
 MAX_TICK: Final = 1 << 53
 
+# How far `expire(now)` may find `now` behind the wheel's current tick before it moves the
+# wheel back to `now` (see "Time going backwards" in `_py.py`).  A smaller step back is left
+# alone: only entries due within it wait on the pending list, and they expire soon.
+REBASE_TICKS: Final = 16
+
 
 @final
 class Tombstone:
@@ -73,8 +78,20 @@ def check_now(now: object) -> float:
     return check_time(now, "now")
 
 
+def _shown(value: object) -> str:
+    """`repr(value)` for a message; an int too long to print usefully is given by its size."""
+    if is_int(value) and not (-(1 << 64) < value < (1 << 64)):  # type: ignore[operator]
+        return f"an int of {int(value).bit_length()} bits"  # type: ignore[call-overload]
+    return repr(value)
+
+
 def check_capacity(capacity: object) -> int:
     """Return `capacity` if it is an int between 1 and 2**31 - 2**16, else raise."""
+    if is_int(capacity) and not (1 <= capacity <= MAX_CAPACITY):  # type: ignore[operator]
+        # Not check_int's message: it prints the number, which fails beyond 4,300 digits.
+        raise PresenceValueError(
+            f"capacity must be between 1 and {MAX_CAPACITY}, got {_shown(capacity)}"
+        )
     return check_int(capacity, "capacity", low=1, high=MAX_CAPACITY)
 
 
@@ -90,7 +107,7 @@ def check_tick(tick: object) -> float:
         value = math.inf
     if not (MIN_TICK <= value <= MAX_TICK_SECONDS):
         raise PresenceValueError(
-            f"tick must be between {MIN_TICK} and {MAX_TICK_SECONDS} seconds, got {tick!r}"
+            f"tick must be between {MIN_TICK} and {MAX_TICK_SECONDS} seconds, got {_shown(tick)}"
         )
     return value
 
@@ -99,6 +116,8 @@ def check_limit(limit: object) -> int:
     """Return `limit` for `drain_dirty` if it is a non-negative int, else raise."""
     if not is_int(limit):
         raise PresenceTypeError(f"limit must be an int or None, not {type_name(limit)}")
+    if limit < 0:  # type: ignore[operator]
+        raise PresenceValueError(f"limit must be >= 0, got {_shown(limit)}")
     return check_int(limit, "limit", low=0)
 
 

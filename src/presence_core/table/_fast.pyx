@@ -65,6 +65,12 @@ cdef extern from *:
     void PC_PREFETCH(const void *p) nogil
     const int PC_DEBUG
 
+cdef extern from "Python.h":
+    # Each returns the previous state (1: enabled).  Bulk calls pause the collector while they
+    # make a tuple per entry; see "The garbage collector" in _py.py.
+    int PyGC_Enable()
+    int PyGC_Disable()
+
 
 ctypedef struct Entry:
     PyObject *key
@@ -96,6 +102,7 @@ cdef uint32_t NOT_DIRTY = 0xFFFFFFFF
 cdef uint32_t QUEUE_END = 0xFFFFFFFE
 cdef uint32_t NO_SLOT = 0xFFFFFFFF
 cdef double MAX_TICK_F = 9007199254740992.0  # 2**53, as in _common.MAX_TICK
+cdef int64_t REBASE_TICKS = _common.REBASE_TICKS
 
 cdef object _check_ttl = _common.check_ttl
 cdef object _check_now = _common.check_now
@@ -127,9 +134,21 @@ cdef inline double _monotonic() noexcept nogil:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
+# The class docstring starts with the constructor's signature in the form CPython reads for
+# `__text_signature__` (a line ending in "--"), so help() and inspect.signature() show the real
+# one.  Cython's embedded signature is off for the class alone: it put `tick` before the `*`.
 @cython.final
+@cython.embedsignature(False)
 cdef class PresenceTable:
-    """A bounded map of live entries with a deadline each, an LRU order and a change log.
+    """PresenceTable(capacity, *, tick=0.01, clock=None, track_dirty=True)
+--
+
+    A bounded map of live entries with a deadline each, an LRU order and a change log.
+
+    `capacity` bounds the number of live entries; `tick` is the wheel's resolution in
+    seconds (1 ms to 60 s); `clock` returns seconds and is used whenever a call's `now` is
+    omitted (default `time.monotonic`); with `track_dirty=False` no change log is kept and
+    `drain_dirty()` always returns an empty list.
 
     Native implementation; see `presence_core.table._py.PresenceTable` for the full contract.
     """
@@ -156,6 +175,7 @@ cdef class PresenceTable:
     cdef uint64_t _version         # recency order or membership changed (iteration guard)
     cdef uint64_t _layout          # slots or index moved (guards key comparisons)
     cdef Py_ssize_t _n_inserts, _n_updates, _n_touches, _n_removals, _n_expirations, _n_evictions
+    cdef Py_ssize_t _n_examined, _n_rebases
     cdef object __weakref__
 
     def __cinit__(self):
@@ -610,10 +630,12 @@ cdef class PresenceTable:
         hashes = <uint32_t *>PyMem_Malloc(<size_t>(n if n > 0 else 1) * sizeof(uint32_t))
         if hashes == NULL:
             raise MemoryError()
+        cdef int gc_was_on = 0
         try:
             for i in range(n):
                 item = <object>PyList_GET_ITEM(pairs, i)
                 hashes[i] = _mix32(PyObject_Hash(<object>PyTuple_GET_ITEM(item, 0)))
+            gc_was_on = PyGC_Disable()  # evictions make a tuple each
             for i in range(n):
                 if i + BATCH_AHEAD < n:
                     PC_PREFETCH(&self._index[hashes[i + BATCH_AHEAD] & self._index_mask])
@@ -621,6 +643,8 @@ cdef class PresenceTable:
                 added += self._upsert(<object>PyTuple_GET_ITEM(item, 0), hashes[i],
                                       <object>PyTuple_GET_ITEM(item, 1), ttl_s, now_s)
         finally:
+            if gc_was_on:
+                PyGC_Enable()
             PyMem_Free(hashes)
         return added
 
@@ -759,38 +783,75 @@ cdef class PresenceTable:
         cdef list expired = []
         cdef uint32_t slot, nxt
         cdef Entry *entries
+        cdef int gc_was_on
         if not self._has_current:
             self._current = target
             self._has_current = True
             return expired
-        if target > self._current:
-            self._collect(self._current, target)
-            self._current = target
-            while True:
-                entries = self._entries
-                slot = entries[DUE].wheel_next
-                if slot == DUE:
-                    break
-                PC_PREFETCH(&entries[entries[slot].wheel_next])
-                self._wheel_unlink(slot)
+        gc_was_on = PyGC_Disable()  # a tuple per expired entry
+        try:
+            if target < self._current - REBASE_TICKS:
+                self._rebase(target, now_s)
+            if target > self._current:
+                self._collect(self._current, target)
+                self._current = target
+                while True:
+                    entries = self._entries
+                    slot = entries[DUE].wheel_next
+                    if slot == DUE:
+                        break
+                    PC_PREFETCH(&entries[entries[slot].wheel_next])
+                    self._wheel_unlink(slot)
+                    self._n_examined += 1
+                    if entries[slot].deadline <= now_s:
+                        self._expire_slot(slot, expired)
+                    else:
+                        self._schedule(slot, now_s)
+            entries = self._entries
+            slot = entries[PENDING].wheel_next
+            while slot != PENDING:
+                nxt = entries[slot].wheel_next
+                self._n_examined += 1
                 if entries[slot].deadline <= now_s:
+                    self._wheel_unlink(slot)
                     self._expire_slot(slot, expired)
-                else:
+                elif _to_tick(entries[slot].deadline, self._tick) > self._current:
+                    self._wheel_unlink(slot)
                     self._schedule(slot, now_s)
-        entries = self._entries
-        slot = entries[PENDING].wheel_next
-        while slot != PENDING:
-            nxt = entries[slot].wheel_next
-            if entries[slot].deadline <= now_s:
-                self._wheel_unlink(slot)
-                self._expire_slot(slot, expired)
-            elif _to_tick(entries[slot].deadline, self._tick) > self._current:
-                self._wheel_unlink(slot)
-                self._schedule(slot, now_s)
-            slot = nxt
+                slot = nxt
+        finally:
+            if gc_was_on:
+                PyGC_Enable()
         if PC_DEBUG:
             self.check_invariants()
         return expired
+
+    cdef void _rebase(self, int64_t target, double now) noexcept:
+        # Time went back: make `target` the current tick and place every entry again, taking
+        # the buckets in number order (the pending list last), each in its list order.
+        cdef uint32_t head, head_first, head_last, due_last, slot
+        cdef Entry *entries = self._entries
+        for head in range(PENDING + 1):
+            head_first = entries[head].wheel_next
+            if head_first != head:
+                head_last = entries[head].wheel_prev
+                due_last = entries[DUE].wheel_prev
+                entries[due_last].wheel_next = head_first
+                entries[head_first].wheel_prev = due_last
+                entries[head_last].wheel_next = DUE
+                entries[DUE].wheel_prev = head_last
+                entries[head].wheel_next = head
+                entries[head].wheel_prev = head
+        self._current = target
+        while True:
+            slot = entries[DUE].wheel_next
+            if slot == DUE:
+                break
+            PC_PREFETCH(&entries[entries[slot].wheel_next])
+            self._wheel_unlink(slot)
+            self._schedule(slot, now)
+            self._n_examined += 1
+        self._n_rebases += 1
 
     cdef void _collect(self, int64_t current, int64_t target) noexcept:
         # Splice every bucket whose span the wheel crosses onto the DUE list, in order.
@@ -836,6 +897,17 @@ cdef class PresenceTable:
             if limit < count:   # compared as Python ints: any limit is valid, even 2**64
                 count = limit
         cdef list out = []
+        cdef int gc_was_on = PyGC_Disable()  # a tuple per key
+        try:
+            self._drain(count, out)
+        finally:
+            if gc_was_on:
+                PyGC_Enable()
+        if PC_DEBUG:
+            self.check_invariants()
+        return out
+
+    cdef int _drain(self, Py_ssize_t count, list out) except -1:
         cdef Py_ssize_t taken = 0
         cdef uint32_t slot
         cdef Entry *e
@@ -858,9 +930,7 @@ cdef class PresenceTable:
                 Py_DECREF(key)     # the table's reference; the tuple holds its own
                 self._free_slot(slot)
                 self._tombstones -= 1
-        if PC_DEBUG:
-            self.check_invariants()
-        return out
+        return 0
 
     def drain_evicted(self):
         """Take the `(key, value)` pairs evicted by capacity since the last call, oldest first."""
@@ -885,6 +955,8 @@ cdef class PresenceTable:
             "removals": self._n_removals,
             "expirations": self._n_expirations,
             "evictions": self._n_evictions,
+            "expire_examined": self._n_examined,
+            "wheel_rebases": self._n_rebases,
             "memory_bytes": self.__sizeof__(),
         }
 

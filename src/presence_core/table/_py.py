@@ -23,6 +23,18 @@ How entries move
   is not after the current tick wait in a short *pending* list that every `expire()` checks
   exactly.  So `expire(now)` removes exactly the entries whose deadline is `<= now`, at a cost of
   the buckets crossed plus the entries looked at, never a scan of the table.
+* **Time going backwards.**  The wheel's current tick only moves forward with `expire()`.  If the
+  clock steps back (an NTP step under `clock=time.time`, or a caller's `now` from another
+  source), writes made at the earlier time whose deadline tick is not after the current tick
+  wait on the pending list.  When `expire(now)` finds `now` more than `REBASE_TICKS` (16) ticks
+  behind the current tick, it first moves the wheel back: the current tick becomes `now`'s and
+  every entry is placed again from its real deadline, buckets in number order, then the pending
+  list, each in its list order.  That costs O(n) once per step back, after which `expire()`
+  costs what it did before the step.  A smaller step back is left alone: only entries due
+  within it can wait on the pending list, and they expire within it.  Either way `expire(now)`
+  still removes exactly the entries whose deadline is `<= now`.  `stats()` counts the entries
+  `expire()` looked at (`expire_examined`: collected from due buckets, on the pending list, or
+  placed again by a move back) and the moves back (`wheel_rebases`).
 * **Changes (dirty list).** An insert, an update, a removal, an expiry or an eviction puts the key
   on the dirty list once; later changes leave it where it is.  `drain_dirty()` reports each such
   key once with its current value, or `TOMBSTONE` if it is gone.  `touch` is not a change: a
@@ -34,23 +46,33 @@ How entries move
 * **Re-entrancy.** A replaced value is released only when the entry is consistent again, at the
   end of the call, so its `__del__` may use the table.  A key's `__eq__` may change the table
   while `touch_many` looks keys up; an entry it removed is then not touched.
+* **The garbage collector.**  `expire()`, `drain_dirty()` and `upsert_many()` (whose evictions
+  `drain_evicted()` returns) may each make a tuple per entry, a million at once.  Each new
+  tracked object counts towards the next collection, and a million of them set off several
+  full collections in the middle of the call, each traversing every key and value the table
+  holds.  So these calls pause the collector while they run and restore its previous state
+  (enabled or not) before they return, also when they raise.  The objects they made are
+  counted by the next collection as usual.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, Generic, TypeVar, overload
 
 from ..errors import PresenceTypeError
 from ._common import (
     DEFAULT_TICK,
+    REBASE_TICKS,
     TOMBSTONE,
     WHEEL_BITS,
     WHEEL_LEVELS,
     WHEEL_SIZE,
+    Tombstone,
     check_capacity,
     check_limit,
     check_now,
@@ -62,8 +84,9 @@ from ._common import (
 
 __all__ = ["PresenceTable"]
 
-K = TypeVar("K")
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+D = TypeVar("D")  # the type of a `default` argument
 
 _PENDING = WHEEL_LEVELS * WHEEL_SIZE  # bucket number of the pending list
 _MASK = WHEEL_SIZE - 1
@@ -133,8 +156,9 @@ class PresenceTable(Generic[K, V]):
         self._dirty_order: deque[Any] = deque()
         self._evicted: list[tuple[Any, Any]] = []
         self._version = 0
-        # inserts, updates, touches, removals, expirations, evictions
-        self._counts = [0, 0, 0, 0, 0, 0]
+        # inserts, updates, touches, removals, expirations, evictions, expire_examined,
+        # wheel_rebases
+        self._counts = [0, 0, 0, 0, 0, 0, 0, 0]
 
     # -- properties -------------------------------------------------------------------------
 
@@ -268,8 +292,15 @@ class PresenceTable(Generic[K, V]):
         for key, _ in pairs:
             hash(key)
         added = 0
-        for key, value in pairs:
-            added += self._upsert(key, value, ttl_s, now_s)
+        paused = gc.isenabled()  # evictions make a tuple each: see "The garbage collector"
+        if paused:
+            gc.disable()
+        try:
+            for key, value in pairs:
+                added += self._upsert(key, value, ttl_s, now_s)
+        finally:
+            if paused:
+                gc.enable()
         return added
 
     def touch(self, key: K, ttl: float | None = None, now: float | None = None) -> bool:
@@ -317,7 +348,11 @@ class PresenceTable(Generic[K, V]):
                 touched += 1
         return touched
 
-    def pop(self, key: K, default: Any = None) -> Any:
+    @overload
+    def pop(self, key: K) -> V | None: ...
+    @overload
+    def pop(self, key: K, default: D) -> V | D: ...
+    def pop(self, key: K, default: D | None = None) -> V | D | None:
         """Remove `key` and return its value, or `default` if it is not live."""
         entry = self._lru.get(key)
         if entry is None:
@@ -325,16 +360,24 @@ class PresenceTable(Generic[K, V]):
         self._unschedule(entry)
         value = self._take(entry)
         self._counts[3] += 1
-        return value
+        return value  # type: ignore[no-any-return]
 
     # -- reads ------------------------------------------------------------------------------
 
-    def get(self, key: K, default: Any = None) -> Any:
+    @overload
+    def get(self, key: K) -> V | None: ...
+    @overload
+    def get(self, key: K, default: D) -> V | D: ...
+    def get(self, key: K, default: D | None = None) -> V | D | None:
         """The value of `key`, or `default`.  Does not change recency."""
         entry = self._lru.get(key)
         return default if entry is None else entry[_VALUE]
 
-    def deadline(self, key: K, default: Any = None) -> Any:
+    @overload
+    def deadline(self, key: K) -> float | None: ...
+    @overload
+    def deadline(self, key: K, default: D) -> float | D: ...
+    def deadline(self, key: K, default: D | None = None) -> float | D | None:
         """The deadline (seconds, on the table's clock) of `key`, or `default`."""
         entry = self._lru.get(key)
         return default if entry is None else entry[_DEADLINE]
@@ -364,24 +407,50 @@ class PresenceTable(Generic[K, V]):
         if current is None:
             self._current = target
             return expired
-        if target > current:
-            due = self._collect(current, target)
-            self._current = current = target
-            for entry in due:
-                if entry[_DEADLINE] <= now_s:
-                    self._expire_one(entry, expired)
-                else:
-                    self._schedule(entry, now_s)
-        pending = self._buckets[_PENDING]
-        if pending:
-            for entry in list(pending.values()):
-                if entry[_DEADLINE] <= now_s:
-                    self._unschedule(entry)
-                    self._expire_one(entry, expired)
-                elif time_to_tick(entry[_DEADLINE], self._tick) > current:
-                    self._unschedule(entry)
-                    self._schedule(entry, now_s)
+        paused = gc.isenabled()  # a tuple per expired entry: see "The garbage collector"
+        if paused:
+            gc.disable()
+        try:
+            if target < current - REBASE_TICKS:
+                self._rebase(target, now_s)
+                current = target
+            if target > current:
+                due = self._collect(current, target)
+                self._current = current = target
+                self._counts[6] += len(due)
+                for entry in due:
+                    if entry[_DEADLINE] <= now_s:
+                        self._expire_one(entry, expired)
+                    else:
+                        self._schedule(entry, now_s)
+            pending = self._buckets[_PENDING]
+            if pending:
+                self._counts[6] += len(pending)
+                for entry in list(pending.values()):
+                    if entry[_DEADLINE] <= now_s:
+                        self._unschedule(entry)
+                        self._expire_one(entry, expired)
+                    elif time_to_tick(entry[_DEADLINE], self._tick) > current:
+                        self._unschedule(entry)
+                        self._schedule(entry, now_s)
+        finally:
+            if paused:
+                gc.enable()
         return expired
+
+    def _rebase(self, target: int, now: float) -> None:
+        # Time went back: make `target` the current tick and place every entry again, taking
+        # the buckets in number order (the pending list last), each in its list order.
+        entries: list[list[Any]] = []
+        for bucket in self._buckets:
+            if bucket:
+                entries.extend(bucket.values())
+                bucket.clear()
+        self._current = target
+        for entry in entries:
+            self._schedule(entry, now)
+        self._counts[6] += len(entries)
+        self._counts[7] += 1
 
     def _collect(self, current: int, target: int) -> list[list[Any]]:
         # Take every bucket whose span the wheel crosses moving from `current` to `target`.
@@ -404,7 +473,7 @@ class PresenceTable(Generic[K, V]):
         expired.append((entry[_KEY], self._take(entry)))
         self._counts[4] += 1
 
-    def drain_dirty(self, limit: int | None = None) -> list[tuple[K, Any]]:
+    def drain_dirty(self, limit: int | None = None) -> list[tuple[K, V | Tombstone]]:
         """Take up to `limit` changed keys (all if None), oldest change first.
 
         Each comes once as `(key, value)` with its current value, or `(key, TOMBSTONE)` if it
@@ -413,10 +482,17 @@ class PresenceTable(Generic[K, V]):
         count = len(self._dirty) if limit is None else check_limit(limit)
         out: list[tuple[Any, Any]] = []
         dirty, order = self._dirty, self._dirty_order
-        for _ in range(min(count, len(order))):
-            key = order.popleft()
-            entry = dirty.pop(key)
-            out.append((key, TOMBSTONE if entry[_BUCKET] == _DEAD else entry[_VALUE]))
+        paused = gc.isenabled()  # a tuple per key: see "The garbage collector"
+        if paused:
+            gc.disable()
+        try:
+            for _ in range(min(count, len(order))):
+                key = order.popleft()
+                entry = dirty.pop(key)
+                out.append((key, TOMBSTONE if entry[_BUCKET] == _DEAD else entry[_VALUE]))
+        finally:
+            if paused:
+                gc.enable()
         return out
 
     def drain_evicted(self) -> list[tuple[K, V]]:
@@ -426,7 +502,9 @@ class PresenceTable(Generic[K, V]):
 
     def stats(self) -> dict[str, Any]:
         """Sizes and counters of this table (a new dict each call)."""
-        inserts, updates, touches, removals, expirations, evictions = self._counts
+        inserts, updates, touches, removals, expirations, evictions, examined, rebases = (
+            self._counts
+        )
         tombstones = sum(1 for entry in self._dirty.values() if entry[_BUCKET] == _DEAD)
         return {
             "implementation": "python",
@@ -443,6 +521,8 @@ class PresenceTable(Generic[K, V]):
             "removals": removals,
             "expirations": expirations,
             "evictions": evictions,
+            "expire_examined": examined,
+            "wheel_rebases": rebases,
             "memory_bytes": _sizeof(self),
         }
 
