@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import orjson
@@ -81,22 +81,30 @@ class _ReadersJob:
 
 
 class _TopicJob:
-    __slots__ = ("blob", "changes", "hooks", "index")
+    __slots__ = ("blob", "changes", "cursor", "hooks")
 
     def __init__(self, changes: TopicChanges) -> None:
         self.changes = changes
         self.hooks: tuple[Hook, ...] | None = None  # read when the job starts
         self.blob = b""
-        self.index = 0
+        # The iterator over `hooks` while they are being called.  It knows how many hooks it
+        # has handed out, so the fan-out loop stores nothing per hook.
+        self.cursor: Iterator[Hook] | None = None
+
+    def remaining(self) -> tuple[Hook, ...]:
+        """The hooks not called yet (the one being called counts as called)."""
+        hooks, cursor = self.hooks, self.cursor
+        if hooks is None or cursor is None:
+            return hooks or ()
+        return hooks[len(hooks) - cursor.__length_hint__() :]  # type: ignore[attr-defined]
 
     def owes(self, hook: object) -> bool:
         """Whether the diff is still to be delivered to ``hook`` (or to anyone, if None)."""
-        hooks = self.hooks
-        if hooks is None:
+        if self.hooks is None:
             return True
         if hook is None:
             return False
-        return any(entry[0] is hook for entry in hooks[self.index :])
+        return any(entry[0] is hook for entry in self.remaining())
 
 
 class Delivery:
@@ -187,18 +195,18 @@ class Delivery:
     def _deliver(self, job: _TopicJob) -> bool:
         t = job.changes.record
         name = t.name
-        hooks = job.hooks
-        if hooks is None:
+        if job.hooks is None:
             transports = self.transports
             hooks = job.hooks = t.subscribed() + transports if transports else t.subscribed()
             if not hooks:
                 del self._inflight[name]
                 return False
             job.blob = diff_json(job.changes.joins, job.changes.leaves)
+        else:  # resuming a flush that a BaseException interrupted
+            hooks = job.hooks = job.remaining()
         blob = job.blob
-        while job.index < len(hooks):
-            hook, raw = hooks[job.index]
-            job.index += 1
+        cursor = job.cursor = iter(hooks)
+        for hook, raw in cursor:
             try:
                 # A fresh dict per hook: a client library may mutate what it is given.
                 hook(name, EVENT_PRESENCE_DIFF, blob if raw else _loads(blob))

@@ -59,17 +59,17 @@ _EMPTY_LEAVES: dict[Presence, None] = {}
 class ChangeFeed:
     """Pending changes by topic, in the order topics first changed since the last `take`."""
 
-    __slots__ = ("_dirty",)
+    __slots__ = ("dirty",)
 
     def __init__(self) -> None:
-        self._dirty: dict[str, Topic] = {}
+        self.dirty: dict[str, Topic] = {}
 
     def __len__(self) -> int:
         """Topics with pending changes."""
-        return len(self._dirty)
+        return len(self.dirty)
 
     def __contains__(self, topic: str) -> bool:
-        return topic in self._dirty
+        return topic in self.dirty
 
     def joined(self, t: Topic, p: Presence, prev: bytes | None = None) -> None:
         """Record that ``p`` joined ``t`` (replacing the presence whose ref is ``prev``)."""
@@ -77,7 +77,7 @@ class ChangeFeed:
         if joins is None:
             joins = t.joins = {}
         joins[p] = prev
-        self._dirty[t.name] = t
+        self.dirty[t.name] = t
 
     def left(self, t: Topic, p: Presence) -> bytes | None:
         """Record that ``p`` left ``t``; returns the ref a replacing join should name as prev.
@@ -92,15 +92,15 @@ class ChangeFeed:
         if leaves is None:
             leaves = t.leaves = {}
         leaves[p] = None
-        self._dirty[t.name] = t
+        self.dirty[t.name] = t
         return ref_of(p[DATA])
 
     def take(self) -> list[TopicChanges]:
         """Everything pending, one `TopicChanges` per topic with a change left after coalescing."""
-        dirty = self._dirty
+        dirty = self.dirty
         if not dirty:
             return []
-        self._dirty = {}
+        self.dirty = {}
         batch = []
         for t in dirty.values():
             joins, leaves = t.joins, t.leaves
@@ -111,8 +111,8 @@ class ChangeFeed:
 
     def discard(self) -> list[Topic]:
         """Drop everything pending without building a batch; returns the topics it touched."""
-        dirty = self._dirty
-        self._dirty = {}
+        dirty = self.dirty
+        self.dirty = {}
         for t in dirty.values():
             t.joins = t.leaves = None
         return list(dirty.values())

@@ -121,8 +121,15 @@ class PresenceState:
             t = self.topics[name] = Topic(name)
         return t
 
-    def add(self, t: Topic, key: str, held: Held | None, data: bytes, conn: ConnId) -> Presence:
-        """Add a presence whose checks have passed (``held``: what ``t`` holds for ``key``)."""
+    def add(
+        self, t: Topic, key: str, held: Held | None, data: bytes, conn: ConnId, new_holder: bool
+    ) -> Presence:
+        """Add a presence whose checks have passed; the hot path of `Tracker.track`.
+
+        ``held`` is what ``t`` holds for ``key``; ``new_holder`` says that ``conn`` held no
+        presence as ``key`` before.  The feed's and the users index's bookkeeping is written
+        out here rather than called: this runs once per track.
+        """
         keys = t.keys
         if held is None:
             p = (t.name, key, data, conn)
@@ -131,17 +138,30 @@ class PresenceState:
                 self.n_topics += 1
             if t.index is not None:
                 t.index.add(key)
-        elif type(held) is tuple:
+        elif isinstance(held, tuple):
             # Share the key object already stored: one str per key per topic.
             p = (t.name, held[KEY], data, conn)
             keys[key] = [held, p]
         else:
             p = (t.name, held[0][KEY], data, conn)
-            held.append(p)  # type: ignore[union-attr]
+            held.append(p)
         t.metas += 1
         self.n_presences += 1
         self.data_bytes += len(data)
-        self.feed.joined(t, p)
+        if new_holder:
+            users = self.users
+            held_by = users.get(key)
+            if held_by is None:
+                users[key] = conn
+            elif type(held_by) is dict:
+                held_by[conn] = None
+            else:
+                users[key] = {held_by: None, conn: None}  # type: ignore[dict-item]
+        joins = t.joins  # ChangeFeed.joined, written out
+        if joins is None:
+            joins = t.joins = {}
+        joins[p] = None
+        self.feed.dirty[t.name] = t
         return p
 
     def replace(self, old: Presence, data: bytes) -> Presence:
@@ -158,8 +178,12 @@ class PresenceState:
             held.remove(old)  # type: ignore[union-attr]
             held.append(new)  # type: ignore[union-attr]
         self.data_bytes += len(data) - len(old_data)
-        feed = self.feed
-        feed.joined(t, new, feed.left(t, old))
+        prev = self.feed.left(t, old)
+        joins = t.joins  # ChangeFeed.joined, written out
+        if joins is None:
+            joins = t.joins = {}
+        joins[new] = prev
+        self.feed.dirty[topic] = t
         return new
 
     def remove(self, p: Presence) -> None:
@@ -182,17 +206,6 @@ class PresenceState:
         self.n_presences -= 1
         self.data_bytes -= len(data)
         self.feed.left(t, p)
-
-    def hold(self, key: str, conn: ConnId) -> None:
-        """Record that ``conn`` now holds a presence as ``key`` (it held none before)."""
-        users = self.users
-        held_by = users.get(key)
-        if held_by is None:
-            users[key] = conn
-        elif type(held_by) is dict:
-            held_by[conn] = None
-        else:
-            users[key] = {held_by: None, conn: None}  # type: ignore[dict-item]
 
     def release(self, key: str, conn: ConnId) -> bool:
         """Record that ``conn`` holds no presence as ``key`` any more; True if nobody does."""

@@ -614,7 +614,11 @@ class Tracker:
                         old = p
                         break
                     shares_key = True
-            tat = self._admit(rec, limits, now_s)
+            try:
+                tat = admit(limits, rec[C_TAT], now_s, conn)
+            except RateLimited:
+                self._limit_hit("rate_per_second")
+                raise
             if old is not None:
                 self._counts[_TRACK] += 1
                 return self._rewrite(rec, old, blob, tat, now_s)
@@ -631,16 +635,19 @@ class Tracker:
         evicted = None
         if rec is None:
             rec = (conn, self._default_plan, self._ttl, (), tat)
-            evicted = self._insert_conn(rec, now_s)
-            if evicted and t is not None:
-                held = t.keys.get(key)  # a connection evicted for room may have held it
+            conns = self._conns
+            if len(conns) >= conns.capacity:
+                # Room is made first, so the new presence cannot be among those evicted.
+                evicted = self._insert_conn(rec, now_s)
+                if evicted and t is not None:
+                    held = t.keys.get(key)  # a connection evicted for room may have held it
+            elif type(conn) is not str:
+                self._int_ids = True
         if t is None:
-            t = state.topic(topic)
+            t = state.topics[topic] = Topic(topic)
         self._counts[_TRACK] += 1
         ref = self._node + b"%x" % next(self._refs)
-        p = state.add(t, key, held, stored(ref, blob), conn)
-        if not shares_key:
-            state.hold(key, conn)
+        p = state.add(t, key, held, stored(ref, blob), conn, not shares_key)
         ttl = rec[C_TTL]
         self._upsert(conn, (conn, rec[C_PLAN], ttl, (*rec[C_PRESENCES], p), tat), ttl, now_s)
         if evicted:
@@ -675,7 +682,11 @@ class Tracker:
                     break
         if rec is None or old is None:
             raise NotTracked(f"connection {conn!r} has no presence as {key!r} in {topic!r}")
-        tat = self._admit(rec, limits, now_s)
+        try:
+            tat = admit(limits, rec[C_TAT], now_s, conn)
+        except RateLimited:
+            self._limit_hit("rate_per_second")
+            raise
         self._counts[_UPDATE] += 1
         return self._rewrite(rec, old, blob, tat, now_s)
 
@@ -723,14 +734,6 @@ class Tracker:
             if not any(p[KEY] == left_key for p in kept):
                 self._release(left_key, conn, now_s, now_s)
         return len(gone)
-
-    def _admit(self, rec: ConnRecord, limits: Limits, now: float) -> float:
-        """Spend one write of ``rec``'s token bucket, or count the refusal and raise it."""
-        try:
-            return admit(limits, rec[C_TAT], now, rec[0])
-        except RateLimited:
-            self._limit_hit("rate_per_second")
-            raise
 
     def _check_connection_quotas(self, rec: ConnRecord, topic: str, limits: Limits) -> None:
         presences = rec[C_PRESENCES]
