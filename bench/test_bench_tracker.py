@@ -494,7 +494,7 @@ def test_page(benchmark: Any, members: Members, variant: str) -> None:
 GC_PROBE = """
 import gc, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
-from test_tracker_bench import CONNS, MAX_CONNECTIONS, SEED, TTL, random_ids, track_all
+from test_bench_tracker import CONNS, MAX_CONNECTIONS, SEED, TTL, random_ids, track_all
 from tracker_baseline import PlainTracker
 from presence_core.tracker import Tracker
 
