@@ -1,4 +1,4 @@
-"""A naive presence tracker in plain Python: the comparison point for bench/test_tracker.py.
+"""A naive presence tracker in plain Python: the comparison point for bench/test_bench_tracker.py.
 
 This is what one would write without the native table: dicts all the way down.
 
