@@ -4,7 +4,8 @@
   filters, so a test can assert on what clients would have been sent.
 * `ManualClock` -- a clock that moves only when told, for deterministic TTL tests.
 * `ClientView` -- what a Phoenix/Supabase client holds after applying the ``presence_state`` and
-  ``presence_diff`` events it was sent, applied by the same rules those clients use.  With
+  ``presence_diff`` events it was sent, applied exactly as phoenix.js's ``Presence.syncState`` /
+  ``Presence.syncDiff`` apply them (key and meta order included).  With
   ``strict=True`` it raises as soon as an event could not have been applied cleanly (a leave for
   a key or ref it does not hold, a ref joined twice), which is how a test proves the stream it
   received is consistent.
@@ -30,8 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .phoenix import EVENT_PRESENCE_DIFF as PRESENCE_DIFF
-from .phoenix import EVENT_PRESENCE_STATE as PRESENCE_STATE
+from ._validate import check_time
+from .errors import PresenceValueError
+from .phoenix import EVENT_PRESENCE_DIFF, EVENT_PRESENCE_STATE
 
 __all__ = ["ClientView", "Event", "ManualClock", "RecordingTransport"]
 
@@ -72,11 +74,11 @@ class RecordingTransport:
 
     def diffs(self, topic: str | None = None) -> list[dict[str, Any]]:
         """The ``presence_diff`` payloads (for ``topic`` if given)."""
-        return self.payloads(topic, PRESENCE_DIFF)
+        return self.payloads(topic, EVENT_PRESENCE_DIFF)
 
     def states(self, topic: str | None = None) -> list[dict[str, Any]]:
         """The ``presence_state`` payloads (for ``topic`` if given)."""
-        return self.payloads(topic, PRESENCE_STATE)
+        return self.payloads(topic, EVENT_PRESENCE_STATE)
 
     def topics(self) -> list[str]:
         """Topics that received events, in order of their first event."""
@@ -97,24 +99,33 @@ class RecordingTransport:
 
 
 class ManualClock:
-    """A clock for tests: ``clock()`` returns the current time, which moves only when told."""
+    """A clock for tests: ``clock()`` returns the current time, which moves only when told.
+
+    Readings are finite floats; a start, jump or step that is not a finite number raises
+    `presence_core.errors.PresenceTypeError` / `presence_core.errors.PresenceValueError`.  (To
+    test a clock that misbehaves, pass the Tracker a function of your own.)
+    """
 
     def __init__(self, start: float = 0.0) -> None:
-        self.now = float(start)
+        self.now = check_time(start, "start")
 
     def __call__(self) -> float:
         return self.now
 
     def advance(self, seconds: float) -> float:
         """Move forward by ``seconds`` (>= 0); returns the new time."""
-        if not seconds >= 0:
-            raise ValueError(f"a clock only moves forward, got {seconds!r}")
-        self.now += seconds
-        return self.now
+        step = check_time(seconds, "seconds")
+        if step < 0:
+            raise PresenceValueError(f"a clock only moves forward, got {seconds!r}")
+        now = self.now + step
+        if now - now != 0.0:
+            raise PresenceValueError(f"advancing {self.now!r} by {seconds!r} leaves float range")
+        self.now = now
+        return now
 
     def set(self, now: float) -> None:
         """Jump to ``now``."""
-        self.now = float(now)
+        self.now = check_time(now, "now")
 
     def __repr__(self) -> str:
         return f"ManualClock(now={self.now})"
@@ -126,13 +137,23 @@ class ClientView:
     Callable as a transport or subscriber: ``view(topic, event, payload)``.  Only the first
     topic it sees is followed (pass ``topic=`` to choose); events for other topics are ignored.
 
-    The rules are the ones Phoenix's JavaScript client and Supabase's clients apply:
+    The rules are those of phoenix.js's ``Presence.syncState`` and ``Presence.syncDiff``
+    (phoenix 1.8, ``assets/js/phoenix/presence.js``), which Supabase's realtime-js runs too;
+    ``tests/test_testing.py`` checks the view against the real code:
 
-    * a ``presence_state`` replaces the view, except that metas whose ref the view already holds
-      are kept as they are (clients match by ref only);
     * a ``presence_diff`` applies its joins first: the key's metas become the held metas whose
-      ref is not joining, followed by the joining metas in payload order; then its leaves:
-      metas are removed by ref and a key with none left is dropped.
+      ref is not joining, in held order, followed by the joining metas in payload order (a
+      joining key the view does not hold is added as it comes, even with no metas).  Then its
+      leaves: metas are removed by ref, a key left with none is dropped, and a leave for a key
+      the view does not hold is skipped.
+    * a ``presence_state`` is matched against the view key by key and ref by ref.  A held key
+      absent from the state is dropped.  A held key in the state keeps its held metas whose ref
+      is in the state, as they are held (a changed meta under a held ref is not seen) and in
+      held order, followed by the state's metas with refs it did not hold, in state order; it
+      is dropped if that leaves nothing.  Keys the view did not hold are added in state order.
+    * keys keep the position they were first added at; `state` lists them as a JavaScript
+      object does: keys that are array indices ("0", "42", not "042") first in numeric order,
+      then the others in that order.
 
     ``phx_ref_prev`` is dropped, as Supabase's clients do (phoenix.js keeps it on the meta).
     With ``strict=True`` an event that a client could not apply cleanly raises `AssertionError`:
@@ -150,27 +171,37 @@ class ClientView:
             self.topic = topic
         elif topic != self.topic:
             return
-        if event == PRESENCE_STATE:
+        if event == EVENT_PRESENCE_STATE:
             self.apply_state(payload)
-        elif event == PRESENCE_DIFF:
+        elif event == EVENT_PRESENCE_DIFF:
             self.apply_diff(payload)
 
     @property
     def state(self) -> dict[str, Any]:
-        """The view in the ``presence_state`` shape (a deep copy)."""
-        return {key: {"metas": copy.deepcopy(metas)} for key, metas in self._state.items()}
+        """The view in the ``presence_state`` shape (a deep copy), keys in JavaScript order."""
+        return {key: {"metas": copy.deepcopy(self._state[key])} for key in _js_order(self._state)}
 
     def apply_state(self, payload: dict[str, Any]) -> None:
         """Apply a ``presence_state`` payload."""
-        held = {meta["phx_ref"]: meta for metas in self._state.values() for meta in metas}
+        # syncState turns the state into a diff against what is held -- per key, joins are the
+        # metas with refs not held under that key, leaves the held metas with refs not in the
+        # state -- and applies it with syncDiff.  Worked out per key, that is what follows.
         fresh: dict[str, list[dict[str, Any]]] = {}
-        for key, entry in payload.items():
-            metas = []
-            for meta in entry["metas"]:
-                ref = meta["phx_ref"]
-                metas.append(held[ref] if ref in held else _clean(meta))
-            if metas:
+        for key, held in self._state.items():
+            if key not in payload:
+                continue  # leaves with all its metas
+            incoming = payload[key]["metas"]
+            refs = {meta["phx_ref"] for meta in incoming}
+            held_refs = {meta["phx_ref"] for meta in held}
+            metas = [meta for meta in held if meta["phx_ref"] in refs]
+            metas += [_clean(meta) for meta in incoming if meta["phx_ref"] not in held_refs]
+            # Emptied by its leaves, the key goes; held with no metas and given none, it stays
+            # (there was nothing to join or leave).
+            if metas or not held:
                 fresh[key] = metas
+        for key, entry in payload.items():
+            if key not in self._state:
+                fresh[key] = [_clean(meta) for meta in entry["metas"]]
         self._state = fresh
 
     def apply_diff(self, payload: dict[str, Any]) -> None:
@@ -190,7 +221,7 @@ class ClientView:
             state[key] = kept + joining
         for key, entry in payload["leaves"].items():
             current = state.get(key)
-            if not current:
+            if current is None:
                 if self.strict:
                     raise AssertionError(f"leave for key {key!r}, which the client does not hold")
                 continue
@@ -226,6 +257,20 @@ class ClientView:
 
     def __repr__(self) -> str:
         return f"<ClientView topic={self.topic!r} keys={len(self._state)}>"
+
+
+def _is_array_index(key: str) -> bool:
+    # "0", "7", "42" but not "042", "-1", "1.5" or 2**32 - 1: the keys a JavaScript object lists
+    # first, in numeric order, whatever order they were added in.
+    if len(key) > 10 or not (key.isascii() and key.isdigit()):  # 2**32 - 2 has 10 digits
+        return False
+    return (key == "0" or key[0] != "0") and int(key) <= 2**32 - 2
+
+
+def _js_order(keys: dict[str, Any]) -> list[str]:
+    """``keys`` in the order a JavaScript object with them, added in this order, lists them."""
+    indices = sorted((key for key in keys if _is_array_index(key)), key=int)
+    return indices + [key for key in keys if not _is_array_index(key)]
 
 
 def _clean(meta: dict[str, Any]) -> dict[str, Any]:
