@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient
 from realtime.message import PresenceDiffMessage, PresenceStateMessage, ServerMessageAdapter
 
+from presence_core import errors
 from presence_core.errors import PresenceError, PresenceTypeError, PresenceValueError
 from presence_core.phoenix import (
     EVENT_JOIN,
@@ -141,6 +142,16 @@ def test_malformed_frames_raise_protocol_error(data: bytes) -> None:
 def test_protocol_error_is_a_presence_error_and_a_value_error() -> None:
     assert issubclass(ProtocolError, PresenceError)
     assert issubclass(ProtocolError, ValueError)
+    assert ProtocolError is errors.ProtocolError  # one class, re-exported here
+
+
+def test_store_error_is_a_presence_error_with_an_optional_command() -> None:
+    assert issubclass(errors.StoreError, PresenceError)
+    assert not issubclass(errors.StoreError, ValueError)
+    failed = errors.StoreError("NOSCRIPT No matching script", command="EVALSHA")
+    assert (str(failed), failed.command) == ("NOSCRIPT No matching script", "EVALSHA")
+    assert errors.StoreError("connection refused").command is None
+    assert {"ProtocolError", "StoreError"} <= set(errors.__all__)
 
 
 def test_version_mismatch_and_unknown_version() -> None:
