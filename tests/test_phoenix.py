@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -152,6 +153,27 @@ def test_store_error_is_a_presence_error_with_an_optional_command() -> None:
     assert (str(failed), failed.command) == ("NOSCRIPT No matching script", "EVALSHA")
     assert errors.StoreError("connection refused").command is None
     assert {"ProtocolError", "StoreError"} <= set(errors.__all__)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProtocolError("bad frame"),
+        errors.StoreError("boom", command="HSET"),
+        errors.MetaTooLarge(5000, 4096),
+        errors.QuotaExceeded("c1", "max_topics", 3),
+        errors.RateLimited(7, 0.25),
+        errors.LimitExceeded("slow down", "c1", "burst"),
+        errors.PresenceTypeError("topic must be a str"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_errors_survive_pickling(error: PresenceError) -> None:
+    # A worker process's error reaches the parent pickled; one that cannot be rebuilt turns
+    # into an unpickling failure there.
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert vars(copy) == vars(error)
 
 
 def test_version_mismatch_and_unknown_version() -> None:

@@ -66,6 +66,11 @@ class MetaTooLarge(PresenceValueError):
         self.size = size
         self.limit = limit
 
+    # Errors with their own __init__ say how to rebuild themselves, so that they survive pickling
+    # (a ProcessPoolExecutor, multiprocessing) instead of failing to unpickle.
+    def __reduce__(self) -> tuple[type[MetaTooLarge], tuple[int, int]]:
+        return type(self), (self.size, self.limit)
+
 
 class UnknownPlan(PresenceValueError):
     """A connection was registered with a plan name the Tracker was not configured with."""
@@ -88,6 +93,9 @@ class LimitExceeded(PresenceError):
         self.conn = conn
         self.limit = limit
 
+    def __reduce__(self) -> tuple[type[LimitExceeded], tuple[object, ...]]:
+        return type(self), (str(self), self.conn, self.limit)
+
 
 class QuotaExceeded(LimitExceeded):
     """A track would exceed a quota: presences or topics per connection, metas per key.
@@ -99,6 +107,9 @@ class QuotaExceeded(LimitExceeded):
     def __init__(self, conn: str | int, limit: str, value: int) -> None:
         super().__init__(f"connection {conn!r} reached its {limit} quota of {value}", conn, limit)
         self.value = value
+
+    def __reduce__(self) -> tuple[type[QuotaExceeded], tuple[object, ...]]:
+        return type(self), (self.conn, self.limit, self.value)
 
 
 class RateLimited(LimitExceeded):
@@ -115,6 +126,9 @@ class RateLimited(LimitExceeded):
             "rate_per_second",
         )
         self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type[RateLimited], tuple[object, ...]]:
+        return type(self), (self.conn, self.retry_after)
 
 
 class ProtocolError(PresenceError, ValueError):
@@ -139,3 +153,12 @@ class StoreError(PresenceError):
     def __init__(self, message: str, *, command: str | None = None) -> None:
         super().__init__(message)
         self.command = command
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _store_error, (type(self), str(self), self.command)
+
+
+def _store_error(cls: type[StoreError], message: str, command: str | None) -> StoreError:
+    # Unpickles a StoreError (or a subclass taking the same arguments): ``command`` is
+    # keyword-only, which __reduce__'s positional arguments cannot pass directly.
+    return cls(message, command=command)
