@@ -318,3 +318,20 @@ def test_state_events_use_the_phoenix_names(tracker: Tracker) -> None:
     recorder = RecordingTransport()
     tracker.subscribe("a", recorder)
     assert [e.event for e in recorder.events] == [EVENT_PRESENCE_STATE]
+
+
+def test_pending_changes_are_published(clock: ManualClock) -> None:
+    from presence_core.metrics import PENDING_CHANGES
+
+    metrics = Metrics(clock=clock)
+    tracker = Tracker(clock=clock, metrics=metrics)
+    tracker.track("c1", "a", "alice", {})
+    tracker.track("c2", "b", "bob", {})
+    tracker.flush()
+    tracker.update("c1", "a", "alice", {"v": 1})  # a join and a leave
+    tracker.disconnect("c2")
+    tracker.sync_metrics()
+    assert tracker.pending() == 2
+    assert metrics.gauge(PENDING_CHANGES) == 3
+    tracker.flush()
+    assert metrics.gauge(PENDING_CHANGES) == 0

@@ -13,8 +13,10 @@ from .errors import (
     PresenceError,
     PresenceTypeError,
     PresenceValueError,
+    ProtocolError,
     QuotaExceeded,
     RateLimited,
+    StoreError,
     UnknownPlan,
 )
 from .limits import DEFAULT_PLAN, Limits
@@ -46,10 +48,12 @@ __all__ = [
     "PresenceTable",
     "PresenceTypeError",
     "PresenceValueError",
+    "ProtocolError",
     "QuotaExceeded",
     "RateLimited",
     "RawTransport",
     "ScaleDecision",
+    "StoreError",
     "Scaler",
     "Threshold",
     "ThresholdScaler",

@@ -135,6 +135,15 @@ class Delivery:
         """Topics with changes not delivered yet (pending in the feed or queued)."""
         return len(self._state.feed) + len(self._inflight)
 
+    def pending_changes(self) -> int:
+        """Presence changes not delivered yet: joins and leaves, pending or queued."""
+        count = 0
+        for t in self._state.feed.dirty.values():
+            count += len(t.joins or ()) + len(t.leaves or ())
+        for job in self._inflight.values():
+            count += len(job.changes.joins) + len(job.changes.leaves)
+        return count
+
     def flush(self) -> int:
         """Finish any interrupted flush, then deliver a new batch; returns topics delivered."""
         if self._flushing:

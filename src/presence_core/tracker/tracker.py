@@ -1085,7 +1085,7 @@ class Tracker:
         sink.set(PRESENCES, state.n_presences)
         sink.set(CONNECTIONS, len(self._conns))
         sink.set(TOPICS, state.n_topics)
-        sink.set(PENDING_CHANGES, delivery.pending())
+        sink.set(PENDING_CHANGES, delivery.pending_changes())
 
     def memory_estimate(self) -> int:
         """Approximate bytes held for presences, connections and topics (for scalers).
