@@ -1746,3 +1746,15 @@ def test_integers_beyond_float_range_are_refused_clearly(clock: ManualClock, val
         with pytest.raises(PresenceValueError):
             call()
     assert tracker.totals() == Totals(0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("value", [10**5000, -(10**5000)], ids=["huge", "-huge"])
+def test_ints_too_long_to_print_are_refused_clearly(value: int) -> None:
+    for call in (
+        lambda: Tracker(max_connections=value),
+        lambda: Tracker(last_seen_capacity=value),
+        lambda: Tracker().page("t", limit=-abs(value)),
+        lambda: Tracker().load_sample(memory_bytes=-abs(value)),
+    ):
+        with pytest.raises(PresenceValueError, match="bits"):
+            call()

@@ -67,11 +67,13 @@ def check_int(value: object, what: str, *, low: int | None = None, high: int | N
         raise PresenceTypeError(f"{what} must be an int, not {type_name(value)}")
     number: int = value  # type: ignore[assignment]
     if (low is not None and number < low) or (high is not None and number > high):
+        # A huge int cannot even be printed (Python refuses past 4,300 digits).
+        got = number if number.bit_length() <= 64 else f"an int of {number.bit_length()} bits"
         if high is None:
-            raise PresenceValueError(f"{what} must be >= {low}, got {number}")
+            raise PresenceValueError(f"{what} must be >= {low}, got {got}")
         if low is None:
-            raise PresenceValueError(f"{what} must be <= {high}, got {number}")
-        raise PresenceValueError(f"{what} must be between {low} and {high}, got {number}")
+            raise PresenceValueError(f"{what} must be <= {high}, got {got}")
+        raise PresenceValueError(f"{what} must be between {low} and {high}, got {got}")
     return number
 
 
