@@ -72,7 +72,10 @@ class ChangeFeed:
         return topic in self.dirty
 
     def joined(self, t: Topic, p: Presence, prev: bytes | None = None) -> None:
-        """Record that ``p`` joined ``t`` (replacing the presence whose ref is ``prev``)."""
+        """Record that ``p`` joined ``t`` (replacing the presence whose ref is ``prev``).
+
+        `PresenceState.add` writes the same three steps out, because it runs on every track.
+        """
         joins = t.joins
         if joins is None:
             joins = t.joins = {}
@@ -108,11 +111,3 @@ class ChangeFeed:
             if joins or leaves:
                 batch.append(TopicChanges(t, joins or _EMPTY_JOINS, leaves or _EMPTY_LEAVES))
         return batch
-
-    def discard(self) -> list[Topic]:
-        """Drop everything pending without building a batch; returns the topics it touched."""
-        dirty = self.dirty
-        self.dirty = {}
-        for t in dirty.values():
-            t.joins = t.leaves = None
-        return list(dirty.values())

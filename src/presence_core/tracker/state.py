@@ -178,12 +178,8 @@ class PresenceState:
             held.remove(old)  # type: ignore[union-attr]
             held.append(new)  # type: ignore[union-attr]
         self.data_bytes += len(data) - len(old_data)
-        prev = self.feed.left(t, old)
-        joins = t.joins  # ChangeFeed.joined, written out
-        if joins is None:
-            joins = t.joins = {}
-        joins[new] = prev
-        self.feed.dirty[topic] = t
+        feed = self.feed
+        feed.joined(t, new, feed.left(t, old))
         return new
 
     def remove(self, p: Presence) -> None:
