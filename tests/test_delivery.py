@@ -141,7 +141,7 @@ def test_an_interrupted_flush_loses_no_diff(
         tracker.flush()
     assert tracker.pending() == 2  # "a" part-delivered, "b" not yet
     tracker.track("c2", "a", "bob", {})  # a later change waits for the interrupted ones
-    assert tracker.pending() == 3
+    assert tracker.pending() == 2  # topics: "a" (undelivered and changed again) and "b"
     assert tracker.flush() == 3  # finishes "a" and "b", then delivers the new batch
     for view in (*views.values(), *views_b.values()):
         topic = view.topic
@@ -335,3 +335,102 @@ def test_pending_changes_are_published(clock: ManualClock) -> None:
     assert metrics.gauge(PENDING_CHANGES) == 3
     tracker.flush()
     assert metrics.gauge(PENDING_CHANGES) == 0
+
+
+# -- found by review: topics pruned mid-flush, bound methods, readers owed a batch, latencies ---
+
+
+def test_a_topic_emptied_before_its_delivery_keeps_its_state_for_new_clients(
+    tracker: Tracker,
+) -> None:
+    tracker.track("c1", "a", "u1", {})
+    tracker.flush()
+    late = ClientView(strict=True, topic="a")
+    sent: list[Any] = []
+
+    def router(topic: str, event: str, payload: Any) -> None:
+        if topic == "b" and not sent:  # "a" is still to be delivered
+            tracker.add_transport(late)
+            tracker.send_state("a", late)
+            sent.append(tracker.initial_state("a"))
+
+    tracker.add_transport(router)
+    tracker.track("c2", "b", "u2", {})  # "b" changes first ...
+    tracker.untrack("c1", "a")  # ... then "a" loses its only key: it must not be forgotten yet
+    tracker.flush()
+    assert sent[0] == {"u1": {"metas": [{"phx_ref": "n.1"}]}}
+    assert late.state == tracker.list("a") == {}
+    assert "a" not in tracker._state.topics  # forgotten once delivered
+
+
+def test_a_bound_method_transport_is_recognised_mid_flush(tracker: Tracker) -> None:
+    class Socket:
+        def __init__(self) -> None:
+            self.view = ClientView(strict=True, topic="a")
+
+        def send(self, topic: str, event: str, payload: Any) -> None:
+            self.view(topic, event, payload)
+
+    boom = {"on": False}
+
+    def first(topic: str, event: str, payload: Any) -> None:
+        if boom.pop("on", False):
+            raise KeyboardInterrupt
+
+    tracker.add_transport(first)
+    sock = Socket()
+    tracker.add_transport(sock.send)
+    tracker.send_state("a", sock.send)
+    tracker.track("c1", "a", "u1", {})
+    boom["on"] = True
+    with pytest.raises(KeyboardInterrupt):
+        tracker.flush()  # interrupted before sock.send got the diff
+    tracker.send_state("a", sock.send)  # the client re-syncs: `sock.send` is a new object
+    tracker.flush()
+    assert sock.view.state == tracker.list("a")
+
+
+def test_pending_counts_a_batch_a_reader_still_owes(tracker: Tracker) -> None:
+    got: list[int] = []
+    interrupt = {"on": True}
+
+    def first(batch: Sequence[TopicChanges]) -> None:
+        if interrupt.pop("on", False):
+            raise KeyboardInterrupt
+
+    tracker.add_feed_reader(first)
+    tracker.add_feed_reader(lambda batch: got.append(len(batch)))
+    tracker.track("c1", "a", "k", {})
+    with pytest.raises(KeyboardInterrupt):
+        tracker.flush()
+    assert tracker.pending() == 1 and got == []
+    tracker.flush()
+    assert tracker.pending() == 0 and got == [1]
+
+
+def test_latencies_a_failing_sink_refused_are_published_later(clock: ManualClock) -> None:
+    inner = Metrics(clock=clock)
+    fail = {"on": True}
+
+    class Flaky:
+        def inc(self, metric: MetricDef, n: int = 1, labels: tuple[str, ...] = ()) -> None:
+            inner.inc(metric, n, labels)
+
+        def set(self, metric: MetricDef, value: float, labels: tuple[str, ...] = ()) -> None:
+            inner.set(metric, value, labels)
+
+        def observe(self, metric: MetricDef, seconds: float, labels: tuple[str, ...] = ()) -> None:
+            if fail["on"]:
+                raise RuntimeError("down")
+            inner.observe(metric, seconds, labels)
+
+    from presence_core.metrics import DIFF_PROPAGATION_SECONDS
+
+    tracker = Tracker(clock=clock, metrics=Flaky())
+    tracker.add_transport(RecordingTransport())
+    for topic in ("a", "b", "c"):
+        tracker.track("c1", topic, "k", {})
+    assert tracker.flush() == 3
+    fail["on"] = False
+    tracker.sync_metrics()
+    assert inner.as_dict()["histograms"][DIFF_PROPAGATION_SECONDS.name]["count"] == 3

@@ -298,11 +298,45 @@ def test_a_clock_stepping_back_does_not_rate_limit_for_the_length_of_the_step(
         tracker.track("c1", f"t{i}", "k", {})
     clock.set(clock() - 3600.0)
     tracker.heartbeat("c1")  # heartbeats after the step change nothing about it
-    tracker.track("c1", "after-step", "k", {})  # admitted: the connection keeps its rate
-    with pytest.raises(RateLimited):  # ... but no more: the bucket counts as spent
+    tracker.track("c1", "after-step", "k", {})  # admitted: the connection keeps its rate ...
+    with pytest.raises(RateLimited) as info:  # ... with the bucket spent, not an hour in debt
         tracker.track("c1", "burst", "k", {})
+    assert info.value.retry_after == pytest.approx(0.1)
     clock.advance(0.1)
-    tracker.track("c1", "later", "k", {})
+    tracker.track("c1", "burst", "k", {})
+
+
+@pytest.mark.parametrize("step", [0.0005, 0.5, 0.99, 1.01, 2.0, 1e6])
+def test_a_step_back_of_any_size_costs_under_two_intervals(clock: ManualClock, step: float) -> None:
+    tracker = make(clock, rate_per_second=1, burst=3)
+    for i in range(3):
+        tracker.track("c1", f"t{i}", "k", {})
+    clock.set(clock() - step)
+    waited = 0.0
+    while True:
+        try:
+            tracker.track("c1", "t3", "k", {})
+            break
+        except RateLimited as exc:
+            clock.advance(exc.retry_after)
+            waited += exc.retry_after
+    assert waited < 2.0
+
+
+def test_a_smaller_plan_keeps_its_bucket_spent(clock: ManualClock) -> None:
+    tracker = Tracker(
+        clock=clock,
+        plans={
+            DEFAULT_PLAN: Limits(rate_per_second=10, burst=100),
+            "small": Limits(rate_per_second=1, burst=2),
+        },
+    )
+    for i in range(100):  # ten seconds of writes at once, within the big plan's burst
+        tracker.track("c1", "t", "k", {"i": i})
+    tracker.connect("c1", plan="small")
+    with pytest.raises(RateLimited) as info:  # not forgiven, not taken for a clock step
+        tracker.track("c1", "t", "k", {"i": "next"})
+    assert info.value.retry_after == pytest.approx(1.0)
 
 
 def test_a_full_burst_is_still_refused_without_a_clock_step(clock: ManualClock) -> None:

@@ -1758,3 +1758,12 @@ def test_ints_too_long_to_print_are_refused_clearly(value: int) -> None:
     ):
         with pytest.raises(PresenceValueError, match="bits"):
             call()
+
+
+def test_an_update_from_true_to_1_is_a_change(tracker: Tracker) -> None:
+    # Equal as Python values (True == 1), different as JSON: clients see the difference.
+    first = tracker.track("c1", ROOM, "k", {"muted": True, "n": 1})
+    second = tracker.update("c1", ROOM, "k", {"muted": 1, "n": True})
+    assert second != first
+    assert tracker.list(ROOM)["k"]["metas"] == [{"phx_ref": second, "muted": 1, "n": True}]
+    assert tracker.update("c1", ROOM, "k", {"n": True, "muted": 1}) == second  # key order only

@@ -106,6 +106,16 @@ class Limits:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def spent(limits: Limits, now: float) -> float:
+    """The ``tat`` of a bucket with no write left at ``now``: the furthest ahead one can be.
+
+    An admitted write leaves ``tat`` at most ``burst x interval`` (plus float rounding) ahead
+    of the clock, and only a write can move it.
+    """
+    interval = 1.0 / limits.rate_per_second
+    return now + limits.burst * interval
+
+
 def admit(limits: Limits, tat: float, now: float, conn: str | int) -> float:
     """Spend one write from a connection's token bucket; returns the bucket's new ``tat``.
 
@@ -114,18 +124,22 @@ def admit(limits: Limits, tat: float, now: float, conn: str | int) -> float:
 
     A clock that steps backwards (an NTP step under ``clock=time.time``) would leave ``tat``
     further ahead of ``now`` than any sequence of admitted writes can put it, and the connection
-    would be refused for the length of the step.  Such a ``tat`` is clamped to the furthest a
-    bucket can legitimately be ahead, so the connection keeps its sustained rate.
+    would be refused for the length of the step.  A ``tat`` beyond that bound is brought back
+    to leave exactly this write in the bucket: the write is admitted and the bucket is then
+    fully spent, the most it can legitimately be.  The clamp takes effect only through an
+    admitted write, so it cannot leave a connection refused until the clock catches up; a step
+    too small to be told from a full bucket costs at most its own length, under one interval.
     """
     interval = 1.0 / limits.rate_per_second
     allowed = (limits.burst - 1) * interval
     ahead = tat - now
     if ahead <= 0.0:
         return now + interval
-    if ahead > allowed + 2.0 * interval:
-        # Beyond what admitted writes can leave (allowed + interval, plus rounding slack):
-        # the clock went back since the last write.
-        return now + allowed + interval
+    # Beyond what admitted writes can leave (allowed + interval, plus rounding slack): the
+    # clock went back since the last write.
+    if ahead > allowed + interval * 1.002:
+        tat = now + allowed
+        ahead = allowed
     # The slack absorbs float rounding of `tat - now` when the clock reads large values.
     if ahead > allowed + interval * 1e-3:
         raise RateLimited(conn, ahead - allowed)

@@ -104,7 +104,8 @@ class _TopicJob:
             return True
         if hook is None:
             return False
-        return any(entry[0] is hook for entry in self.remaining())
+        # Equality, not identity: `obj.method` is a new object each time it is read.
+        return any(entry[0] == hook for entry in self.remaining())
 
 
 class Delivery:
@@ -131,18 +132,28 @@ class Delivery:
         self.hook_errors = 0
         self.latencies: list[float] = []  # seconds, taken by the metrics sync
 
+    def _undelivered(self) -> list[TopicChanges]:
+        """Every topic's changes that some reader or hook has yet to get, one entry a topic."""
+        queue = self._queue
+        if queue and type(queue[0]) is _ReadersJob:
+            queued = list(queue[0].batch)  # the readers' batch holds every queued topic
+        else:
+            queued = [job.changes for job in self._inflight.values()]
+        names = {changes.topic for changes in queued}
+        for t in self._state.feed.dirty.values():
+            if t.name not in names:
+                queued.append(TopicChanges(t, t.joins or {}, t.leaves or {}))
+        return queued
+
     def pending(self) -> int:
-        """Topics with changes not delivered yet (pending in the feed or queued)."""
-        return len(self._state.feed) + len(self._inflight)
+        """Topics with changes that some reader or hook has yet to get."""
+        if not self._queue:
+            return len(self._state.feed)
+        return len(self._undelivered())
 
     def pending_changes(self) -> int:
-        """Presence changes not delivered yet: joins and leaves, pending or queued."""
-        count = 0
-        for t in self._state.feed.dirty.values():
-            count += len(t.joins or ()) + len(t.leaves or ())
-        for job in self._inflight.values():
-            count += len(job.changes.joins) + len(job.changes.leaves)
-        return count
+        """Presence changes (joins and leaves) that some reader or hook has yet to get."""
+        return sum(len(c.joins) + len(c.leaves) for c in self._undelivered())
 
     def flush(self) -> int:
         """Finish any interrupted flush, then deliver a new batch; returns topics delivered."""
@@ -173,9 +184,10 @@ class Delivery:
                 job = _TopicJob(changes)
                 queue.append(job)
                 inflight[t.name] = job
-            # Nobody to tell is the common case of a service that only reads state: the changes
-            # were never encoded, and are simply dropped here.
-            state.prune(t)
+            else:
+                # Nobody to tell is the common case of a service that only reads state: the
+                # changes were never encoded, and are simply dropped here.
+                state.prune(t)
 
     def _run(self, start: float) -> int:
         queue = self._queue
@@ -208,7 +220,7 @@ class Delivery:
             transports = self.transports
             hooks = job.hooks = t.subscribed() + transports if transports else t.subscribed()
             if not hooks:
-                del self._inflight[name]
+                self._done(t)
                 return False
             job.blob = diff_json(job.changes.joins, job.changes.leaves)
         else:  # resuming a flush that a BaseException interrupted
@@ -222,8 +234,17 @@ class Delivery:
             except Exception:
                 self.hook_errors += 1
                 logger.exception("presence hook %r failed for topic %r", hook, name)
-        del self._inflight[name]
+        self._done(t)
         return True
+
+    def _done(self, t: Topic) -> None:
+        del self._inflight[t.name]
+        self._state.prune(t)
+
+    def prune(self, t: Topic) -> None:
+        """Forget ``t`` if nothing refers to it any more, a delivery under way included."""
+        if t.name not in self._inflight:
+            self._state.prune(t)
 
     def state_json(self, t: Topic, hook: object = None) -> bytes:
         """The ``presence_state`` of ``t`` that the diffs still to come apply to exactly.

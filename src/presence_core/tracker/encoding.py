@@ -95,8 +95,13 @@ def same_meta(data: bytes, ref: bytes, blob: bytes) -> bool:
     if candidate == data:
         return True
     # Equal dicts built in another key order encode to other bytes of the same length; only
-    # then is it worth parsing both.
-    return len(candidate) == len(data) and _loads(candidate) == _loads(data)
+    # then is it worth parsing both.  They are compared as JSON with sorted keys, not as
+    # Python values, where True == 1 and 1.0 == 1 would hide a real change.
+    return len(candidate) == len(data) and _canonical(candidate) == _canonical(data)
+
+
+def _canonical(data: bytes) -> bytes:
+    return _dumps(_loads(data), option=orjson.OPT_SORT_KEYS)
 
 
 def ref_of(data: bytes) -> bytes:

@@ -58,7 +58,7 @@ from ..errors import (
     RateLimited,
     UnknownPlan,
 )
-from ..limits import DEFAULT_PLAN, Limits, admit
+from ..limits import DEFAULT_PLAN, Limits, admit, spent
 from ..metrics import (
     CONNECTION_EXPIRIES,
     CONNECTIONS,
@@ -409,9 +409,10 @@ class Tracker:
         if rec is not None:
             new_plan = rec[C_PLAN] if plan is None else plan
             new_ttl = rec[C_TTL] if ttl_s is None else ttl_s
-            self._upsert(
-                conn, (conn, new_plan, new_ttl, rec[C_PRESENCES], rec[C_TAT]), new_ttl, now_s
-            )
+            # A smaller plan keeps the debt its bucket can hold, no more: the bucket counts as
+            # fully spent, so the change is neither a loophole nor taken for a clock step.
+            tat = min(rec[C_TAT], spent(self._plans[new_plan], now_s))
+            self._upsert(conn, (conn, new_plan, new_ttl, rec[C_PRESENCES], tat), new_ttl, now_s)
             return False
         record = (
             conn,
@@ -944,7 +945,7 @@ class Tracker:
         """
         check_text(topic, "topic", self._read_topic_limit)
         check_callable(callback, "callback")
-        state = self._state
+        state, delivery = self._state, self._delivery
         t = state.topic(topic)
         subscribers = t.subscribers
         if subscribers is None:
@@ -959,10 +960,10 @@ class Tracker:
                 return
             del subscribers[token]
             t.hooks = None
-            state.prune(t)
+            delivery.prune(t)
 
         if send_state:
-            blob = self._delivery.state_json(t, callback)
+            blob = delivery.state_json(t, callback)
             try:
                 callback(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
             except BaseException:
@@ -1068,9 +1069,13 @@ class Tracker:
         counts[_HEARTBEAT] = self._n_heartbeat
         counts[_HOOK_ERRORS] += delivery.hook_errors
         delivery.hook_errors = 0
-        latencies, delivery.latencies = delivery.latencies, []
-        for latency in latencies:
-            sink.observe(DIFF_PROPAGATION_SECONDS, latency)
+        # Each latency is dropped only once the sink took it; a sink that keeps failing costs
+        # at most the newest 10,000 of them.
+        latencies = delivery.latencies
+        del latencies[:-10_000]
+        while latencies:
+            sink.observe(DIFF_PROPAGATION_SECONDS, latencies[-1])
+            latencies.pop()
         for i, (metric, labels) in enumerate(_COUNTERS):
             delta = counts[i] - synced[i]
             if delta:
