@@ -21,6 +21,7 @@ __all__ = [
     "MAX_CONNECTION_ID_LENGTH",
     "check_callable",
     "check_conn_id",
+    "check_finite",
     "check_int",
     "check_seconds",
     "check_text",
@@ -57,7 +58,7 @@ def _as_float(value: int | float, what: str) -> float:
     except OverflowError:
         # An int beyond float range is a value out of range, not a crash of the checker.
         raise PresenceValueError(
-            f"{what} is out of range, got an int of {int(value).bit_length()} bits"
+            f"{what} is out of float range, got an int of {int(value).bit_length()} bits"
         ) from None
 
 
@@ -101,6 +102,16 @@ def check_time(value: object, what: str = "now") -> float:
     if seconds - seconds != 0.0:  # inf or nan
         raise PresenceValueError(f"{what} must be finite, got {value!r}")
     return seconds
+
+
+def check_finite(value: object, what: str) -> float:
+    """``value`` (an int or float, not a bool) as a finite float."""
+    if not is_number(value):
+        raise PresenceTypeError(f"{what} must be a number, not {type_name(value)}")
+    number = _as_float(value, what)  # type: ignore[arg-type]
+    if number - number != 0.0:  # inf or nan
+        raise PresenceValueError(f"{what} must be finite, got {value!r}")
+    return number
 
 
 def check_text(value: object, what: str, limit: int) -> str:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias
 
 from ._validate import (
     check_callable,
+    check_finite,
     check_int,
     check_seconds,
     check_text,
@@ -370,9 +371,7 @@ class Histogram:
 
 
 def _check_q(q: object) -> float:
-    if not is_number(q):
-        raise PresenceTypeError(f"quantile must be a number, not {type_name(q)}")
-    value = float(q)  # type: ignore[arg-type]
+    value = check_finite(q, "quantile")
     if not 0.0 <= value <= 1.0:
         raise PresenceValueError(f"quantile must be between 0 and 1, got {q!r}")
     return value

@@ -63,7 +63,7 @@ from datetime import datetime, timedelta, tzinfo
 from types import MappingProxyType
 from typing import Final, Literal, NamedTuple
 
-from ._validate import check_int, check_time, is_int, is_number, type_name
+from ._validate import check_finite, check_int, check_time, is_int, is_number, type_name
 from .errors import PresenceTypeError, PresenceValueError
 
 __all__ = [
@@ -104,24 +104,6 @@ LOAD_SIGNALS: Final = (
 )
 # The signals LoadSample declares as counts: they stay ints, however large.
 _COUNT_SIGNALS: Final = frozenset({"presences", "connections", "topics", "memory_bytes"})
-
-
-def _check_number(value: object, what: str) -> float:
-    """``value`` (an int or float, not a bool) as a finite float."""
-    if not is_number(value):
-        # bool is an int, but True is a bug in the caller's configuration, not a number.
-        raise PresenceTypeError(f"{what} must be a number, not {type_name(value)}")
-    real: int | float = value  # type: ignore[assignment]
-    try:
-        number = float(real)
-    except OverflowError:
-        bits = int(real).bit_length()
-        raise PresenceValueError(
-            f"{what} is out of float range, got an int of {bits} bits"
-        ) from None
-    if number - number != 0.0:  # inf or nan
-        raise PresenceValueError(f"{what} must be finite, got {value!r}")
-    return number
 
 
 def _check_count(value: object, what: str, low: int = 1) -> int:
@@ -207,7 +189,7 @@ class LoadSample:
             if name in _COUNT_SIGNALS:
                 check_int(value, name, low=0)
                 continue
-            number = _check_number(value, name)
+            number = check_finite(value, name)
             if number < 0.0:
                 raise PresenceValueError(f"{name} must be >= 0, got {value!r}")
             object.__setattr__(self, name, number)
@@ -280,7 +262,7 @@ class ScaleDecision:
             if not isinstance(name, str):
                 raise PresenceTypeError(f"signal names must be str, not {type_name(name)}")
             # Finite, so that decisions compare equal to themselves (nan != nan).
-            signals[name] = _check_number(value, f"signal {name!r}")
+            signals[name] = check_finite(value, f"signal {name!r}")
         # A read-only view over a private copy: whoever receives the decision cannot change what
         # the scaler recorded, and the caller's dict can be reused.
         object.__setattr__(self, "signals", MappingProxyType(signals))
@@ -363,8 +345,8 @@ class Threshold:
             raise PresenceValueError(
                 f"unknown signal {self.signal!r}; a threshold must name one of {LOAD_SIGNALS}"
             )
-        up = _check_number(self.scale_up_above, f"{self.signal}: scale_up_above")
-        down = _check_number(self.scale_down_below, f"{self.signal}: scale_down_below")
+        up = check_finite(self.scale_up_above, f"{self.signal}: scale_up_above")
+        down = check_finite(self.scale_down_below, f"{self.signal}: scale_down_below")
         if down < 0:
             raise PresenceValueError(f"{self.signal}: scale_down_below must be >= 0, got {down!r}")
         if not up > down:
@@ -385,7 +367,7 @@ class Threshold:
                     f"threshold moves one replica at a time"
                 )
         else:
-            target = up if target is None else _check_number(target, f"{self.signal}: target")
+            target = up if target is None else check_finite(target, f"{self.signal}: target")
             if not down < target <= up:
                 raise PresenceValueError(
                     f"{self.signal}: target ({target!r}) must be in (scale_down_below, "
@@ -479,7 +461,7 @@ class LoadCalendar:
         for key, value in spec.items():
             if not is_int(key) or not low <= key <= high:
                 raise PresenceValueError(f"{name}: keys must be ints in {low}..{high}, got {key!r}")
-            factor = _check_number(value, f"{name}[{key}]")
+            factor = check_finite(value, f"{name}[{key}]")
             if factor <= 0:
                 raise PresenceValueError(
                     f"{name}[{key}]: a multiplier must be positive, got {value!r}"
@@ -566,7 +548,7 @@ def _check_lead(lead: object) -> timedelta:
     if isinstance(lead, timedelta):
         span = lead
     elif is_number(lead):
-        seconds = _check_number(lead, "lead")
+        seconds = check_finite(lead, "lead")
         # Range first: timedelta(seconds=1e300) overflows.
         if not 0.0 <= seconds <= _MAX_LEAD.total_seconds():
             raise PresenceValueError(f"lead must be between 0 and {_MAX_LEAD}, got {lead!r} s")
@@ -690,8 +672,8 @@ class ThresholdScaler:
                 f"max_replicas ({max_replicas}) must be >= min_replicas ({min_replicas})"
             )
         self._current = _check_count(min_replicas if current is None else current, "current")
-        self._up_cooldown_s = _check_number(up_cooldown_s, "up_cooldown_s")
-        self._down_cooldown_s = _check_number(down_cooldown_s, "down_cooldown_s")
+        self._up_cooldown_s = check_finite(up_cooldown_s, "up_cooldown_s")
+        self._down_cooldown_s = check_finite(down_cooldown_s, "down_cooldown_s")
         if self._up_cooldown_s < 0 or self._down_cooldown_s < 0:
             raise PresenceValueError(
                 f"cooldowns must be >= 0 seconds, got up_cooldown_s={up_cooldown_s!r} "
