@@ -434,3 +434,17 @@ def test_latencies_a_failing_sink_refused_are_published_later(clock: ManualClock
     fail["on"] = False
     tracker.sync_metrics()
     assert inner.as_dict()["histograms"][DIFF_PROPAGATION_SECONDS.name]["count"] == 3
+
+
+def test_a_new_subscriber_gets_a_leaving_meta_where_the_others_saw_it(tracker: Tracker) -> None:
+    tracker.track("c1", "a", "alice", {})
+    tracker.track("c2", "a", "alice", {})
+    tracker.track("c3", "a", "alice", {})
+    tracker.flush()
+    flushed = tracker.list("a")
+    tracker.disconnect("c2")  # the middle meta leaves; the leave is not flushed yet
+    view = ClientView(strict=True, topic="a")
+    tracker.subscribe("a", view)
+    assert view.state == flushed  # n.1, n.2, n.3: in the order every other client holds
+    tracker.flush()
+    assert view.state == tracker.list("a")

@@ -38,7 +38,7 @@ import orjson
 from ..phoenix import EVENT_PRESENCE_DIFF
 from .encoding import DATA, KEY, Presence, diff_json, state_json
 from .feed import TopicChanges
-from .state import PresenceState, Topic, presences_of
+from .state import PresenceState, Topic, presences_of, ref_number
 
 __all__ = ["Delivery", "Hook", "disable_hook", "new_hook"]
 
@@ -265,6 +265,7 @@ class Delivery:
             ]
             if datas:
                 groups[key] = datas
+        returned: set[str] = set()
         for left in leaves:
             for p in left:
                 if any(p in pending for pending in joins):
@@ -273,5 +274,10 @@ class Delivery:
                 if group is None:
                     groups[p[KEY]] = [p[DATA]]
                 else:
-                    group.append(p[DATA])  # its position does not matter: a diff removes it
+                    group.append(p[DATA])
+                    returned.add(p[KEY])
+        # A key's metas are in creation order, which is ref order (an update makes a new ref
+        # and moves to the end): put the presences that left back where the clients saw them.
+        for key in returned:
+            groups[key].sort(key=ref_number)
         return state_json(groups.items())

@@ -57,7 +57,13 @@ _EMPTY_LEAVES: dict[Presence, None] = {}
 
 
 class ChangeFeed:
-    """Pending changes by topic, in the order topics first changed since the last `take`."""
+    """Pending changes by topic, in the order topics first changed since the last `take`.
+
+    A join is recorded on its topic by `PresenceState.add` and `PresenceState.replace`
+    themselves (``t.joins[p] = prev``, then ``dirty[t.name] = t``): they run on every track
+    and update, and a call here would cost each of them.  A leave needs the coalescing rule
+    below, so it comes through `left`.
+    """
 
     __slots__ = ("dirty",)
 
@@ -70,17 +76,6 @@ class ChangeFeed:
 
     def __contains__(self, topic: str) -> bool:
         return topic in self.dirty
-
-    def joined(self, t: Topic, p: Presence, prev: bytes | None = None) -> None:
-        """Record that ``p`` joined ``t`` (replacing the presence whose ref is ``prev``).
-
-        `PresenceState.add` writes the same three steps out, because it runs on every track.
-        """
-        joins = t.joins
-        if joins is None:
-            joins = t.joins = {}
-        joins[p] = prev
-        self.dirty[t.name] = t
 
     def left(self, t: Topic, p: Presence) -> bytes | None:
         """Record that ``p`` left ``t``; returns the ref a replacing join should name as prev.

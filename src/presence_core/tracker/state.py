@@ -157,7 +157,7 @@ class PresenceState:
                 held_by[conn] = None
             else:
                 users[key] = {held_by: None, conn: None}  # type: ignore[dict-item]
-        joins = t.joins  # ChangeFeed.joined, written out
+        joins = t.joins  # recording the join: see `ChangeFeed`
         if joins is None:
             joins = t.joins = {}
         joins[p] = None
@@ -178,8 +178,12 @@ class PresenceState:
             held.remove(old)  # type: ignore[union-attr]
             held.append(new)  # type: ignore[union-attr]
         self.data_bytes += len(data) - len(old_data)
-        feed = self.feed
-        feed.joined(t, new, feed.left(t, old))
+        prev = self.feed.left(t, old)
+        joins = t.joins  # recording the join, as in `add`
+        if joins is None:
+            joins = t.joins = {}
+        joins[new] = prev
+        self.feed.dirty[topic] = t
         return new
 
     def remove(self, p: Presence) -> None:

@@ -186,6 +186,23 @@ def _check_key(key: object, limit: int) -> str:
     return key  # type: ignore[return-value]
 
 
+def _check_names(topic: object, key: object, limits: Limits) -> None:
+    """Check a topic and a key against ``limits``: ASCII within the limits costs no call."""
+    if (
+        type(topic) is not str
+        or not 0 < len(topic) <= limits.max_topic_length
+        or not topic.isascii()
+    ):
+        check_text(topic, "topic", limits.max_topic_length)
+    if (
+        type(key) is not str
+        or not 0 < len(key) <= limits.max_key_length
+        or not key.isascii()
+        or key == _FORBIDDEN_KEY
+    ):
+        _check_key(key, limits.max_key_length)
+
+
 _ID_TYPES: Final = frozenset((str, int))
 
 
@@ -669,11 +686,15 @@ class Tracker:
             and the errors of `track`.
         """
         now_s = self._clock() if now is None else _check_now(now)
-        check_conn_id(conn)
+        if (
+            type(conn) is not str
+            or not 0 < len(conn) <= MAX_CONNECTION_ID_LENGTH
+            or not conn.isascii()
+        ):
+            check_conn_id(conn)
         rec: ConnRecord | None = self._conns.get(conn)
         limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
-        check_text(topic, "topic", limits.max_topic_length)
-        _check_key(key, limits.max_key_length)
+        _check_names(topic, key, limits)
         blob = encode_meta(meta, limits)
         old = None
         if rec is not None:
@@ -698,8 +719,9 @@ class Tracker:
         if not same_meta(old[DATA], ref, blob):
             ref = self._new_ref()
             new = self._state.replace(old, stored(ref, blob))
-            i = presences.index(old)
-            presences = (*presences[:i], new, *presences[i + 1 :])
+            changed = list(presences)  # the cheapest way to replace one item of a tuple
+            changed[changed.index(old)] = new
+            presences = tuple(changed)
         self._upsert(conn, (conn, plan, ttl, presences, tat), ttl, now)
         return ref.decode()
 
