@@ -607,19 +607,7 @@ class Tracker:
             check_conn_id(conn)
         rec: ConnRecord | None = self._conns.get(conn)
         limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
-        if (
-            type(topic) is not str
-            or not 0 < len(topic) <= limits.max_topic_length
-            or not topic.isascii()
-        ):
-            check_text(topic, "topic", limits.max_topic_length)
-        if (
-            type(key) is not str
-            or not 0 < len(key) <= limits.max_key_length
-            or not key.isascii()
-            or key == _FORBIDDEN_KEY
-        ):
-            _check_key(key, limits.max_key_length)
+        _check_names(topic, key, limits)
         blob = encode_meta(meta, limits)
         old = None
         shares_key = False  # whether this connection already holds `key` in another topic
