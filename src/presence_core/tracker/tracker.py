@@ -186,23 +186,6 @@ def _check_key(key: object, limit: int) -> str:
     return key  # type: ignore[return-value]
 
 
-def _check_names(topic: object, key: object, limits: Limits) -> None:
-    """Check a topic and a key against ``limits``: ASCII within the limits costs no call."""
-    if (
-        type(topic) is not str
-        or not 0 < len(topic) <= limits.max_topic_length
-        or not topic.isascii()
-    ):
-        check_text(topic, "topic", limits.max_topic_length)
-    if (
-        type(key) is not str
-        or not 0 < len(key) <= limits.max_key_length
-        or not key.isascii()
-        or key == _FORBIDDEN_KEY
-    ):
-        _check_key(key, limits.max_key_length)
-
-
 _ID_TYPES: Final = frozenset((str, int))
 
 
@@ -595,20 +578,7 @@ class Tracker:
             InvalidMeta, MetaTooLarge: the meta cannot be stored.
             QuotaExceeded, RateLimited: the connection's plan refuses the call.
         """
-        now_s = self._clock() if now is None else _check_now(now)
-        # The checks are written out for the common case (plain ASCII str within limits) so a
-        # valid call costs no function calls; anything else goes to the checker, which raises
-        # with the precise message or accepts (non-ASCII text, int connection ids).
-        if (
-            type(conn) is not str
-            or not 0 < len(conn) <= MAX_CONNECTION_ID_LENGTH
-            or not conn.isascii()
-        ):
-            check_conn_id(conn)
-        rec: ConnRecord | None = self._conns.get(conn)
-        limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
-        _check_names(topic, key, limits)
-        blob = encode_meta(meta, limits)
+        now_s, rec, limits, blob = self._write_args(conn, topic, key, meta, now)
         old = None
         shares_key = False  # whether this connection already holds `key` in another topic
         if rec is None:
@@ -660,6 +630,41 @@ class Tracker:
             self._notify_evicted(evicted)  # last: on_evict may call back into the Tracker
         return ref.decode()
 
+    def _write_args(
+        self, conn: object, topic: object, key: object, meta: object, now: object
+    ) -> tuple[float, ConnRecord | None, Limits, bytes]:
+        """Check the arguments of `track` and `update`; returns the time, the connection's
+        record (None if new), its limits and the meta's JSON.
+
+        The checks are written out for the common case (plain ASCII str within limits), so a
+        valid call costs no further calls; anything else goes to the checker, which raises with
+        the precise message or accepts (non-ASCII text, int connection ids).  One place for
+        both calls: a fast path that skipped a check once let in ids nothing could remove.
+        """
+        now_s = self._clock() if now is None else _check_now(now)
+        if (
+            type(conn) is not str
+            or not 0 < len(conn) <= MAX_CONNECTION_ID_LENGTH
+            or not conn.isascii()
+        ):
+            check_conn_id(conn)
+        rec: ConnRecord | None = self._conns.get(conn)  # type: ignore[call-overload]
+        limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
+        if (
+            type(topic) is not str
+            or not 0 < len(topic) <= limits.max_topic_length
+            or not topic.isascii()
+        ):
+            check_text(topic, "topic", limits.max_topic_length)
+        if (
+            type(key) is not str
+            or not 0 < len(key) <= limits.max_key_length
+            or not key.isascii()
+            or key == _FORBIDDEN_KEY
+        ):
+            _check_key(key, limits.max_key_length)
+        return now_s, rec, limits, encode_meta(meta, limits)
+
     def update(
         self, conn: ConnId, topic: str, key: str, meta: dict[str, Any], *, now: float | None = None
     ) -> str:
@@ -673,17 +678,7 @@ class Tracker:
             NotTracked: there is no such presence.
             and the errors of `track`.
         """
-        now_s = self._clock() if now is None else _check_now(now)
-        if (
-            type(conn) is not str
-            or not 0 < len(conn) <= MAX_CONNECTION_ID_LENGTH
-            or not conn.isascii()
-        ):
-            check_conn_id(conn)
-        rec: ConnRecord | None = self._conns.get(conn)
-        limits = self._default_limits if rec is None else self._plans[rec[C_PLAN]]
-        _check_names(topic, key, limits)
-        blob = encode_meta(meta, limits)
+        now_s, rec, limits, blob = self._write_args(conn, topic, key, meta, now)
         old = None
         if rec is not None:
             for p in rec[C_PRESENCES]:
