@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from cachetools import TTLCache
-from conftest import (
+from table_workload import (
     AGING_ORDER,
     BUILD_NOW,
     BUILDERS,
