@@ -6,11 +6,13 @@ an error, never a skip: a broken build must not pass as a green run of the twin 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 from impls import _FAST_ERROR, REQUIRE_EXTENSION, _fast, impl
+from servers import ValkeyCluster, ValkeyServer
 
 settings.register_profile(
     "default", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -41,3 +43,42 @@ def Table(request: pytest.FixtureRequest) -> Any:
 def both() -> tuple[Any, Any]:
     """Both implementations, for tests that compare them directly."""
     return impl("c"), impl("py")
+
+
+# Real Valkey servers (tests/servers.py).  Each fixture stops its servers by PID however the test
+# ends.
+
+
+@pytest.fixture(scope="session")
+def valkey() -> Iterator[ValkeyServer]:
+    """One valkey-server for the whole session, on a free loopback port.
+
+    Tests share it: use keys of your own.  A test that calls `kill()` must `restart()` it (empty,
+    on the same port) before it ends.
+    """
+    with ValkeyServer() as server:
+        yield server
+
+
+@pytest.fixture
+def valkey_factory() -> Iterator[Callable[..., ValkeyServer]]:
+    """Start extra servers with their own options (``password=...``, ``args=[...]``)."""
+    servers: list[ValkeyServer] = []
+
+    def start(**kwargs: Any) -> ValkeyServer:
+        server = ValkeyServer(**kwargs)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture
+def valkey_cluster() -> Iterator[ValkeyCluster]:
+    """A fresh 3-master, 3-replica cluster, healthy, for one test (about 2 s to build)."""
+    with ValkeyCluster(masters=3) as cluster:
+        yield cluster
