@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import shutil
 import ssl
+import subprocess
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -326,5 +329,54 @@ def test_close_fails_batches_in_flight(valkey: ValkeyServer) -> None:
             await task
         assert caught.value.outcome_unknown is True
         assert conn.is_closed and "closed" in repr(conn)
+
+    run(main())
+
+
+def test_tls_end_to_end(valkey: ValkeyServer, tmp_path: Path) -> None:
+    # The bundled valkey-server is built without TLS, so a TLS-terminating proxy in front of it
+    # stands in for a rediss:// server; the client checks the proxy's certificate against a CA.
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(valkey.host, valkey.port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def main() -> None:
+        proxy = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+        port = proxy.sockets[0].getsockname()[1]
+        try:
+            url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+            async with await RedisConnection.connect(url) as conn:
+                assert conn.options.ssl is not None
+                assert await conn.pipeline([("ECHO", "over tls")] * 100) == [b"over tls"] * 100
+            # Without the CA the certificate is refused.
+            with pytest.raises(StoreConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+                await RedisConnection.connect(f"rediss://127.0.0.1:{port}")
+        finally:
+            proxy.close()
+            await proxy.wait_closed()
 
     run(main())
