@@ -32,6 +32,8 @@ __all__ = [
     "ProtocolError",
     "QuotaExceeded",
     "RateLimited",
+    "StoreCommandError",
+    "StoreConnectionError",
     "StoreError",
     "UnknownPlan",
 ]
@@ -162,3 +164,53 @@ def _store_error(cls: type[StoreError], message: str, command: str | None) -> St
     # Unpickles a StoreError (or a subclass taking the same arguments): ``command`` is
     # keyword-only, which __reduce__'s positional arguments cannot pass directly.
     return cls(message, command=command)
+
+
+class StoreCommandError(StoreError):
+    """Redis answered a command with an error reply (``WRONGTYPE ...``, ``NOPERM ...``).
+
+    Attributes:
+        command: The command's name (``"HSETEX"``).
+        position: The command's index in its batch (0 for a single command).
+        reply: The error reply as Redis sent it.
+        replies: When raised by a batch, all its replies in order, each error in its place as a
+            `StoreCommandError`; ``None`` otherwise.
+        errors: When raised by a batch, every error of the batch (this one first).
+    """
+
+    def __init__(self, reply: str, *, command: str | None, position: int = 0) -> None:
+        super().__init__(f"{command or 'command'} (#{position}) failed: {reply}", command=command)
+        self.reply = reply
+        self.position = position
+        self.replies: list[object] | None = None
+        self.errors: list[StoreCommandError] = [self]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _command_error, (self.reply, self.command, self.position)
+
+
+def _command_error(reply: str, command: str | None, position: int) -> StoreCommandError:
+    return StoreCommandError(reply, command=command, position=position)
+
+
+class StoreConnectionError(StoreError):
+    """The connection failed, broke or timed out.
+
+    Attributes:
+        outcome_unknown: ``True`` when the failed batch was written (at least in part) before the
+            failure, so some of its commands may have been applied and others not: the caller
+            must treat its effect as unknown and write state back idempotently.  ``False`` when
+            it certainly was not applied (the connection could not be opened, or was already
+            closed when the batch was submitted).
+    """
+
+    def __init__(self, message: str, *, outcome_unknown: bool) -> None:
+        super().__init__(message, command=None)
+        self.outcome_unknown = outcome_unknown
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _connection_error, (str(self), self.outcome_unknown)
+
+
+def _connection_error(message: str, outcome_unknown: bool) -> StoreConnectionError:
+    return StoreConnectionError(message, outcome_unknown=outcome_unknown)

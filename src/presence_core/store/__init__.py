@@ -1,19 +1,28 @@
-"""A shared presence store in Redis (see `presence_core.store.connection` for the data plane)."""
+"""A shared presence store in Redis.
 
+`presence_core.store.connection` is the data plane (a pipelined RESP connection whose replies
+are parsed by hiredis); `presence_core.store.layout` names every key and builds the commands
+that write them.  The store that reads the Tracker's change feed is built on these.
+"""
+
+from presence_core.errors import StoreCommandError, StoreConnectionError, StoreError
 from presence_core.store.connection import (
     CommandTemplate,
     ConnectionOptions,
     RedisConnection,
-    StoreCommandError,
-    StoreConnectionError,
     encode_command,
 )
+from presence_core.store.layout import HashTTLCommands, Layout, ZSetCommands
 
 __all__ = [
     "CommandTemplate",
     "ConnectionOptions",
+    "HashTTLCommands",
+    "Layout",
     "RedisConnection",
     "StoreCommandError",
     "StoreConnectionError",
+    "StoreError",
+    "ZSetCommands",
     "encode_command",
 ]
