@@ -1767,3 +1767,16 @@ def test_an_update_from_true_to_1_is_a_change(tracker: Tracker) -> None:
     assert second != first
     assert tracker.list(ROOM)["k"]["metas"] == [{"phx_ref": second, "muted": 1, "n": True}]
     assert tracker.update("c1", ROOM, "k", {"n": True, "muted": 1}) == second  # key order only
+
+
+def test_topics_and_presences_as_stored(tracker: Tracker) -> None:
+    tracker.track("c1", ROOM, "alice", {"s": 1})
+    tracker.track("c2", ROOM, "alice", {})
+    tracker.track("c2", "other", "bob", {})
+    tracker.untrack("c2", "other")
+    assert tracker.topics() == [ROOM]
+    assert tracker.presences(ROOM) == [
+        (ROOM, "alice", b'{"phx_ref":"n.1","s":1}', "c1"),
+        (ROOM, "alice", b'{"phx_ref":"n.2"}', "c2"),
+    ]
+    assert tracker.presences("other") == [] and tracker.presences("nowhere") == []

@@ -841,6 +841,28 @@ class Tracker:
         state = _loads(state_json((key, datas_of(keys[key])) for key in chosen))
         return state, (chosen[-1] if more else None)
 
+    def topics(self) -> builtins.list[str]:
+        """The topics with at least one presence now."""
+        return [name for name, t in self._state.topics.items() if t.keys]
+
+    def presences(self, topic: str) -> builtins.list[Presence]:
+        """Every presence in ``topic`` now, as stored: ``(topic, key, data, conn)`` tuples.
+
+        ``data`` is the meta's JSON with its ref first, the bytes a store writes.  For a store
+        that writes state back (after Redis lost it) or refreshes its members' TTLs; a new list
+        on every call.
+        """
+        t = self._topic_of(topic)
+        if t is None:
+            return []
+        out: builtins.list[Presence] = []
+        for held in t.keys.values():
+            if type(held) is tuple:
+                out.append(held)
+            else:
+                out.extend(held)  # type: ignore[arg-type]
+        return out
+
     def connection_presences(self, conn: ConnId) -> builtins.list[tuple[str, str, str]]:
         """``(topic, key, ref)`` of every presence ``conn`` holds; empty if it is unknown."""
         check_conn_id(conn)
