@@ -84,6 +84,7 @@ __all__ = [
     "REDIS_ERRORS",
     "REDIS_FLUSH_LAG_SECONDS",
     "REDIS_PENDING",
+    "REDIS_RECONNECTS",
     "STATUS_READS",
     "STATUS_READ_HITS",
     "TOPICS",
@@ -266,6 +267,12 @@ REDIS_ERRORS: Final = MetricDef(
     "redis_errors", "counter", "Failed Redis commands and connection errors."
 )
 
+REDIS_RECONNECTS: Final = MetricDef(
+    "redis_reconnects",
+    "counter",
+    "Connections to Redis opened again after a failure (each followed by a write-back).",
+)
+
 CATALOGUE: Final[tuple[MetricDef, ...]] = (
     PRESENCES,
     CONNECTIONS,
@@ -284,6 +291,7 @@ CATALOGUE: Final[tuple[MetricDef, ...]] = (
     REDIS_FLUSH_LAG_SECONDS,
     REDIS_PENDING,
     REDIS_ERRORS,
+    REDIS_RECONNECTS,
 )
 """Every metric declared above, in the order scrapes and `Metrics.as_dict` list them."""
 

@@ -2,7 +2,8 @@
 
 `presence_core.store.connection` is the data plane (a pipelined RESP connection whose replies
 are parsed by hiredis); `presence_core.store.layout` names every key and builds the commands
-that write them.  The store that reads the Tracker's change feed is built on these.
+that write them.  `presence_core.store.store.RedisStore` reads the Tracker's change feed and
+writes it behind the Tracker's back with these.
 """
 
 from presence_core.errors import StoreCommandError, StoreConnectionError, StoreError
@@ -13,13 +14,16 @@ from presence_core.store.connection import (
     encode_command,
 )
 from presence_core.store.layout import HashTTLCommands, Layout, ZSetCommands
+from presence_core.store.store import LayoutName, RedisStore
 
 __all__ = [
     "CommandTemplate",
     "ConnectionOptions",
     "HashTTLCommands",
     "Layout",
+    "LayoutName",
     "RedisConnection",
+    "RedisStore",
     "StoreCommandError",
     "StoreConnectionError",
     "StoreError",

@@ -1,0 +1,875 @@
+"""The write-behind store: a Tracker's presences, written to one Redis server as they change.
+
+`RedisStore` reads the Tracker's change feed and keeps Redis equal to the Tracker's state, in
+the key layout of `presence_core.store.layout`, without ever making the Tracker wait.
+
+How a change travels
+--------------------
+
+1. ``tracker.flush()`` hands each batch of the feed to the store's reader (`RedisStore` is
+   attached with `Tracker.add_feed_reader`).  The reader is synchronous and cheap: it copies
+   each change into the *pending* table, ``topic -> {member field -> meta bytes | DELETE}``.
+   A later change of the same member replaces an earlier one, so pending changes coalesce and
+   the table holds at most one entry per live presence plus one per deletion not yet written.
+   The meta bytes are the Tracker's own (no copy).  The reader never awaits and never raises
+   into the Tracker: a failure is logged, counted in ``redis_errors``, and repaired by a full
+   write-back.
+2. The flusher (one asyncio task) wakes when pending goes from empty to non-empty, takes the
+   whole table, and writes it: per topic one ``HDEL`` of its deletions and one ``HSETEX ... PX
+   ttl FIELDS n ...`` of its joins (the fallback layout: ``HSET`` + ``ZADD`` and ``PEXPIRE``),
+   at most `_FIELDS_PER_COMMAND` fields per command and about ``max_batch`` members per
+   pipeline.  A topic's first join on this connection is preceded by an ``SADD`` to the node's
+   topic index (for a peer that reaps this process one day).  Writes are spaced by
+   ``flush_interval`` unless pending reaches ``max_batch``, which wakes the flusher at once.
+3. Every reply is checked (see "Failures").
+
+Refresh, heartbeats and liveness
+--------------------------------
+
+Every member has a TTL in Redis (``member_ttl``), so the members of a process that dies
+without a word expire within that time.  A live process keeps its members alive with a *sweep*
+every ``member_ttl / 3``: per topic it holds, one ``HPEXPIRE key ttl FIELDS n ...`` per chunk of
+`_FIELDS_PER_COMMAND` members (fallback layout: ``ZADD XX`` of the new deadlines, then
+``PEXPIRE`` on both keys).  Connection heartbeats themselves write nothing to Redis: a
+heartbeat only keeps a connection alive in the local Tracker, which decides when a presence
+leaves and writes that leave.  So the store's steady-state cost is *topics x chunks commands
+per sweep interval*, whatever the heartbeat rate: 250k connections in 5,000 topics heartbeating
+every 25 s with a 60 s connection TTL (sweep every 60 s) cost 5,000 commands a minute, about
+0.008 commands per heartbeat.  An ``HPEXPIRE`` reply of -2 (the field is missing: the member
+expired or was lost) re-queues that member's join, so the sweep also repairs Redis.
+
+With the sweep, every ``liveness_timeout / 3`` the node heartbeat (`node_heartbeat`) renews the
+node's liveness key, its topic index's TTL and its entry in the node registry.  A topic the node
+no longer has members in, and has nothing pending for, is removed from the index by the sweep.
+
+Failures
+--------
+
+* **Connection errors** (`StoreConnectionError`: refused, reset, reply timeout).  The taken
+  changes go back into pending under any newer ones (newer wins), the store reconnects with
+  jittered exponential backoff (``backoff_min`` doubling up to ``backoff_max``), and then writes
+  back the full current state: every presence of every topic (``tracker.presences``) and every
+  pending deletion.  Pending joins need no replay: the state written back holds every presence
+  that is still live.  Nothing accepted is lost, and the Tracker never waits: its changes keep
+  coalescing in pending meanwhile.  While Redis is unreachable, pending holds at most one entry
+  per live presence plus one per presence that left during the outage.
+* **Error replies** of transient server states (``READONLY``, ``LOADING``, ``MASTERDOWN``,
+  ``TRYAGAIN``, ``CLUSTERDOWN``, ``BUSY``, ``MOVED``, ``ASK``) are handled like a broken
+  connection: reconnect, then write back.
+* **Other error replies** (``OOM``, ``WRONGTYPE``, ``NOPERM``...) are logged and counted; the
+  other commands of the pipeline keep their effect.  The failed command is not retried at
+  once, since the same command would most likely fail the same way and a tight retry loop
+  would only add load: its deletions are retried, and its topic's live members are written
+  back in full, at the next sweep.  Deletions are always safe to repeat (refs are never
+  reused), and a write-back reads the state as it is then, so a retry never resurrects a
+  member that left since.
+
+Stopping
+--------
+
+``await store.stop()`` writes what is pending, then removes every member this process owns
+(`REAP_NODE_SCRIPT` on each topic of its index: the members whose ref carries the Tracker's
+node), its liveness key, its topic index and its registry entry.  ``stop(remove_members=False)``
+writes what is pending and leaves the rest to expire (members within ``member_ttl``).
+
+Threads: the store must run on the event loop of the thread that calls ``tracker.flush()``.
+
+Not here yet: peers (pub/sub and the remote view), the reaper of lapsed nodes, Redis Cluster,
+per-user status keys and two-tier reads; the layout already names their keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeAlias
+
+from .._validate import check_int, check_seconds
+from ..errors import PresenceValueError, StoreCommandError, StoreConnectionError
+from ..metrics import (
+    REDIS_ERRORS,
+    REDIS_FLUSH_LAG_SECONDS,
+    REDIS_PENDING,
+    REDIS_RECONNECTS,
+    MetricDef,
+)
+from ..tracker import TopicChanges, Tracker
+from ..typing import MetricsSink
+from .connection import ConnectionOptions, RedisConnection, Reply
+from .layout import (
+    REAP_NODE_SCRIPT,
+    REAP_NODE_SHA,
+    HashTTLCommands,
+    Layout,
+    ZSetCommands,
+    evalsha,
+    finish_reap,
+    index_topics,
+    node_heartbeat,
+    script_load,
+)
+from .layout import _field as member_field_of
+
+__all__ = ["LayoutName", "RedisStore"]
+
+logger = logging.getLogger("presence_core.store")
+
+LayoutName: TypeAlias = Literal["auto", "hash_ttl", "zset"]
+
+Command: TypeAlias = list[bytes]
+
+
+class _Delete:
+    """The pending value of a member whose deletion is still to be written."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE: Final = _Delete()
+
+Pending: TypeAlias = dict[str, dict[bytes, bytes | _Delete]]
+
+_FIELDS_PER_COMMAND: Final = 1000
+"""Members per HSETEX / HDEL / HPEXPIRE: big enough to amortise a command, small enough that
+no single command holds the server for long."""
+
+_REAP_COUNT: Final = b"1000"
+
+# Error replies that describe the server's state rather than the command: the same command is
+# expected to succeed once the store has reconnected (to the promoted primary, after loading).
+_TRANSIENT_ERRORS: Final = frozenset(
+    {"READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "MOVED", "ASK"}
+)
+
+
+class _Transient(Exception):
+    """A pipeline got a transient error reply: reconnect and write back, as for a lost link."""
+
+
+@dataclass(slots=True)
+class _Tag:
+    """What one command of a pipeline writes, to act on its error reply."""
+
+    kind: Literal["join", "leave", "index", "refresh", "other"]
+    topic: str | None = None
+    fields: Sequence[bytes] = ()
+    datas: Sequence[bytes] = ()
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Commands of one pipeline, each with its tag, and the members they carry."""
+
+    commands: list[Command] = field(default_factory=list)
+    tags: list[_Tag] = field(default_factory=list)
+    members: int = 0
+    new_topics: list[str] = field(default_factory=list)
+
+    def add(self, commands: Iterable[Command], tag: _Tag) -> None:
+        for command in commands:
+            self.commands.append(command)
+            self.tags.append(tag)
+        self.members += len(tag.fields)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _error_kind(error: StoreCommandError) -> str:
+    return error.reply.split(" ", 1)[0].upper()
+
+
+class RedisStore:
+    """Writes a Tracker's presences to Redis behind its back (see the module docstring).
+
+    Args:
+        tracker: The Tracker whose presences to store.  Its `Tracker.node` names the owner of
+            every member written (refs start with it), so it must be unique per process.
+        target: A ``redis://`` / ``rediss://`` / ``unix://`` URL, or `ConnectionOptions`.
+        prefix: The key prefix (namespace or tenant), see `Layout`.
+        member_ttl: Seconds a member lives in Redis without a refresh.  Default: three times
+            the Tracker's ``connection_ttl``, so the sweep (every ``member_ttl / 3``) runs once
+            per connection TTL; a process that dies leaves its members behind for at most this
+            long (a peer's reaper, keyed on the liveness key, is the quicker path).
+        liveness_timeout: Seconds the node's liveness key lives without a renewal (renewed
+            every third of it).
+        flush_interval: Seconds between two writes while changes keep arriving.
+        max_batch: Pending members that wake the flusher at once, and the members per pipeline.
+        layout: ``"hash_ttl"`` (hash-field TTLs: Valkey >= 9, Redis >= 8), ``"zset"`` (a
+            deadline ZSET per topic: any server), or ``"auto"`` (hash-field TTLs if the server
+            has ``HSETEX`` and ``HPEXPIRE``, detected on the first connection).
+        metrics: Where ``redis_*`` metrics go (default: the Tracker's sink).
+        backoff_min, backoff_max: Bounds in seconds of the jittered exponential reconnect
+            backoff.
+        stop_timeout: Bound in seconds on the final writes of `stop`.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        target: str | ConnectionOptions,
+        *,
+        prefix: str = "presence",
+        member_ttl: float | None = None,
+        liveness_timeout: float = 10.0,
+        flush_interval: float = 0.005,
+        max_batch: int = 10_000,
+        layout: LayoutName = "auto",
+        metrics: MetricsSink | None = None,
+        backoff_min: float = 0.05,
+        backoff_max: float = 5.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(tracker, Tracker):
+            raise PresenceValueError(f"tracker must be a Tracker, not {type(tracker).__name__}")
+        self.tracker = tracker
+        self.options = ConnectionOptions.from_url(target) if isinstance(target, str) else target
+        self.layout = Layout(prefix)
+        ttl = 3.0 * tracker.connection_ttl if member_ttl is None else member_ttl
+        self.member_ttl = check_seconds(ttl, "member_ttl")
+        self._ttl_ms = max(1, round(self.member_ttl * 1000))
+        self.liveness_timeout = check_seconds(liveness_timeout, "liveness_timeout")
+        self._liveness_ms = max(1, round(self.liveness_timeout * 1000))
+        self.flush_interval = check_seconds(flush_interval, "flush_interval")
+        self.max_batch = check_int(max_batch, "max_batch", low=1)
+        if layout not in ("auto", "hash_ttl", "zset"):
+            raise PresenceValueError(f"layout must be auto, hash_ttl or zset, got {layout!r}")
+        self._layout_choice: LayoutName = layout
+        self.metrics: MetricsSink = tracker.metrics if metrics is None else metrics
+        self.backoff_min = check_seconds(backoff_min, "backoff_min")
+        self.backoff_max = max(self.backoff_min, check_seconds(backoff_max, "backoff_max"))
+        self.stop_timeout = check_seconds(stop_timeout, "stop_timeout")
+        self.node = tracker.node
+        self._incarnation = secrets.token_hex(8).encode("ascii")
+
+        self._commands: HashTTLCommands | ZSetCommands | None = None
+        self._conn: RedisConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._detach: Callable[[], None] | None = None
+        self._closing = False
+        self._started = False
+
+        self._pending: Pending = {}
+        self._pending_count = 0
+        self._oldest: float | None = None  # monotonic time of the oldest pending change
+        self._writeback = True  # the state must be written back in full before changes
+        self._busy = False  # a write or sweep is under way
+        self._indexed: set[str] = set()  # topics in the node's index (on this connection)
+        self._retry_topics: set[str] = set()
+        self._retry_deletions: dict[str, set[bytes]] = {}
+        self._next_sweep = 0.0
+        self._next_heartbeat = 0.0
+        self._errors = 0
+        self._reconnects = 0
+        self._wake: asyncio.Event | None = None
+        self._full: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._progress: asyncio.Event | None = None
+
+    # -- public surface ------------------------------------------------------------------------
+
+    @property
+    def layout_name(self) -> str | None:
+        """``"hash_ttl"`` or ``"zset"`` once known (``None`` before the first connection with
+        ``layout="auto"``)."""
+        if self._commands is None:
+            return None if self._layout_choice == "auto" else self._layout_choice
+        return "hash_ttl" if isinstance(self._commands, HashTTLCommands) else "zset"
+
+    @property
+    def connected(self) -> bool:
+        """Whether the store holds an open connection and has written the state back."""
+        conn = self._conn
+        return conn is not None and not conn.is_closed and not self._writeback
+
+    @property
+    def pending(self) -> int:
+        """Members with a change not yet written (joins and deletions)."""
+        return self._pending_count
+
+    @property
+    def errors(self) -> int:
+        """Errors so far: connection failures, error replies and failed feed batches."""
+        return self._errors
+
+    @property
+    def reconnects(self) -> int:
+        """Successful reconnections after a failure."""
+        return self._reconnects
+
+    async def start(self) -> None:
+        """Connect, detect the layout, attach to the Tracker and write its state back.
+
+        Returns once the state is written, or once the first connection attempt failed with
+        `StoreConnectionError` (the store then keeps reconnecting in the background, and the
+        Tracker's changes wait in pending).  A refused handshake (``WRONGPASS``, a bad db)
+        raises `StoreCommandError`: that is a configuration error, not an outage.
+        """
+        if self._started:
+            raise RuntimeError("the store was already started")
+        self._started = True
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._detach = self.tracker.add_feed_reader(self._read_feed)
+        try:
+            await self._connect()
+            await self._write_back()
+        except (StoreConnectionError, _Transient) as exc:
+            self._connection_failed(exc, "start")
+        except BaseException:
+            self._detach()
+            self._detach = None
+            raise
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"presence-store-{self.node}"
+        )
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every change the store has received so far is written.
+
+        Call ``tracker.flush()`` first for changes the Tracker still holds.  Raises
+        `TimeoutError` after ``timeout`` seconds (default: wait for as long as it takes).
+        """
+        async with asyncio.timeout(timeout):
+            while not self._drained():
+                progress = self._progress
+                assert progress is not None and self._wake is not None and self._full is not None
+                self._wake.set()
+                self._full.set()
+                if self._task is None or self._task.done():
+                    raise RuntimeError("the store is not running")
+                await progress.wait()
+
+    async def stop(self, remove_members: bool = True) -> None:
+        """Write what is pending, then (by default) remove this process's members from Redis.
+
+        With ``remove_members=False`` the members are left to expire on their own, as if the
+        process had died.  Bounded by ``stop_timeout``: whatever cannot be written by then is
+        logged and dropped.  The store detaches from the Tracker and closes its connection.
+        """
+        if not self._started or self._closing:
+            return
+        self._closing = True
+        if self._detach is not None:
+            self._detach()
+        assert self._closed is not None and self._wake is not None and self._full is not None
+        self._closed.set()
+        self._wake.set()
+        self._full.set()
+        task = self._task
+        if task is not None:
+            # The flusher ends its cycle and exits; one stuck on a dead server is cancelled
+            # (changes it had taken go back into pending, for the final writes below).
+            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+            if not done:
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if done:  # stop() itself was cancelled
+                    raise
+            except Exception:  # pragma: no cover - the loop catches its own errors
+                logger.exception("presence store flusher failed")
+        try:
+            async with asyncio.timeout(self.stop_timeout):
+                await self._final(remove_members)
+        except (TimeoutError, StoreConnectionError, StoreCommandError, _Transient) as exc:
+            self._errors += 1
+            self._inc(REDIS_ERRORS, 1)
+            logger.warning(
+                "presence store stopped with %d changes unwritten: %s", self._pending_count, exc
+            )
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._publish()
+
+    async def __aenter__(self) -> RedisStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return (
+            f"<RedisStore {self.options.address} prefix={self.layout.prefix!r} "
+            f"layout={self.layout_name} {state} pending={self._pending_count}>"
+        )
+
+    # -- the feed reader (synchronous, inside tracker.flush) -----------------------------------
+
+    def _read_feed(self, batch: Sequence[TopicChanges]) -> None:
+        try:
+            pending = self._pending
+            added = 0
+            for changes in batch:
+                topic = changes.topic
+                members = pending.get(topic)
+                if members is None:
+                    members = pending[topic] = {}
+                before = len(members)
+                for p in changes.leaves:
+                    members[member_field_of(p)] = DELETE
+                for p in changes.joins:
+                    members[member_field_of(p)] = p[2]
+                added += len(members) - before
+            self._note_added(added)
+        except Exception:
+            # Some changes of this batch may be lost: the full write-back repairs the joins;
+            # lost deletions expire with their member TTL.
+            self._errors += 1
+            self._writeback = True
+            logger.exception("presence store: a feed batch failed; the state will be written back")
+            self._inc(REDIS_ERRORS, 1)
+            if self._wake is not None:
+                self._wake.set()
+
+    def _note_added(self, added: int) -> None:
+        if added <= 0 and not self._pending:
+            return
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        self._pending_count += added
+        if self._wake is not None:
+            self._wake.set()
+            if self._pending_count >= self.max_batch and self._full is not None:
+                self._full.set()
+
+    # -- the flusher ---------------------------------------------------------------------------
+
+    def _drained(self) -> bool:
+        return not (self._pending or self._busy or self._writeback or self._conn is None)
+
+    def _cycle_done(self) -> None:
+        progress = self._progress
+        self._progress = asyncio.Event()
+        if progress is not None:
+            progress.set()
+        self._publish()
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._full is not None
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not self._closing:
+            try:
+                if failures:
+                    await self._backoff(failures)
+                    if self._closing:
+                        break
+                if self._conn is None or self._conn.is_closed:
+                    await self._connect()
+                    self._reconnects += 1
+                    self._inc(REDIS_RECONNECTS, 1)
+                    logger.info("presence store reconnected to %s", self.options.address)
+                if self._writeback:
+                    await self._write_back()
+                failures = 0
+                if not self._pending:
+                    await self._sleep(self._wake, self._until_maintenance(loop))
+                self._wake.clear()
+                if self._pending:
+                    await self._flush_pending()
+                now = loop.time()
+                if now >= self._next_sweep or now >= self._next_heartbeat:
+                    await self._maintain(loop)
+                self._cycle_done()
+                if self._pending_count < self.max_batch and not self._closing:
+                    await self._sleep(self._full, self.flush_interval)
+                    self._full.clear()
+            except (StoreConnectionError, _Transient) as exc:
+                failures += 1
+                self._connection_failed(exc, "write")
+                self._cycle_done()
+            except Exception:
+                # A bug, not an outage: never let it end the flusher.  Write everything back.
+                failures += 1
+                self._errors += 1
+                self._inc(REDIS_ERRORS, 1)
+                self._writeback = True
+                logger.exception("presence store flusher failed; the state will be written back")
+                self._cycle_done()
+        self._cycle_done()
+
+    def _until_maintenance(self, loop: asyncio.AbstractEventLoop) -> float:
+        return max(0.0, min(self._next_sweep, self._next_heartbeat) - loop.time())
+
+    async def _sleep(self, event: asyncio.Event, timeout: float) -> None:
+        if event.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    async def _backoff(self, failures: int) -> None:
+        # Full jitter between the floor and an exponential ceiling: processes that lost the same
+        # server do not come back in step.
+        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(failures - 1, 30))
+        delay = random.uniform(self.backoff_min, ceiling)
+        assert self._closed is not None
+        self._publish()
+        await self._sleep(self._closed, delay)
+
+    def _connection_failed(self, exc: Exception, during: str) -> None:
+        self._errors += 1
+        self._inc(REDIS_ERRORS, 1)
+        self._busy = False
+        self._writeback = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        logger.warning("presence store: %s failed, reconnecting: %s", during, exc)
+
+    async def _connect(self) -> None:
+        conn = await RedisConnection.connect(self.options)
+        try:
+            if self._commands is None:
+                await self._choose_layout(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._indexed.clear()  # the server may have lost the index with everything else
+
+    async def _choose_layout(self, conn: RedisConnection) -> None:
+        choice = self._layout_choice
+        if choice == "auto":
+            try:
+                info = await conn.pipeline([(b"COMMAND", b"INFO", b"HSETEX", b"HPEXPIRE")])
+                has_ttl = all(entry is not None for entry in info[0])
+            except StoreCommandError as exc:
+                logger.warning("COMMAND INFO refused (%s): using the zset layout", exc)
+                has_ttl = False
+            choice = "hash_ttl" if has_ttl else "zset"
+        if choice == "hash_ttl":
+            self._commands = HashTTLCommands(self.layout, self._ttl_ms)
+        else:
+            self._commands = ZSetCommands(self.layout, self._ttl_ms)
+
+    def _take(self) -> tuple[Pending, float | None]:
+        taken, oldest = self._pending, self._oldest
+        self._pending = {}
+        self._pending_count = 0
+        self._oldest = None
+        return taken, oldest
+
+    def _merge_back(self, taken: Pending, oldest: float | None, deletions_only: bool) -> None:
+        """Put taken changes back under the newer ones (a newer change of a member wins)."""
+        pending = self._pending
+        added = 0
+        for topic, members in taken.items():
+            newer = pending.get(topic)
+            if newer is None:
+                newer = pending[topic] = {}
+            before = len(newer)
+            for f, value in members.items():
+                if deletions_only and value is not DELETE:
+                    continue
+                newer.setdefault(f, value)
+            if not newer:
+                del pending[topic]
+            added += len(newer) - before
+        self._pending_count += added
+        if not self._pending:
+            self._oldest = None
+        elif oldest is not None and (self._oldest is None or oldest < self._oldest):
+            self._oldest = oldest
+        elif self._oldest is None:
+            self._oldest = time.monotonic()
+
+    async def _flush_pending(self) -> None:
+        taken, oldest = self._take()
+        self._busy = True
+        try:
+            await self._send(self._batches(taken))
+        except BaseException:
+            self._merge_back(taken, oldest, deletions_only=False)
+            raise
+        finally:
+            self._busy = False
+
+    def _batches(
+        self, changes: Pending, batches: list[_Batch] | None = None, *, deletions_only: bool = False
+    ) -> list[_Batch]:
+        """Commands for ``changes`` (deletions, then joins, per topic), in pipelines of about
+        ``max_batch`` members, appended to ``batches``."""
+        commands = self._commands
+        assert commands is not None
+        now_ms = int(time.time() * 1000)
+        if batches is None:
+            batches = [_Batch()]
+        for topic, members in changes.items():
+            deletions = [f for f, v in members.items() if v is DELETE]
+            for chunk in _chunks(deletions, _FIELDS_PER_COMMAND):
+                if batches[-1].members >= self.max_batch:
+                    batches.append(_Batch())
+                batches[-1].add(commands.leave(topic, chunk), _Tag("leave", topic, chunk))
+            if not deletions_only:
+                joins = [(f, v) for f, v in members.items() if not isinstance(v, _Delete)]
+                self._add_joins(batches, topic, joins, now_ms)
+        return batches
+
+    def _add_joins(
+        self,
+        batches: list[_Batch],
+        topic: str,
+        joins: Sequence[tuple[bytes, bytes]],
+        now_ms: int,
+    ) -> None:
+        commands = self._commands
+        assert commands is not None
+        for chunk in _chunks(joins, _FIELDS_PER_COMMAND):
+            if batches[-1].members >= self.max_batch:
+                batches.append(_Batch())
+            batch = batches[-1]
+            if topic not in self._indexed and topic not in batch.new_topics:
+                batch.new_topics.append(topic)
+            built = (
+                commands.join(topic, chunk)
+                if isinstance(commands, HashTTLCommands)
+                else commands.join(topic, chunk, now_ms)
+            )
+            batch.add(built, _Tag("join", topic, [f for f, _ in chunk], [d for _, d in chunk]))
+
+    async def _send(self, batches: Sequence[_Batch]) -> list[list[Reply]]:
+        """Write each batch in its own pipeline, in order, and act on every error reply."""
+        out: list[list[Reply]] = []
+        for batch in batches:
+            if not batch.commands:
+                continue
+            commands, tags = batch.commands, batch.tags
+            if batch.new_topics:
+                # The index first: a peer that reaps this node must find every topic it joined.
+                index = index_topics(self.layout, self.node, batch.new_topics)
+                commands = index + commands
+                tags = [_Tag("index", fields=[t.encode() for t in batch.new_topics])] + tags
+            conn = self._conn
+            if conn is None:
+                raise StoreConnectionError("not connected", outcome_unknown=False)
+            replies = await conn.pipeline(commands, raise_on_error=False)
+            self._check(replies, tags, batch.new_topics)
+            out.append(replies)
+        return out
+
+    def _check(self, replies: list[Reply], tags: Sequence[_Tag], new_topics: list[str]) -> None:
+        index_ok = True
+        transient: StoreCommandError | None = None
+        for reply, tag in zip(replies, tags, strict=True):
+            if not isinstance(reply, StoreCommandError):
+                continue
+            if _error_kind(reply) in _TRANSIENT_ERRORS:
+                transient = transient or reply
+                continue
+            self._errors += 1
+            self._inc(REDIS_ERRORS, 1)
+            logger.error("presence store: %s (topic %r)", reply, tag.topic)
+            if tag.kind == "index":
+                index_ok = False
+            elif tag.kind == "leave" and tag.topic is not None:
+                self._retry_deletions.setdefault(tag.topic, set()).update(tag.fields)
+            elif tag.topic is not None:
+                self._retry_topics.add(tag.topic)
+        if transient is not None:
+            raise _Transient(str(transient))
+        if index_ok:
+            self._indexed.update(new_topics)
+
+    async def _write_back(self) -> None:
+        """Write the Tracker's whole state and every pending deletion (after a reconnect).
+
+        Pending joins are dropped rather than written: the state read now holds every presence
+        that is still live, and a member that left since has its deletion pending.
+        """
+        taken, oldest = self._take()
+        self._busy = True
+        self._writeback = True
+        try:
+            batches = [_Batch()]
+            batches[0].add(self._heartbeat_commands(), _Tag("other"))
+            self._batches(taken, batches, deletions_only=True)
+            now_ms = int(time.time() * 1000)
+            tracker = self.tracker
+            for topic in tracker.topics():
+                pairs = [(member_field_of(p), p[2]) for p in tracker.presences(topic)]
+                self._add_joins(batches, topic, pairs, now_ms)
+            await self._send(batches)
+        except BaseException:
+            # Only the deletions need keeping: the next write-back reads the state afresh.
+            self._merge_back(taken, oldest, deletions_only=True)
+            raise
+        finally:
+            self._busy = False
+        self._writeback = False
+        self._retry_topics.clear()
+        now = asyncio.get_running_loop().time()
+        self._next_sweep = now + self.member_ttl / 3.0
+        self._next_heartbeat = now + self.liveness_timeout / 3.0
+
+    def _heartbeat_commands(self) -> list[Command]:
+        return node_heartbeat(
+            self.layout,
+            self.node,
+            self._incarnation,
+            self._liveness_ms,
+            self._liveness_ms + self._ttl_ms,
+        )
+
+    async def _maintain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The node heartbeat, and the member sweep when it is due."""
+        self._busy = True
+        try:
+            now = loop.time()
+            batches = [_Batch()]
+            batches[0].add(self._heartbeat_commands(), _Tag("other"))
+            self._next_heartbeat = now + self.liveness_timeout / 3.0
+            if now >= self._next_sweep:
+                self._next_sweep = now + self.member_ttl / 3.0
+                self._sweep(batches)
+            replies = await self._send(batches)
+        finally:
+            self._busy = False
+        self._repair([b for b in batches if b.commands], replies)
+
+    def _sweep(self, batches: list[_Batch]) -> None:
+        """Add the sweep's commands: refresh every live member, retry what failed, prune."""
+        commands = self._commands
+        assert commands is not None
+        tracker = self.tracker
+        now_ms = int(time.time() * 1000)
+        live = tracker.topics()
+        # Failed deletions go out again with the next flush (a deletion is always safe).
+        retry, self._retry_deletions = self._retry_deletions, {}
+        if retry:
+            self._merge_back({t: dict.fromkeys(fs, DELETE) for t, fs in retry.items()}, None, True)
+            assert self._wake is not None
+            self._wake.set()
+        rewrite, self._retry_topics = self._retry_topics, set()
+        for topic in live:
+            presences = tracker.presences(topic)
+            if topic in rewrite or topic not in self._indexed:
+                # A failed write, or a topic whose index entry is missing: write it in full.
+                pairs = [(member_field_of(p), p[2]) for p in presences]
+                self._add_joins(batches, topic, pairs, now_ms)
+                continue
+            for chunk in _chunks(presences, _FIELDS_PER_COMMAND):
+                if batches[-1].members >= self.max_batch:
+                    batches.append(_Batch())
+                fields = [member_field_of(p) for p in chunk]
+                built = commands.refresh(topic, fields, now_ms)
+                batches[-1].add(built, _Tag("refresh", topic, fields, [p[2] for p in chunk]))
+        # Topics where this node has nothing left (and nothing pending) leave its index.
+        live_set = set(live)
+        gone = [t for t in self._indexed if t not in live_set and t not in self._pending]
+        if gone:
+            self._indexed.difference_update(gone)
+            key = self.layout.node_topics_key(self.node)
+            batches[-1].add([[b"SREM", key, *(t.encode("utf-8") for t in gone)]], _Tag("other"))
+
+    def _repair(self, batches: Sequence[_Batch], replies: Sequence[list[Reply]]) -> None:
+        """Re-queue the joins of members a refresh found missing (``HPEXPIRE`` answered -2)."""
+        if not isinstance(self._commands, HashTTLCommands):
+            return
+        missing: Pending = {}
+        for batch, batch_replies in zip(batches, replies, strict=True):
+            # An index command, when there is one, came first and shifts the replies by one.
+            offset = len(batch_replies) - len(batch.tags)
+            for i, tag in enumerate(batch.tags):
+                if tag.kind != "refresh" or tag.topic is None:
+                    continue
+                codes = batch_replies[i + offset]
+                if not isinstance(codes, list):
+                    continue
+                for f, data, code in zip(tag.fields, tag.datas, codes, strict=False):
+                    if code == -2:
+                        missing.setdefault(tag.topic, {})[f] = data
+        if missing:
+            n = sum(len(m) for m in missing.values())
+            logger.warning("presence store: %d live members were missing from Redis", n)
+            self._merge_back(missing, None, deletions_only=False)
+            assert self._wake is not None
+            self._wake.set()
+
+    async def _final(self, remove_members: bool) -> None:
+        """The last writes of `stop`: one attempt, within ``stop_timeout``."""
+        if self._conn is None or self._conn.is_closed:
+            await self._connect()
+        if remove_members:
+            taken, _ = self._take()
+            await self._send(self._batches(taken, deletions_only=True))
+            await self._remove_own()
+        else:
+            if self._writeback:
+                await self._write_back()
+            if self._pending:
+                await self._flush_pending()
+        self._cycle_done()
+
+    async def _remove_own(self) -> None:
+        """Delete every member of this node, its liveness key, index and registry entry."""
+        conn = self._conn
+        assert conn is not None and self._commands is not None
+        layout, node = self.layout, self.node
+        index_key = layout.node_topics_key(node)
+        members = await conn.execute(b"SMEMBERS", index_key)
+        topics = set(self._indexed) | set(self.tracker.topics())
+        topics.update(m.decode("utf-8") for m in members)
+        node_arg = node.encode("ascii")
+        zset = isinstance(self._commands, ZSetCommands)
+        cursors = dict.fromkeys(sorted(topics), b"0")
+        await conn.pipeline([script_load(REAP_NODE_SCRIPT)])
+        while cursors:
+            order = list(cursors)
+            commands: list[Command] = []
+            for topic in order:
+                keys = [layout.members_key(topic)]
+                if zset:
+                    keys.append(layout.deadlines_key(topic))
+                commands.append(
+                    evalsha(REAP_NODE_SHA, keys, [node_arg, cursors[topic], _REAP_COUNT])
+                )
+            replies = await conn.pipeline(commands, raise_on_error=False)
+            cursors = {}
+            for topic, reply in zip(order, replies, strict=True):
+                if isinstance(reply, StoreCommandError):
+                    # One topic's failure must not keep this node's members in the others.
+                    self._errors += 1
+                    self._inc(REDIS_ERRORS, 1)
+                    logger.error("presence store: removing members of %r: %s", topic, reply)
+                elif reply[0] != b"0":
+                    cursors[topic] = reply[0]
+        await conn.pipeline([[b"DEL", layout.node_alive_key(node)], *finish_reap(layout, node)])
+        self._indexed.clear()
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def _inc(self, metric: MetricDef, amount: int) -> None:
+        try:
+            self.metrics.inc(metric, amount)
+        except Exception:
+            logger.exception("metrics sink %r failed", self.metrics)
+
+    def _publish(self) -> None:
+        oldest = self._oldest
+        lag = 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
+        try:
+            self.metrics.set(REDIS_PENDING, self._pending_count)
+            self.metrics.set(REDIS_FLUSH_LAG_SECONDS, lag)
+        except Exception:
+            logger.exception("metrics sink %r failed", self.metrics)
