@@ -418,3 +418,25 @@ def test_metrics_show_pending_and_lag(valkey: ValkeyServer) -> None:
             assert gauges["redis_flush_lag_seconds"] == 0.0
 
     run(main)
+
+
+def test_sweep_writes_back_members_missing_from_redis(
+    valkey: ValkeyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        tracker = Tracker()
+        for i in range(5):
+            tracker.track(i, "room", f"u{i}", {})
+        async with new_store(tracker, valkey, "hash_ttl", member_ttl=0.3) as store:
+            key = store.layout.members_key("room")
+            with valkey.client(decode_responses=False) as client:
+                lost = client.hkeys(key)[:2]
+                client.hdel(key, *lost)  # lost behind the store's back
+            with caplog.at_level(logging.WARNING, "presence_core.store"):
+                await asyncio.sleep(0.15)  # one sweep (every 0.1 s) finds them missing (-2)
+            assert "2 live members were missing" in caplog.text
+            await settle(tracker, store)
+            assert_equal(valkey, store, tracker)
+            assert store.errors == 0
+
+    run(main)

@@ -85,12 +85,17 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
 from .._validate import check_int, check_seconds
-from ..errors import PresenceValueError, StoreCommandError, StoreConnectionError
+from ..errors import (
+    PresenceTypeError,
+    PresenceValueError,
+    StoreCommandError,
+    StoreConnectionError,
+)
 from ..metrics import (
     REDIS_ERRORS,
     REDIS_FLUSH_LAG_SECONDS,
@@ -231,7 +236,7 @@ class RedisStore:
         stop_timeout: float = 5.0,
     ) -> None:
         if not isinstance(tracker, Tracker):
-            raise PresenceValueError(f"tracker must be a Tracker, not {type(tracker).__name__}")
+            raise PresenceTypeError(f"tracker must be a Tracker, not {type(tracker).__name__}")
         self.tracker = tracker
         self.options = ConnectionOptions.from_url(target) if isinstance(target, str) else target
         self.layout = Layout(prefix)
@@ -279,7 +284,7 @@ class RedisStore:
     # -- public surface ------------------------------------------------------------------------
 
     @property
-    def layout_name(self) -> str | None:
+    def layout_name(self) -> Literal["hash_ttl", "zset"] | None:
         """``"hash_ttl"`` or ``"zset"`` once known (``None`` before the first connection with
         ``layout="auto"``)."""
         if self._commands is None:
@@ -648,9 +653,13 @@ class RedisStore:
             )
             batch.add(built, _Tag("join", topic, [f for f, _ in chunk], [d for _, d in chunk]))
 
-    async def _send(self, batches: Sequence[_Batch]) -> list[list[Reply]]:
-        """Write each batch in its own pipeline, in order, and act on every error reply."""
-        out: list[list[Reply]] = []
+    async def _send(self, batches: Iterable[_Batch]) -> None:
+        """Write each batch in its own pipeline, in order, and act on every reply.
+
+        ``batches`` may be a generator: it is advanced only once the previous pipeline was
+        answered, so a large write-back or sweep is built while it is written, and the event
+        loop runs between two pipelines.
+        """
         for batch in batches:
             if not batch.commands:
                 continue
@@ -659,14 +668,13 @@ class RedisStore:
                 # The index first: a peer that reaps this node must find every topic it joined.
                 index = index_topics(self.layout, self.node, batch.new_topics)
                 commands = index + commands
-                tags = [_Tag("index", fields=[t.encode() for t in batch.new_topics])] + tags
+                tags = [_Tag("index", fields=[t.encode() for t in batch.new_topics]), *tags]
             conn = self._conn
             if conn is None:
                 raise StoreConnectionError("not connected", outcome_unknown=False)
             replies = await conn.pipeline(commands, raise_on_error=False)
             self._check(replies, tags, batch.new_topics)
-            out.append(replies)
-        return out
+            self._repair(replies, tags)
 
     def _check(self, replies: list[Reply], tags: Sequence[_Tag], new_topics: list[str]) -> None:
         index_ok = True
@@ -695,21 +703,15 @@ class RedisStore:
         """Write the Tracker's whole state and every pending deletion (after a reconnect).
 
         Pending joins are dropped rather than written: the state read now holds every presence
-        that is still live, and a member that left since has its deletion pending.
+        that is still live, and a member that left since has its deletion pending.  Each
+        topic's state is read when its turn comes, which is as good: a presence that leaves
+        after its topic was read has its deletion pending, written after this.
         """
         taken, oldest = self._take()
         self._busy = True
         self._writeback = True
         try:
-            batches = [_Batch()]
-            batches[0].add(self._heartbeat_commands(), _Tag("other"))
-            self._batches(taken, batches, deletions_only=True)
-            now_ms = int(time.time() * 1000)
-            tracker = self.tracker
-            for topic in tracker.topics():
-                pairs = [(member_field_of(p), p[2]) for p in tracker.presences(topic)]
-                self._add_joins(batches, topic, pairs, now_ms)
-            await self._send(batches)
+            await self._send(self._write_back_batches(taken))
         except BaseException:
             # Only the deletions need keeping: the next write-back reads the state afresh.
             self._merge_back(taken, oldest, deletions_only=True)
@@ -721,6 +723,19 @@ class RedisStore:
         now = asyncio.get_running_loop().time()
         self._next_sweep = now + self.member_ttl / 3.0
         self._next_heartbeat = now + self.liveness_timeout / 3.0
+
+    def _write_back_batches(self, taken: Pending) -> Iterator[_Batch]:
+        batches = [_Batch()]
+        batches[0].add(self._heartbeat_commands(), _Tag("other"))
+        self._batches(taken, batches, deletions_only=True)
+        tracker = self.tracker
+        for topic in tracker.topics():
+            now_ms = int(time.time() * 1000)
+            pairs = [(member_field_of(p), p[2]) for p in tracker.presences(topic)]
+            self._add_joins(batches, topic, pairs, now_ms)
+            while len(batches) > 1:
+                yield batches.pop(0)
+        yield from batches
 
     def _heartbeat_commands(self) -> list[Command]:
         return node_heartbeat(
@@ -736,23 +751,25 @@ class RedisStore:
         self._busy = True
         try:
             now = loop.time()
-            batches = [_Batch()]
-            batches[0].add(self._heartbeat_commands(), _Tag("other"))
             self._next_heartbeat = now + self.liveness_timeout / 3.0
-            if now >= self._next_sweep:
+            sweep = now >= self._next_sweep
+            if sweep:
                 self._next_sweep = now + self.member_ttl / 3.0
-                self._sweep(batches)
-            replies = await self._send(batches)
+            await self._send(self._maintenance_batches(sweep))
         finally:
             self._busy = False
-        self._repair([b for b in batches if b.commands], replies)
 
-    def _sweep(self, batches: list[_Batch]) -> None:
-        """Add the sweep's commands: refresh every live member, retry what failed, prune."""
+    def _maintenance_batches(self, sweep: bool) -> Iterator[_Batch]:
+        """The heartbeat, then (``sweep``) a refresh of every live member, the retries of
+        failed writes, and the topics that leave the node's index."""
+        batches = [_Batch()]
+        batches[0].add(self._heartbeat_commands(), _Tag("other"))
+        if not sweep:
+            yield from batches
+            return
         commands = self._commands
         assert commands is not None
         tracker = self.tracker
-        now_ms = int(time.time() * 1000)
         live = tracker.topics()
         # Failed deletions go out again with the next flush (a deletion is always safe).
         retry, self._retry_deletions = self._retry_deletions, {}
@@ -763,42 +780,44 @@ class RedisStore:
         rewrite, self._retry_topics = self._retry_topics, set()
         for topic in live:
             presences = tracker.presences(topic)
+            now_ms = int(time.time() * 1000)
             if topic in rewrite or topic not in self._indexed:
                 # A failed write, or a topic whose index entry is missing: write it in full.
                 pairs = [(member_field_of(p), p[2]) for p in presences]
                 self._add_joins(batches, topic, pairs, now_ms)
-                continue
-            for chunk in _chunks(presences, _FIELDS_PER_COMMAND):
-                if batches[-1].members >= self.max_batch:
-                    batches.append(_Batch())
-                fields = [member_field_of(p) for p in chunk]
-                built = commands.refresh(topic, fields, now_ms)
-                batches[-1].add(built, _Tag("refresh", topic, fields, [p[2] for p in chunk]))
+            else:
+                for chunk in _chunks(presences, _FIELDS_PER_COMMAND):
+                    if batches[-1].members >= self.max_batch:
+                        batches.append(_Batch())
+                    fields = [member_field_of(p) for p in chunk]
+                    built = commands.refresh(topic, fields, now_ms)
+                    batches[-1].add(built, _Tag("refresh", topic, fields, [p[2] for p in chunk]))
+            while len(batches) > 1:
+                yield batches.pop(0)
         # Topics where this node has nothing left (and nothing pending) leave its index.
-        live_set = set(live)
+        live_set = set(tracker.topics())
         gone = [t for t in self._indexed if t not in live_set and t not in self._pending]
         if gone:
             self._indexed.difference_update(gone)
             key = self.layout.node_topics_key(self.node)
             batches[-1].add([[b"SREM", key, *(t.encode("utf-8") for t in gone)]], _Tag("other"))
+        yield from batches
 
-    def _repair(self, batches: Sequence[_Batch], replies: Sequence[list[Reply]]) -> None:
-        """Re-queue the joins of members a refresh found missing (``HPEXPIRE`` answered -2)."""
+    def _repair(self, replies: list[Reply], tags: Sequence[_Tag]) -> None:
+        """Re-queue the joins of members a refresh found missing (``HPEXPIRE`` answered -2).
+
+        The fallback layout's ``ZADD XX`` cannot tell which member is missing; there a lost
+        member comes back with the next write-back (after a reconnect).
+        """
         if not isinstance(self._commands, HashTTLCommands):
             return
         missing: Pending = {}
-        for batch, batch_replies in zip(batches, replies, strict=True):
-            # An index command, when there is one, came first and shifts the replies by one.
-            offset = len(batch_replies) - len(batch.tags)
-            for i, tag in enumerate(batch.tags):
-                if tag.kind != "refresh" or tag.topic is None:
-                    continue
-                codes = batch_replies[i + offset]
-                if not isinstance(codes, list):
-                    continue
-                for f, data, code in zip(tag.fields, tag.datas, codes, strict=False):
-                    if code == -2:
-                        missing.setdefault(tag.topic, {})[f] = data
+        for codes, tag in zip(replies, tags, strict=True):
+            if tag.kind != "refresh" or tag.topic is None or not isinstance(codes, list):
+                continue
+            for f, data, code in zip(tag.fields, tag.datas, codes, strict=False):
+                if code == -2:
+                    missing.setdefault(tag.topic, {})[f] = data
         if missing:
             n = sum(len(m) for m in missing.values())
             logger.warning("presence store: %d live members were missing from Redis", n)
