@@ -316,16 +316,16 @@ def test_a_failing_feed_batch_never_raises_into_the_tracker(
         tracker = Tracker()
         tracker.track("c0", "room", "zed", {})
         async with new_store(tracker, valkey, layout) as store:
-            real = store_module.member_field_of
+            real = store_module.presence_field
 
             def broken(p: Any) -> bytes:
                 raise RuntimeError("boom")
 
-            monkeypatch.setattr(store_module, "member_field_of", broken)
+            monkeypatch.setattr(store_module, "presence_field", broken)
             tracker.track("c1", "room", "alice", {})
             tracker.untrack("c0", "room")
             tracker.flush()  # does not raise
-            monkeypatch.setattr(store_module, "member_field_of", real)
+            monkeypatch.setattr(store_module, "presence_field", real)
             assert store.errors == 1
             assert tracker.metrics.as_dict()["counters"]["hook_errors"] == 0
             await settle(tracker, store)  # the full write-back repairs the joins

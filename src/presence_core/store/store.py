@@ -116,9 +116,9 @@ from .layout import (
     finish_reap,
     index_topics,
     node_heartbeat,
+    presence_field,
     script_load,
 )
-from .layout import _field as member_field_of
 
 __all__ = ["LayoutName", "RedisStore"]
 
@@ -429,9 +429,9 @@ class RedisStore:
                     members = pending[topic] = {}
                 before = len(members)
                 for p in changes.leaves:
-                    members[member_field_of(p)] = DELETE
+                    members[presence_field(p)] = DELETE
                 for p in changes.joins:
-                    members[member_field_of(p)] = p[2]
+                    members[presence_field(p)] = p[2]
                 added += len(members) - before
             self._note_added(added)
         except Exception:
@@ -731,7 +731,7 @@ class RedisStore:
         tracker = self.tracker
         for topic in tracker.topics():
             now_ms = int(time.time() * 1000)
-            pairs = [(member_field_of(p), p[2]) for p in tracker.presences(topic)]
+            pairs = [(presence_field(p), p[2]) for p in tracker.presences(topic)]
             self._add_joins(batches, topic, pairs, now_ms)
             while len(batches) > 1:
                 yield batches.pop(0)
@@ -783,13 +783,13 @@ class RedisStore:
             now_ms = int(time.time() * 1000)
             if topic in rewrite or topic not in self._indexed:
                 # A failed write, or a topic whose index entry is missing: write it in full.
-                pairs = [(member_field_of(p), p[2]) for p in presences]
+                pairs = [(presence_field(p), p[2]) for p in presences]
                 self._add_joins(batches, topic, pairs, now_ms)
             else:
                 for chunk in _chunks(presences, _FIELDS_PER_COMMAND):
                     if batches[-1].members >= self.max_batch:
                         batches.append(_Batch())
-                    fields = [member_field_of(p) for p in chunk]
+                    fields = [presence_field(p) for p in chunk]
                     built = commands.refresh(topic, fields, now_ms)
                     batches[-1].add(built, _Tag("refresh", topic, fields, [p[2] for p in chunk]))
             while len(batches) > 1:
