@@ -12,8 +12,9 @@ favour clear messages over speed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
-from typing import Final, NoReturn
+from typing import Final
 
 from .errors import PresenceTypeError, PresenceValueError
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_conn_id",
     "check_finite",
     "check_int",
+    "check_node",
     "check_seconds",
     "check_text",
     "check_time",
@@ -78,40 +80,32 @@ def check_int(value: object, what: str, *, low: int | None = None, high: int | N
     return number
 
 
-def _not_seconds(value: object, what: str) -> NoReturn:
-    raise PresenceTypeError(
-        f"{what} must be a number of seconds (int or float), not {type_name(value)}"
-    )
+_SECONDS: Final = "a number of seconds (int or float)"
 
 
 def check_seconds(value: object, what: str) -> float:
     """``value`` as a float of seconds that is positive and finite (a TTL, an interval)."""
     if not is_number(value):
-        _not_seconds(value, what)
+        raise PresenceTypeError(f"{what} must be {_SECONDS}, not {type_name(value)}")
     seconds = _as_float(value, what)  # type: ignore[arg-type]
     if not (seconds > 0.0) or seconds == math.inf:
         raise PresenceValueError(f"{what} must be positive and finite, got {value!r}")
     return seconds
 
 
-def check_time(value: object, what: str = "now") -> float:
-    """``value`` as a finite float of seconds (a reading of a clock; may be negative)."""
+def check_finite(value: object, what: str, *, kind: str = "a number") -> float:
+    """``value`` (an int or float, not a bool) as a finite float; ``kind`` names it in errors."""
     if not is_number(value):
-        _not_seconds(value, what)
-    seconds = _as_float(value, what)  # type: ignore[arg-type]
-    if seconds - seconds != 0.0:  # inf or nan
-        raise PresenceValueError(f"{what} must be finite, got {value!r}")
-    return seconds
-
-
-def check_finite(value: object, what: str) -> float:
-    """``value`` (an int or float, not a bool) as a finite float."""
-    if not is_number(value):
-        raise PresenceTypeError(f"{what} must be a number, not {type_name(value)}")
+        raise PresenceTypeError(f"{what} must be {kind}, not {type_name(value)}")
     number = _as_float(value, what)  # type: ignore[arg-type]
     if number - number != 0.0:  # inf or nan
         raise PresenceValueError(f"{what} must be finite, got {value!r}")
     return number
+
+
+def check_time(value: object, what: str = "now") -> float:
+    """``value`` as a finite float of seconds (a reading of a clock; may be negative)."""
+    return check_finite(value, what, kind=_SECONDS)
 
 
 def check_text(value: object, what: str, limit: int) -> str:
@@ -164,3 +158,13 @@ def check_conn_id(conn: object) -> str | int:
             )
         return conn  # type: ignore[return-value]
     raise PresenceTypeError(f"connection id must be a str or an int, not {type_name(conn)}")
+
+
+_NODE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def check_node(node: object) -> str:
+    """``node`` if it can prefix refs and name a process in Redis: ``[A-Za-z0-9_-]{1,32}``."""
+    if not isinstance(node, str) or _NODE.fullmatch(node) is None:
+        raise PresenceValueError(f"node must match [A-Za-z0-9_-]{{1,32}}, got {node!r}")
+    return node

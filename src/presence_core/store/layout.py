@@ -128,6 +128,7 @@ from typing import Final, Protocol
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from .._validate import check_node
 from ..errors import PresenceTypeError, PresenceValueError
 from ..tracker.encoding import Presence, ref_of
 
@@ -165,7 +166,6 @@ DEFAULT_PARTITIONS: Final = 16
 
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*")
 _PREFIX_MAX: Final = 64
-_NODE_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _REF_RE: Final = re.compile(rb"[A-Za-z0-9_-]{1,32}\.[0-9a-f]+")
 
 # -- names ------------------------------------------------------------------------------------
@@ -321,9 +321,7 @@ class Layout:
         return self._key(b"u:", key, b"}:seen")
 
     def _node_key(self, node: str, suffix: bytes) -> bytes:
-        if _NODE_RE.fullmatch(node) is None:
-            raise PresenceValueError(f"node must match [A-Za-z0-9_-]{{1,32}}, got {node!r}")
-        return self._head + b"n:" + node.encode("ascii") + suffix
+        return self._head + b"n:" + _checked_node(node) + suffix
 
     def node_alive_key(self, node: str) -> bytes:
         """``P:{n:node}:alive``: the node's liveness STRING (with a TTL)."""
@@ -410,9 +408,7 @@ def _hdel(key: bytes, fields: Sequence[bytes]) -> Command:
 
 
 def _checked_node(node: str) -> bytes:
-    if _NODE_RE.fullmatch(node) is None:
-        raise PresenceValueError(f"node must match [A-Za-z0-9_-]{{1,32}}, got {node!r}")
-    return node.encode("ascii")
+    return check_node(node).encode("ascii")
 
 
 @dataclass(frozen=True)

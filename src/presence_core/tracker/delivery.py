@@ -162,11 +162,9 @@ class Delivery:
         self._flushing = True
         try:
             start = _perf_counter()
-            delivered = self._run(start)
-            if not self._queue:
-                self._enqueue(self._state.feed.take())
-                delivered += self._run(start)
-            return delivered
+            delivered = self._run(start)  # empties the queue, unless it raises out of here
+            self._enqueue(self._state.feed.take())
+            return delivered + self._run(start)
         finally:
             self._flushing = False
 

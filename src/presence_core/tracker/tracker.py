@@ -28,7 +28,6 @@ from __future__ import annotations
 import builtins
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +43,7 @@ from .._validate import (
     check_callable,
     check_conn_id,
     check_int,
+    check_node,
     check_seconds,
     check_text,
     check_time,
@@ -105,7 +105,6 @@ logger = logging.getLogger("presence_core.tracker")
 FeedReader = Callable[[Sequence[TopicChanges]], object]
 """Reads every batch of the change feed: ``reader(batch)``; see `Tracker.add_feed_reader`."""
 
-_NODE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _NEG_INF: Final = -math.inf
 
 # realtime-js collects presence state in a plain JS object, where this key is the prototype
@@ -310,8 +309,8 @@ class Tracker:
         self._seen_ttl = check_seconds(last_seen_ttl, "last_seen_ttl")
         if node is None:
             node = secrets.token_urlsafe(6)
-        elif not isinstance(node, str) or not _NODE_PATTERN.fullmatch(node):
-            raise PresenceValueError(f"node must match [A-Za-z0-9_-]{{1,32}}, got {node!r}")
+        else:
+            check_node(node)
         self._node = node.encode("ascii") + b"."
         self._refs = count(1)
         if on_evict is not None:
