@@ -9,8 +9,9 @@ A presence is a plain tuple ``(topic, key, data, conn)``:
   ``orjson.loads`` makes at C speed; a ``presence_diff`` is spliced together from these bytes
   with no decode; and the Redis store writes exactly these bytes.  The ref sits first so it can
   be sliced out without parsing.
-* ``conn`` is the id of the connection that holds the presence (a str or an int), which the
-  store records as the member's owner.
+* ``conn`` is the id of the connection that holds the presence (a str or an int), or ``None``
+  for a presence held by another process and mirrored here (the *remote view*, see
+  `Tracker.apply_remote`): its owner is the node its ref starts with.
 
 A plain tuple, not a class or a NamedTuple: a tuple whose items are all str, bytes and int is
 untracked by the garbage collector after its first collection, so a million presences add
@@ -43,7 +44,7 @@ __all__ = [
     "with_prev",
 ]
 
-Presence: TypeAlias = tuple[str, str, bytes, ConnId]
+Presence: TypeAlias = tuple[str, str, bytes, ConnId | None]
 """``(topic, key, data, conn)``: see the module docstring."""
 
 TOPIC: Final = 0

@@ -14,6 +14,11 @@
   a dict of them in arrival order: a popular key may be held by very many, and each must leave
   in O(1).
 
+* **The remote view**: presences held by other processes (mirrored from Redis by the store, or
+  from Supabase Realtime by a bridge) live in the same topics, with ``conn`` None, so lists,
+  counts and diffs show them with the local ones.  They are also indexed by ref (refs are
+  unique across processes) and by key, and never enter the users index of connections.
+
 `PresenceState` changes topics, users and counts together and records each change in the
 `ChangeFeed`; the Tracker decides what may change and keeps connection records.
 """
@@ -25,7 +30,7 @@ from typing import Any, Final, TypeAlias
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
 from ..typing import ConnId
-from .encoding import DATA, KEY, Presence, ref_of
+from .encoding import DATA, KEY, TOPIC, Presence, ref_of
 from .feed import ChangeFeed
 
 __all__ = [
@@ -104,11 +109,22 @@ def datas_of(held: Held) -> list[bytes]:
 class PresenceState:
     """Topics, the users index and the counts, changed together; every change goes to the feed."""
 
-    __slots__ = ("data_bytes", "feed", "n_presences", "n_topics", "topics", "users")
+    __slots__ = (
+        "data_bytes",
+        "feed",
+        "n_presences",
+        "n_topics",
+        "remote",
+        "remote_users",
+        "topics",
+        "users",
+    )
 
     def __init__(self) -> None:
         self.topics: dict[str, Topic] = {}
         self.users: dict[str, ConnId | dict[ConnId, None]] = {}
+        self.remote: dict[bytes, Presence] = {}  # ref -> a presence held elsewhere
+        self.remote_users: dict[str, dict[bytes, Presence]] = {}  # key -> ref -> presence
         self.feed = ChangeFeed()
         self.n_presences = 0
         self.n_topics = 0  # topics with at least one presence
@@ -122,7 +138,13 @@ class PresenceState:
         return t
 
     def add(
-        self, t: Topic, key: str, held: Held | None, data: bytes, conn: ConnId, new_holder: bool
+        self,
+        t: Topic,
+        key: str,
+        held: Held | None,
+        data: bytes,
+        conn: ConnId | None,
+        new_holder: bool,
     ) -> Presence:
         """Add a presence whose checks have passed; the hot path of `Tracker.track`.
 
@@ -152,9 +174,9 @@ class PresenceState:
             users = self.users
             held_by = users.get(key)
             if held_by is None:
-                users[key] = conn
+                users[key] = conn  # type: ignore[assignment]
             elif type(held_by) is dict:
-                held_by[conn] = None
+                held_by[conn] = None  # type: ignore[index]
             else:
                 users[key] = {held_by: None, conn: None}  # type: ignore[dict-item]
         joins = t.joins  # recording the join: see `ChangeFeed`
@@ -206,6 +228,47 @@ class PresenceState:
         self.n_presences -= 1
         self.data_bytes -= len(data)
         self.feed.left(t, p)
+
+    def add_remote(self, topic: str, key: str, data: bytes, prev: bytes | None) -> bool:
+        """Mirror a presence held elsewhere; False if its ref is already here.
+
+        ``prev`` names the ref it replaces (an update elsewhere): if that presence is here, it
+        is replaced in one diff, as a local update is.
+        """
+        ref = ref_of(data)
+        remote = self.remote
+        if ref in remote:
+            return False
+        old = remote.pop(prev, None) if prev is not None else None
+        if old is not None and old[TOPIC] == topic and old[KEY] == key:
+            self._forget_remote_user(old, prev)  # type: ignore[arg-type]
+            p = self.replace(old, data)
+        else:
+            if old is not None:  # not the same presence after all: keep it
+                remote[prev] = old  # type: ignore[index]
+            t = self.topic(topic)
+            p = self.add(t, key, t.keys.get(key), data, None, False)
+        remote[ref] = p
+        by_ref = self.remote_users.get(key)
+        if by_ref is None:
+            by_ref = self.remote_users[key] = {}
+        by_ref[ref] = p
+        return True
+
+    def remove_remote(self, ref: bytes) -> Presence | None:
+        """Take the remote presence ``ref`` out (recording the leave); None if it is not here."""
+        p = self.remote.pop(ref, None)
+        if p is None:
+            return None
+        self._forget_remote_user(p, ref)
+        self.remove(p)
+        return p
+
+    def _forget_remote_user(self, p: Presence, ref: bytes) -> None:
+        by_ref = self.remote_users[p[KEY]]
+        del by_ref[ref]
+        if not by_ref:
+            del self.remote_users[p[KEY]]
 
     def release(self, key: str, conn: ConnId) -> bool:
         """Record that ``conn`` holds no presence as ``key`` any more; True if nobody does."""

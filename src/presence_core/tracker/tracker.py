@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -83,7 +84,18 @@ from ..table import PresenceTable
 from ..table._common import MAX_CAPACITY
 from ..typing import ConnId, MetricsSink, RawTransport, Scaler, Transport
 from .delivery import Delivery, disable_hook, new_hook
-from .encoding import DATA, KEY, TOPIC, Presence, encode_meta, ref_of, same_meta, state_json, stored
+from .encoding import (
+    CONN,
+    DATA,
+    KEY,
+    TOPIC,
+    Presence,
+    encode_meta,
+    ref_of,
+    same_meta,
+    state_json,
+    stored,
+)
 from .feed import TopicChanges
 from .state import (
     C_PLAN,
@@ -186,6 +198,32 @@ def _check_key(key: object, limit: int) -> str:
 
 
 _ID_TYPES: Final = frozenset((str, int))
+
+
+_REF_RE: Final = re.compile(rb"[A-Za-z0-9_-]{1,32}\.[0-9a-f]{1,16}")
+_REF_HEAD: Final = b'{"phx_ref":"'
+
+
+def _check_ref(ref: object) -> bytes:
+    """A ref made by some Tracker (``<node>.<hex>``, bytes), or raise."""
+    if type(ref) is not bytes:
+        raise PresenceTypeError(f"a ref must be bytes, not {type_name(ref)}")
+    if _REF_RE.fullmatch(ref) is None:
+        raise PresenceValueError(f"not a ref made by a Tracker: {ref[:80]!r}")
+    return ref
+
+
+def _remote_ref(data: object, what: str) -> bytes:
+    """The ref of stored meta ``data`` from another Tracker, or raise."""
+    if type(data) is not bytes:
+        raise PresenceTypeError(f"remote {what} must be bytes, not {type_name(data)}")
+    if not data.startswith(_REF_HEAD) or data.find(b'"', len(_REF_HEAD)) < 0:
+        raise PresenceValueError(f"remote {what} does not start with its phx_ref: {data[:80]!r}")
+    return _check_ref(ref_of(data))
+
+
+def _owner(ref: bytes) -> bytes:
+    return ref[: ref.rindex(b".")]
 
 
 def _conn_ids_only(conns: Iterable[ConnId]) -> Sequence[ConnId]:
@@ -857,10 +895,94 @@ class Tracker:
         out: builtins.list[Presence] = []
         for held in t.keys.values():
             if type(held) is tuple:
-                out.append(held)
+                if held[CONN] is not None:
+                    out.append(held)
             else:
-                out.extend(held)  # type: ignore[arg-type]
+                out.extend(p for p in cast(list[Presence], held) if p[CONN] is not None)
         return out
+
+    # -- the remote view ---------------------------------------------------------------------
+
+    def apply_remote(
+        self,
+        topic: str,
+        joins: Iterable[tuple[str, bytes, bytes | None]] = (),
+        leaves: Iterable[bytes] = (),
+    ) -> int:
+        """Mirror changes of presences that other processes hold; returns how many applied.
+
+        ``joins`` are ``(key, data, prev)``: ``data`` the stored meta as the owning Tracker
+        made it (JSON, ``{"phx_ref":"<node>.<hex>",...}``), ``prev`` the ref it replaces (an
+        update) or None.  ``leaves`` are refs.  Remote presences show in `list`, `count`,
+        `page`, diffs and `user` like local ones, and go to feed readers with ``conn`` None
+        (a store must not write them: their owner does).  Applying the same changes again,
+        or a leave of a ref not here, changes nothing, so a peer may replay freely.  The
+        changes go out with the next `flush`.
+
+        Raises:
+            PresenceTypeError, PresenceValueError: a malformed topic, key, meta or ref, or a
+                ref of this Tracker's own node; nothing is applied then.
+        """
+        check_text(topic, "topic", self._read_topic_limit)
+        own = self._node
+        checked: builtins.list[tuple[str, bytes, bytes | None]] = []
+        for item in joins:
+            if type(item) is not tuple or len(item) != 3:
+                raise PresenceTypeError(f"a remote join must be (key, data, prev), not {item!r}")
+            key, data, prev = item
+            _check_key(key, self._read_key_limit)
+            ref = _remote_ref(data, "data")
+            if ref.startswith(own):
+                raise PresenceValueError(f"ref {ref!r} is this Tracker's own, not a remote one")
+            try:
+                meta = _loads(data)
+            except orjson.JSONDecodeError:
+                meta = None
+            if type(meta) is not dict:
+                raise PresenceValueError(f"remote data is not a JSON object: {data[:80]!r}")
+            if prev is not None:
+                _check_ref(prev)
+            checked.append((key, data, prev))
+        gone = [_check_ref(ref) for ref in leaves]
+        state = self._state
+        applied = 0
+        for key, data, prev in checked:
+            applied += state.add_remote(topic, key, data, prev)
+        for ref in gone:
+            p = state.remote.get(ref)
+            if p is not None and p[TOPIC] == topic:
+                state.remove_remote(ref)
+                applied += 1
+        t = state.topics.get(topic)
+        if t is not None:
+            state.prune(t)
+        return applied
+
+    def drop_remote(self, node: str | None = None) -> int:
+        """Remove the remote presences of ``node`` (every remote presence if None), with
+        their leaves; returns how many.  For a peer known to be gone."""
+        state = self._state
+        if node is None:
+            refs = builtins.list(state.remote)
+        else:
+            prefix = check_node(node).encode("ascii") + b"."
+            refs = [ref for ref in state.remote if ref.startswith(prefix)]
+        topics = {state.remote[ref][TOPIC] for ref in refs}
+        for ref in refs:
+            state.remove_remote(ref)
+        for topic in topics:
+            t = state.topics.get(topic)
+            if t is not None:
+                state.prune(t)
+        return len(refs)
+
+    def remote_presences(self, topic: str | None = None) -> builtins.list[Presence]:
+        """The remote presences in ``topic`` (in every topic if None), as stored."""
+        remote = self._state.remote.values()
+        if topic is None:
+            return builtins.list(remote)
+        check_text(topic, "topic", self._read_topic_limit)
+        return [p for p in remote if p[TOPIC] == topic]
 
     def connection_presences(self, conn: ConnId) -> builtins.list[tuple[str, str, str]]:
         """``(topic, key, ref)`` of every presence ``conn`` holds; empty if it is unknown."""
@@ -919,8 +1041,10 @@ class Tracker:
             _check_now(now)
 
     def _user(self, key: str) -> UserStatus:
-        holders = self._state.holders(key)
-        if not holders:
+        state = self._state
+        holders = state.holders(key)
+        remote = state.remote_users.get(key)
+        if not holders and not remote:
             return UserStatus(key, OFFLINE, last_seen=self._seen.get(key))
         conns = self._conns
         presences: builtins.list[Presence] = []
@@ -929,7 +1053,14 @@ class Tracker:
             rec = cast(ConnRecord, conns.get(conn))  # a holder is always live
             presences.extend(p for p in rec[C_PRESENCES] if p[KEY] == key)
             last_active = max(last_active, conns.deadline(conn, _NEG_INF) - rec[C_TTL])
-        return derive_status(key, presences, len(holders), last_active)
+        connections = len(holders)
+        if remote:
+            # Present elsewhere: active now, as far as this process can tell; each owning
+            # process counts as one connection (their ids are not mirrored).
+            presences.extend(remote.values())
+            connections += len({_owner(ref) for ref in remote})
+            last_active = self._clock()
+        return derive_status(key, presences, connections, last_active)
 
     def last_seen(self, key: str) -> float | None:
         """When ``key`` was last seen: now-ish while online, else when it went offline.

@@ -50,7 +50,8 @@ class UserStatus:
         custom_status: Free text the user set, or None.
         devices: Devices the user is present on.
         topics: Topics the user is present in, sorted.
-        connections: Live connections with at least one presence of the user.
+        connections: Live connections with at least one presence of the user, counting each
+            other process that holds one (see `Tracker.apply_remote`) as one connection.
         presences: Presences of the user, all topics together.
         last_active: See above; None when offline.
         last_seen: See above; None for a user never seen (or forgotten by the LRU table).
