@@ -152,3 +152,19 @@ def test_malformed_remote_changes_are_refused_whole(
         here.apply_remote("room", [good, *joins], leaves)
     assert here.count("room") == 0
     assert here.pending() == 0
+
+
+def test_remote_nodes_count_presences_per_owner(pair: tuple[Tracker, Tracker]) -> None:
+    here, there = pair
+    there.track("a", "t1", "bob", {})
+    there.track("b", "t1", "carol", {})
+    old = there.track("a", "t2", "bob", {"v": 1})
+    for topic in ("t1", "t2"):
+        here.apply_remote(topic, [(p[1], p[2], None) for p in there.presences(topic)])
+    assert here.remote_nodes() == {"there": 3}
+    there.update("a", "t2", "bob", {"v": 2})
+    (p,) = there.presences("t2")
+    here.apply_remote("t2", [(p[1], p[2], old.encode())], [old.encode()])
+    assert here.remote_nodes() == {"there": 3}
+    here.drop_remote("there")
+    assert here.remote_nodes() == {}

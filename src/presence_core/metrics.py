@@ -84,7 +84,12 @@ __all__ = [
     "REDIS_ERRORS",
     "REDIS_FLUSH_LAG_SECONDS",
     "REDIS_PENDING",
+    "PEERS",
+    "PEER_LAPSES",
+    "PEER_MESSAGES",
+    "PEER_RESYNCS",
     "REDIS_RECONNECTS",
+    "REDIS_STATUS_READS",
     "STATUS_READS",
     "STATUS_READ_HITS",
     "TOPICS",
@@ -273,6 +278,30 @@ REDIS_RECONNECTS: Final = MetricDef(
     "Connections to Redis opened again after a failure (each followed by a write-back).",
 )
 
+REDIS_STATUS_READS: Final = MetricDef(
+    "redis_status_reads",
+    "counter",
+    "User statuses read through the store, by the tier that answered: memory (this process "
+    "and its peers' presences), cache (a recent Redis answer) or redis.",
+    ("tier",),
+)
+PEERS: Final = MetricDef("peers", "gauge", "Other live processes sharing presence through Redis.")
+PEER_MESSAGES: Final = MetricDef(
+    "peer_messages", "counter", "Diff messages received from other processes."
+)
+PEER_RESYNCS: Final = MetricDef(
+    "peer_resyncs",
+    "counter",
+    "Reconciliations of the remote view with Redis, by reason: start, reconnect, hello (a "
+    "peer came back), deaf (a probe went unanswered) or periodic.",
+    ("reason",),
+)
+PEER_LAPSES: Final = MetricDef(
+    "peer_lapses",
+    "counter",
+    "Processes whose liveness key lapsed; their presences left this process's view.",
+)
+
 CATALOGUE: Final[tuple[MetricDef, ...]] = (
     PRESENCES,
     CONNECTIONS,
@@ -292,6 +321,11 @@ CATALOGUE: Final[tuple[MetricDef, ...]] = (
     REDIS_PENDING,
     REDIS_ERRORS,
     REDIS_RECONNECTS,
+    REDIS_STATUS_READS,
+    PEERS,
+    PEER_MESSAGES,
+    PEER_RESYNCS,
+    PEER_LAPSES,
 )
 """Every metric declared above, in the order scrapes and `Metrics.as_dict` list them."""
 

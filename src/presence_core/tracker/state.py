@@ -115,6 +115,7 @@ class PresenceState:
         "n_presences",
         "n_topics",
         "remote",
+        "remote_owners",
         "remote_users",
         "topics",
         "users",
@@ -125,6 +126,7 @@ class PresenceState:
         self.users: dict[str, ConnId | dict[ConnId, None]] = {}
         self.remote: dict[bytes, Presence] = {}  # ref -> a presence held elsewhere
         self.remote_users: dict[str, dict[bytes, Presence]] = {}  # key -> ref -> presence
+        self.remote_owners: dict[bytes, int] = {}  # owner node -> its remote presences
         self.feed = ChangeFeed()
         self.n_presences = 0
         self.n_topics = 0  # topics with at least one presence
@@ -249,6 +251,8 @@ class PresenceState:
             t = self.topic(topic)
             p = self.add(t, key, t.keys.get(key), data, None, False)
         remote[ref] = p
+        owner = ref[: ref.rindex(b".")]
+        self.remote_owners[owner] = self.remote_owners.get(owner, 0) + 1
         by_ref = self.remote_users.get(key)
         if by_ref is None:
             by_ref = self.remote_users[key] = {}
@@ -265,6 +269,13 @@ class PresenceState:
         return p
 
     def _forget_remote_user(self, p: Presence, ref: bytes) -> None:
+        owners = self.remote_owners
+        owner = ref[: ref.rindex(b".")]
+        left = owners[owner] - 1
+        if left:
+            owners[owner] = left
+        else:
+            del owners[owner]
         by_ref = self.remote_users[p[KEY]]
         del by_ref[ref]
         if not by_ref:

@@ -976,6 +976,10 @@ class Tracker:
                 state.prune(t)
         return len(refs)
 
+    def remote_nodes(self) -> dict[str, int]:
+        """The nodes that own remote presences here, each with how many.  O(nodes)."""
+        return {node.decode("ascii"): n for node, n in self._state.remote_owners.items()}
+
     def remote_presences(self, topic: str | None = None) -> builtins.list[Presence]:
         """The remote presences in ``topic`` (in every topic if None), as stored."""
         remote = self._state.remote.values()
@@ -1061,6 +1065,11 @@ class Tracker:
             connections += len({_owner(ref) for ref in remote})
             last_active = self._clock()
         return derive_status(key, presences, connections, last_active)
+
+    def online(self, key: str) -> bool:
+        """Whether ``key`` has a presence here, local or remote.  O(1)."""
+        state = self._state
+        return key in state.users or key in state.remote_users
 
     def last_seen(self, key: str) -> float | None:
         """When ``key`` was last seen: now-ish while online, else when it went offline.
