@@ -544,7 +544,7 @@ def busy_metrics() -> tuple[Metrics, list[float]]:
             metrics.inc(LIMIT_HITS, 2, ("rate_per_second",))
             metrics.inc(LIMIT_HITS, 5, ("max_metas_per_key",))
         elif metric.kind == "counter":
-            metrics.inc(metric, i)
+            metrics.inc(metric, i, tuple(f"{label}-{i}" for label in metric.labels))
         elif metric.kind == "gauge":
             metrics.set(metric, i + 0.5)
         else:
