@@ -7,6 +7,7 @@ writes it behind the Tracker's back with these.
 """
 
 from presence_core.errors import StoreCommandError, StoreConnectionError, StoreError
+from presence_core.store.cluster import ClusterConnection
 from presence_core.store.connection import (
     CommandTemplate,
     ConnectionOptions,
@@ -17,6 +18,7 @@ from presence_core.store.layout import HashTTLCommands, Layout, ZSetCommands
 from presence_core.store.store import LayoutName, RedisStore
 
 __all__ = [
+    "ClusterConnection",
     "CommandTemplate",
     "ConnectionOptions",
     "HashTTLCommands",
