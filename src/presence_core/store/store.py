@@ -74,8 +74,14 @@ writes what is pending and leaves the rest to expire (members within ``member_tt
 
 Threads: the store must run on the event loop of the thread that calls ``tracker.flush()``.
 
-Not here yet: peers (pub/sub and the remote view), the reaper of lapsed nodes, Redis Cluster,
-per-user status keys and two-tier reads; the layout already names their keys.
+Peers and reads
+---------------
+
+With ``peers=True`` (the default) the store also shares presence with the other processes of
+its namespace: each flush's local changes are published to the peers (one ``SPUBLISH`` per
+partition, in the pipeline right after the writes), and `presence_core.store.peers.PeerSync`
+mirrors theirs into the Tracker's remote view, reconciles it with Redis, and reaps lapsed
+peers.  `users` answers from memory first and reads Redis (last seen) for the rest.
 """
 
 from __future__ import annotations
@@ -101,10 +107,14 @@ from ..metrics import (
     REDIS_FLUSH_LAG_SECONDS,
     REDIS_PENDING,
     REDIS_RECONNECTS,
+    REDIS_STATUS_READS,
     MetricDef,
 )
+from ..table import PresenceTable
 from ..tracker import TopicChanges, Tracker
+from ..tracker.users import OFFLINE, UserStatus
 from ..typing import MetricsSink
+from .cluster import ClusterConnection
 from .connection import ConnectionOptions, RedisConnection, Reply
 from .layout import (
     REAP_NODE_SCRIPT,
@@ -115,10 +125,12 @@ from .layout import (
     evalsha,
     finish_reap,
     index_topics,
+    last_seen,
     node_heartbeat,
     presence_field,
     script_load,
 )
+from .peers import PeerSync, encode_diff, encode_notice
 
 __all__ = ["LayoutName", "RedisStore"]
 
@@ -217,6 +229,19 @@ class RedisStore:
         backoff_min, backoff_max: Bounds in seconds of the jittered exponential reconnect
             backoff.
         stop_timeout: Bound in seconds on the final writes of `stop`.
+        cluster: ``target`` is one node of a Redis Cluster: write through slot-aware
+            pipelines (`ClusterConnection`) and subscribe with ``RedisCluster``.
+        peers: Share presence with the other processes of the namespace: publish this
+            process's diffs, mirror theirs into the Tracker's remote view, reap lapsed peers
+            (see `presence_core.store.peers`).  ``False`` only writes.
+        check_interval: Seconds between two reads of the peers' liveness keys (default: a
+            ninth of ``liveness_timeout``, so a dead peer's presences leave within about
+            ``liveness_timeout + check_interval``: 10 s by default).
+        probe_interval: Seconds between two probes of the subscriptions.
+        reconcile_interval: Seconds between two periodic reconciliations of the remote view.
+        status_cache_ttl, status_cache_size: How long and how many Redis answers of `users`
+            are kept.
+        last_seen_ttl: Seconds a user's last-seen time lives in Redis after the user left.
     """
 
     def __init__(
@@ -226,7 +251,7 @@ class RedisStore:
         *,
         prefix: str = "presence",
         member_ttl: float | None = None,
-        liveness_timeout: float = 10.0,
+        liveness_timeout: float = 9.0,
         flush_interval: float = 0.005,
         max_batch: int = 10_000,
         layout: LayoutName = "auto",
@@ -234,11 +259,20 @@ class RedisStore:
         backoff_min: float = 0.05,
         backoff_max: float = 5.0,
         stop_timeout: float = 5.0,
+        cluster: bool = False,
+        peers: bool = True,
+        check_interval: float | None = None,
+        probe_interval: float = 5.0,
+        reconcile_interval: float = 30.0,
+        status_cache_ttl: float = 2.0,
+        status_cache_size: int = 100_000,
+        last_seen_ttl: float = 30 * 86400.0,
     ) -> None:
         if not isinstance(tracker, Tracker):
             raise PresenceTypeError(f"tracker must be a Tracker, not {type(tracker).__name__}")
         self.tracker = tracker
         self.options = ConnectionOptions.from_url(target) if isinstance(target, str) else target
+        self._url = target if isinstance(target, str) else None
         self.layout = Layout(prefix)
         ttl = 3.0 * tracker.connection_ttl if member_ttl is None else member_ttl
         self.member_ttl = check_seconds(ttl, "member_ttl")
@@ -256,9 +290,28 @@ class RedisStore:
         self.stop_timeout = check_seconds(stop_timeout, "stop_timeout")
         self.node = tracker.node
         self._incarnation = secrets.token_hex(8).encode("ascii")
+        self.cluster = bool(cluster)
+        self.peers_enabled = bool(peers)
+        if self.peers_enabled and self._url is None and self.options.ssl is not None:
+            raise PresenceValueError("peers over TLS need a rediss:// URL as the target")
+        interval = self.liveness_timeout / 9.0 if check_interval is None else check_interval
+        self.check_interval = check_seconds(interval, "check_interval")
+        self.probe_interval = check_seconds(probe_interval, "probe_interval")
+        self.reconcile_interval = check_seconds(reconcile_interval, "reconcile_interval")
+        self.status_cache_ttl = check_seconds(status_cache_ttl, "status_cache_ttl")
+        check_int(status_cache_size, "status_cache_size", low=1)
+        self._seen_ms = max(1, round(check_seconds(last_seen_ttl, "last_seen_ttl") * 1000))
+        # Redis answers of users(): key -> last seen (Unix seconds) or None, with a TTL.
+        self._status_cache: PresenceTable[str, float | None] = PresenceTable(
+            status_cache_size, tick=min(1.0, self.status_cache_ttl), track_dirty=False
+        )
+        self.peers: PeerSync | None = None
+        self._client: Any = None  # the redis-py control-plane client
+        self._outbox: list[tuple[bytes, bytes]] = []  # (channel, message) to publish
+        self._seen: dict[str, int] = {}  # users who went offline here -> when (Unix ms)
 
         self._commands: HashTTLCommands | ZSetCommands | None = None
-        self._conn: RedisConnection | None = None
+        self._conn: RedisConnection | ClusterConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._detach: Callable[[], None] | None = None
         self._closing = False
@@ -312,6 +365,64 @@ class RedisStore:
         """Successful reconnections after a failure."""
         return self._reconnects
 
+    async def user(self, key: str) -> UserStatus:
+        """`users` for one key."""
+        return (await self.users([key]))[key]
+
+    async def users(self, keys: Iterable[str]) -> dict[str, UserStatus]:
+        """Users' statuses, from memory first and from Redis for the rest, in one pipeline.
+
+        Memory is this process's presences and its peers' (the remote view), so a user
+        present anywhere is answered without Redis.  For the others, the last-seen time that
+        their last process wrote when they left (``P:{u:E(key)}:seen``, Unix seconds) is read
+        in one pipeline, and each answer is kept for ``status_cache_ttl`` seconds (at most
+        ``status_cache_size`` of them), so a team view polled every second stays local.
+        While Redis is unreachable the answer is memory's alone.  The tier of each answer is
+        counted in ``redis_status_reads{tier}``.
+
+        ``last_seen`` of a user offline everywhere is Unix time when it comes from Redis; give
+        the Tracker ``clock=time.time`` so that its own last-seen times agree.
+
+        Raises:
+            The errors of `Tracker.users` (bad keys); nothing else.
+        """
+        statuses = self.tracker.users(keys)
+        cache = self._status_cache
+        cache.expire()
+        offline = [key for key, status in statuses.items() if not status.online]
+        misses = [key for key in offline if key not in cache]
+        answers: dict[str, float | None] = {key: cache.get(key) for key in offline}
+        fetched = 0
+        conn = self._conn
+        if misses and conn is not None and not conn.is_closed:
+            layout = self.layout
+            try:
+                replies = await conn.pipeline(
+                    [[b"GET", layout.last_seen_key(key)] for key in misses], raise_on_error=False
+                )
+            except StoreConnectionError as exc:
+                logger.warning("presence store: status read failed: %s", exc)
+            else:
+                ttl = self.status_cache_ttl
+                for key, reply in zip(misses, replies, strict=True):
+                    seen = int(reply) / 1000.0 if isinstance(reply, bytes) else None
+                    answers[key] = seen
+                    cache.upsert(key, seen, ttl)
+                fetched = len(misses)
+        for key in offline:
+            seen = answers.get(key)
+            if seen is not None:
+                statuses[key] = UserStatus(key, OFFLINE, last_seen=seen)
+        tiers = (
+            ("memory", len(statuses) - len(offline)),
+            ("cache", len(offline) - len(misses)),
+            ("redis", fetched),
+        )
+        for tier, n in tiers:
+            if n:
+                self._inc(REDIS_STATUS_READS, n, (tier,))
+        return statuses
+
     async def start(self) -> None:
         """Connect, detect the layout, attach to the Tracker and write its state back.
 
@@ -340,6 +451,40 @@ class RedisStore:
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"presence-store-{self.node}"
         )
+        if self.peers_enabled:
+            self._client = self._control_client()
+            self.peers = PeerSync(
+                self.tracker,
+                self.layout,
+                self._client,
+                cluster=self.cluster,
+                zset_layout=self.layout_name == "zset",
+                liveness_timeout=self.liveness_timeout,
+                check_interval=self.check_interval,
+                probe_interval=self.probe_interval,
+                reconcile_interval=self.reconcile_interval,
+                metrics=self.metrics,
+            )
+            await self.peers.start()
+
+    def _control_client(self) -> Any:
+        """A redis-py asyncio client for the control plane, to the same server(s)."""
+        from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
+
+        cls: Any = RedisCluster if self.cluster else Redis
+        o = self.options
+        timeouts = {"socket_connect_timeout": o.connect_timeout, "socket_timeout": o.reply_timeout}
+        if self._url is not None:
+            return cls.from_url(self._url, **timeouts)
+        if self.cluster:
+            return cls(
+                host=o.host, port=o.port, username=o.username, password=o.password, **timeouts
+            )
+        where: dict[str, Any] = (
+            {"unix_socket_path": o.path} if o.path is not None else {"host": o.host, "port": o.port}
+        )
+        return cls(**where, username=o.username, password=o.password, db=o.db, **timeouts)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every change the store has received so far is written.
@@ -367,6 +512,11 @@ class RedisStore:
         if not self._started or self._closing:
             return
         self._closing = True
+        if self.peers is not None:
+            await self.peers.stop()
+            # Without the peers' updates the remote view would only go stale.
+            self.tracker.drop_remote()
+            self.tracker.flush()
         if self._detach is not None:
             self._detach()
         assert self._closed is not None and self._wake is not None and self._full is not None
@@ -400,6 +550,11 @@ class RedisStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._client is not None:
+                try:
+                    await self._client.aclose()
+                except Exception:  # a broken connection may fail to close the same way
+                    logger.debug("closing the control client failed", exc_info=True)
             self._publish()
 
     async def __aenter__(self) -> RedisStore:
@@ -422,6 +577,9 @@ class RedisStore:
         try:
             pending = self._pending
             added = 0
+            online = self.tracker.online
+            seen = self._seen
+            now_ms = int(time.time() * 1000)
             for changes in batch:
                 topic = changes.topic
                 members = pending.get(topic)
@@ -429,10 +587,18 @@ class RedisStore:
                     members = pending[topic] = {}
                 before = len(members)
                 for p in changes.leaves:
-                    members[presence_field(p)] = DELETE
+                    if p[3] is not None:  # remote presences are their owner's to write
+                        members[presence_field(p)] = DELETE
+                        if not online(p[1]):
+                            seen[p[1]] = now_ms
                 for p in changes.joins:
-                    members[presence_field(p)] = p[2]
+                    if p[3] is not None:
+                        members[presence_field(p)] = p[2]
+                if not members:
+                    del pending[topic]
                 added += len(members) - before
+            if self.peers_enabled:
+                self._post(batch)
             self._note_added(added)
         except Exception:
             # Some changes of this batch may be lost: the full write-back repairs the joins;
@@ -444,8 +610,19 @@ class RedisStore:
             if self._wake is not None:
                 self._wake.set()
 
+    def _post(self, batch: Sequence[TopicChanges]) -> None:
+        """Queue the batch's local changes for the peers, one message per partition."""
+        layout = self.layout
+        by_partition: dict[int, list[TopicChanges]] = {}
+        for changes in batch:
+            by_partition.setdefault(layout.partition(changes.topic), []).append(changes)
+        for partition, group in by_partition.items():
+            message = encode_diff(self.node, group)
+            if message is not None:
+                self._outbox.append((layout.partition_channel(partition), message))
+
     def _note_added(self, added: int) -> None:
-        if added <= 0 and not self._pending:
+        if added <= 0 and not self._pending and not self._outbox and not self._seen:
             return
         if self._oldest is None:
             self._oldest = time.monotonic()
@@ -454,11 +631,20 @@ class RedisStore:
             self._wake.set()
             if self._pending_count >= self.max_batch and self._full is not None:
                 self._full.set()
+            elif self._outbox and self._full is not None:
+                self._full.set()  # peers wait for diffs: publish without the batching delay
 
     # -- the flusher ---------------------------------------------------------------------------
 
     def _drained(self) -> bool:
-        return not (self._pending or self._busy or self._writeback or self._conn is None)
+        return not (
+            self._pending
+            or self._outbox
+            or self._seen
+            or self._busy
+            or self._writeback
+            or self._conn is None
+        )
 
     def _cycle_done(self) -> None:
         progress = self._progress
@@ -485,10 +671,10 @@ class RedisStore:
                 if self._writeback:
                     await self._write_back()
                 failures = 0
-                if not self._pending:
+                if not (self._pending or self._outbox or self._seen):
                     await self._sleep(self._wake, self._until_maintenance(loop))
                 self._wake.clear()
-                if self._pending:
+                if self._pending or self._outbox or self._seen:
                     await self._flush_pending()
                 now = loop.time()
                 if now >= self._next_sweep or now >= self._next_heartbeat:
@@ -533,6 +719,9 @@ class RedisStore:
         await self._sleep(self._closed, delay)
 
     def _connection_failed(self, exc: Exception, during: str) -> None:
+        # Diffs not yet published are dropped: pub/sub is at-most-once anyway, and the hello
+        # after the write-back makes every peer reconcile with the state written back.
+        self._outbox.clear()
         self._errors += 1
         self._inc(REDIS_ERRORS, 1)
         self._busy = False
@@ -543,7 +732,11 @@ class RedisStore:
         logger.warning("presence store: %s failed, reconnecting: %s", during, exc)
 
     async def _connect(self) -> None:
-        conn = await RedisConnection.connect(self.options)
+        conn: RedisConnection | ClusterConnection
+        if self.cluster:
+            conn = await ClusterConnection.connect(self.options)
+        else:
+            conn = await RedisConnection.connect(self.options)
         try:
             if self._commands is None:
                 await self._choose_layout(conn)
@@ -553,7 +746,7 @@ class RedisStore:
         self._conn = conn
         self._indexed.clear()  # the server may have lost the index with everything else
 
-    async def _choose_layout(self, conn: RedisConnection) -> None:
+    async def _choose_layout(self, conn: RedisConnection | ClusterConnection) -> None:
         choice = self._layout_choice
         if choice == "auto":
             try:
@@ -567,6 +760,8 @@ class RedisStore:
             self._commands = HashTTLCommands(self.layout, self._ttl_ms)
         else:
             self._commands = ZSetCommands(self.layout, self._ttl_ms)
+        if self.peers is not None:
+            self.peers.zset_layout = choice == "zset"
 
     def _take(self) -> tuple[Pending, float | None]:
         taken, oldest = self._pending, self._oldest
@@ -601,14 +796,30 @@ class RedisStore:
 
     async def _flush_pending(self) -> None:
         taken, oldest = self._take()
+        outbox, self._outbox = self._outbox, []
+        seen, self._seen = self._seen, {}
         self._busy = True
         try:
-            await self._send(self._batches(taken))
+            batches = self._batches(taken)
+            # After the writes they describe: on one server a peer that hears a diff can read
+            # its members already.  Last seen is best effort (no retry): it is a hint.
+            batches[-1].add(self._side_commands(outbox, seen), _Tag("other"))
+            await self._send(batches)
         except BaseException:
             self._merge_back(taken, oldest, deletions_only=False)
+            for key, when in seen.items():
+                self._seen.setdefault(key, when)
             raise
         finally:
             self._busy = False
+
+    def _side_commands(
+        self, outbox: Sequence[tuple[bytes, bytes]], seen: dict[str, int]
+    ) -> list[Command]:
+        commands = [[b"SPUBLISH", channel, message] for channel, message in outbox]
+        layout, ttl = self.layout, self._seen_ms
+        commands.extend(last_seen(layout, key, when, ttl) for key, when in seen.items())
+        return commands
 
     def _batches(
         self, changes: Pending, batches: list[_Batch] | None = None, *, deletions_only: bool = False
@@ -725,8 +936,14 @@ class RedisStore:
         self._next_heartbeat = now + self.liveness_timeout / 3.0
 
     def _write_back_batches(self, taken: Pending) -> Iterator[_Batch]:
+        # The node registers (and says hello to its peers) only once its members are written:
+        # a peer that reconciled in between would find it live with members missing.  Until
+        # then its liveness key is only renewed if it still exists, so a long write-back after
+        # a short outage does not get the node reaped.
         batches = [_Batch()]
-        batches[0].add(self._heartbeat_commands(), _Tag("other"))
+        alive = self.layout.node_alive_key(self.node)
+        renew = [b"SET", alive, self._incarnation, b"XX", b"PX", b"%d" % self._liveness_ms]
+        batches[0].add([renew], _Tag("other"))
         self._batches(taken, batches, deletions_only=True)
         tracker = self.tracker
         for topic in tracker.topics():
@@ -735,6 +952,10 @@ class RedisStore:
             self._add_joins(batches, topic, pairs, now_ms)
             while len(batches) > 1:
                 yield batches.pop(0)
+        batches[-1].add(self._heartbeat_commands(), _Tag("other"))
+        if self.peers_enabled:
+            hello = encode_notice(self.node, "h")
+            batches[-1].add([[b"SPUBLISH", self.layout.partition_channel(0), hello]], _Tag("other"))
         yield from batches
 
     def _heartbeat_commands(self) -> list[Command]:
@@ -875,12 +1096,16 @@ class RedisStore:
                     cursors[topic] = reply[0]
         await conn.pipeline([[b"DEL", layout.node_alive_key(node)], *finish_reap(layout, node)])
         self._indexed.clear()
+        if self.peers_enabled:
+            # The peers drop this node's presences now rather than when they notice it gone.
+            bye = encode_notice(node, "b")
+            await conn.pipeline([[b"SPUBLISH", layout.partition_channel(0), bye]])
 
     # -- metrics -------------------------------------------------------------------------------
 
-    def _inc(self, metric: MetricDef, amount: int) -> None:
+    def _inc(self, metric: MetricDef, amount: int, labels: tuple[str, ...] = ()) -> None:
         try:
-            self.metrics.inc(metric, amount)
+            self.metrics.inc(metric, amount, labels)
         except Exception:
             logger.exception("metrics sink %r failed", self.metrics)
 

@@ -1,0 +1,564 @@
+"""Peers: the other processes that share presence through Redis, mirrored into the Tracker.
+
+Every process is a *node* (its Tracker's ``node``).  Its `RedisStore` writes the node's own
+presences; `PeerSync` keeps the Tracker's *remote view* (`Tracker.apply_remote`) equal to what
+the other nodes hold, so `Tracker.list` and its diffs show everyone, on every process.
+
+Three paths, from fastest to surest:
+
+1. **Diffs on sharded pub/sub.**  The store publishes each flush's coalesced changes of local
+   presences (`encode_diff`) on the topic's partition channel (`Layout.channel`), in the same
+   pipeline right after the writes.  Every node subscribes to every partition (``SSUBSCRIBE``:
+   on a cluster each channel lives on the shard of its slot) and applies what it receives, then
+   flushes the Tracker, so a diff reaches another process's clients in about one round trip.
+   Applying is idempotent (by ref), so a duplicate message changes nothing.
+2. **Reconciliation from Redis.**  Pub/sub is at-most-once and can go deaf without an error
+   (output-buffer kill, failover, a slot migration's unsolicited ``SUNSUBSCRIBE``).  So the view
+   is compared with Redis itself (every live node's topic index, then each topic's members
+   hash) at start, after every reconnection of the subscriber, when a peer says ``hello`` (it
+   wrote its state back after an outage), when a probe goes unanswered, and every
+   ``reconcile_interval``.  Races with messages in flight are settled by two short memories:
+   a ref that left from `GRACE` seconds before the reconciliation started is not added back
+   (the read may predate the leave), and a ref that joined since then is not removed (its
+   write may not have landed yet on another shard).
+3. **Liveness.**  Every node renews ``P:{n:N}:alive`` (the store's heartbeat).  Every
+   ``check_interval`` each node reads the registry and the liveness keys; a node whose key
+   lapsed leaves this process's view at once (`Tracker.drop_remote`: its leaves go to local
+   clients exactly once, since the view forgets a ref once).  One peer claims the lapsed node
+   (``SET NX``) and removes its members from Redis with `REAP_NODE_SCRIPT`, topic by topic,
+   then drops its index and registry entry.  The member TTL stays as the safety net.  A node
+   that is not in the registry at all (reaped, or lost with a Redis restart) leaves the view
+   once it has been missing for ``liveness_timeout``: long enough for a store that lost Redis
+   to write its state back and register again.
+
+Deafness is also probed: every ``probe_interval`` each node publishes a probe on every
+partition and expects to hear its own probes back; a partition that stays silent makes the
+node resubscribe and reconcile.
+
+The control plane (subscriptions, reconciling reads, reaps) uses redis-py (with hiredis when
+installed): `redis.asyncio.Redis`, or `redis.asyncio.RedisCluster` on a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, TypeAlias
+
+import orjson
+
+from ..errors import PresenceError, PresenceValueError
+from ..metrics import PEER_LAPSES, PEER_MESSAGES, PEER_RESYNCS, PEERS, REDIS_ERRORS, MetricDef
+from ..tracker import TopicChanges, Tracker
+from ..tracker.encoding import CONN, DATA, KEY, ref_of
+from ..typing import MetricsSink
+from .layout import REAP_NODE_SCRIPT, Layout, parse_member_field
+
+__all__ = ["GRACE", "PeerSync", "decode_message", "encode_diff", "encode_notice"]
+
+logger = logging.getLogger("presence_core.store.peers")
+
+GRACE: Final = 1.0
+"""Seconds a reconciliation trusts pub/sub over a Redis read: a ref that joined or left less
+than this before the reconciliation started, or while it ran, keeps what pub/sub said.  On one
+server a diff is published after its writes, in the same pipeline; on a cluster they go to
+different shards at the same moment, so they may be seen a few milliseconds apart."""
+
+_VERSION: Final = 1
+_RECONCILE_TOPICS: Final = 200  # topics read per round trip
+_POLL: Final = 0.25  # seconds the receiver waits for a message before it checks its flags
+
+Joins: TypeAlias = list[tuple[str, bytes, bytes | None]]
+Diff: TypeAlias = tuple[str, Joins, list[bytes]]
+"""One topic's changes in a message: ``(topic, joins as (key, data, prev), leaves as refs)``."""
+
+
+# -- messages ----------------------------------------------------------------------------------
+#
+# A message is a JSON header, a newline, then the metas' bytes back to back:
+#   [1, node, "d", [[topic, [[key, prev | null, len(data)], ...], [ref, ...]], ...]] \n datas
+# so metas travel as the Tracker's own bytes, never parsed or re-encoded on either side.
+# Notices ("h": hello, "p": probe, "b": bye) carry an argument instead of diffs and no datas.
+
+
+def encode_diff(node: str, batch: Iterable[TopicChanges]) -> bytes | None:
+    """One message with the local changes of ``batch`` (remote presences are left out: their
+    owner publishes them); None if nothing is local."""
+    groups: list[Any] = []
+    datas: list[bytes] = []
+    for changes in batch:
+        joins = []
+        for p, prev in changes.joins.items():
+            if p[CONN] is not None:
+                data = p[DATA]
+                joins.append((p[KEY], None if prev is None else prev.decode("ascii"), len(data)))
+                datas.append(data)
+        leaves = [ref_of(p[DATA]).decode("ascii") for p in changes.leaves if p[CONN] is not None]
+        if joins or leaves:
+            groups.append((changes.topic, joins, leaves))
+    if not groups:
+        return None
+    return orjson.dumps((_VERSION, node, "d", groups)) + b"\n" + b"".join(datas)
+
+
+def encode_notice(node: str, kind: str, argument: str = "") -> bytes:
+    """A ``hello`` (``"h"``: wrote its state back), ``probe`` (``"p"``) or ``bye`` (``"b"``:
+    stopped, its members removed) message."""
+    return orjson.dumps((_VERSION, node, kind, argument)) + b"\n"
+
+
+def decode_message(message: bytes) -> tuple[str, str, Any]:
+    """``(node, kind, body)``: for a diff the body is a list of `Diff`; for a notice its
+    argument.  Raises `PresenceValueError` for anything else."""
+    try:
+        end = message.index(b"\n")
+        version, node, kind, body = orjson.loads(message[:end])
+    except (ValueError, TypeError) as exc:
+        raise PresenceValueError(f"not a peer message: {message[:80]!r}") from exc
+    if version != _VERSION or not isinstance(node, str) or kind not in ("d", "h", "p", "b"):
+        raise PresenceValueError(f"not a peer message: {message[:80]!r}")
+    if kind != "d":
+        return node, kind, body
+    diffs: list[Diff] = []
+    at = end + 1
+    try:
+        for topic, joins, leaves in body:
+            decoded: Joins = []
+            for key, prev, size in joins:
+                decoded.append(
+                    (key, message[at : at + size], None if prev is None else prev.encode("ascii"))
+                )
+                at += size
+            diffs.append((topic, decoded, [ref.encode("ascii") for ref in leaves]))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise PresenceValueError(f"malformed peer diff: {exc}") from exc
+    if at != len(message):
+        raise PresenceValueError("malformed peer diff: its metas do not add up")
+    return node, kind, diffs
+
+
+def _owner(ref: bytes) -> str:
+    return ref[: ref.rindex(b".")].decode("ascii")
+
+
+class PeerSync:
+    """Keeps a Tracker's remote view equal to its peers' presences (see the module docstring).
+
+    Made and driven by `RedisStore` (``peers=True``): the store publishes, this subscribes,
+    reconciles and watches liveness.  ``client`` is a redis-py asyncio client (`Redis` or
+    `RedisCluster`) for the control plane.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        layout: Layout,
+        client: Any,
+        *,
+        cluster: bool,
+        zset_layout: bool,
+        liveness_timeout: float,
+        check_interval: float,
+        probe_interval: float,
+        reconcile_interval: float,
+        metrics: MetricsSink,
+    ) -> None:
+        self.tracker = tracker
+        self.layout = layout
+        self.client = client
+        self.cluster = cluster
+        self.zset_layout = zset_layout
+        self.node = tracker.node
+        self.liveness_timeout = liveness_timeout
+        self.check_interval = check_interval
+        self.probe_interval = probe_interval
+        self.reconcile_interval = reconcile_interval
+        self.metrics = metrics
+        self.channels = layout.channels()
+        self._by_channel = {c: i for i, c in enumerate(self.channels)}
+        self._pubsub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._resync = asyncio.Event()
+        self._resync_reasons: set[str] = set()
+        self._joined: dict[bytes, float] = {}  # refs that joined within GRACE: ref -> when
+        self._left: dict[bytes, float] = {}  # refs that left within GRACE
+        self._unregistered: dict[str, float] = {}  # owner -> when first seen unregistered
+        self._probe: str | None = None
+        self._resubscribe: str | None = None  # why the receiver must subscribe afresh
+        self._heard: set[int] = set()
+        self._reap = client.register_script(REAP_NODE_SCRIPT)
+        self.live_peers: frozenset[str] = frozenset()
+        self.messages = 0
+        self.resyncs = 0
+        self.lapses = 0
+        self.errors = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe, reconcile once, and start the receiving and watching tasks.
+
+        When Redis cannot be reached the tasks start anyway and keep retrying.
+        """
+        try:
+            await self._subscribe()
+            await self.reconcile("start")
+        except Exception as exc:  # the loops retry
+            self._failed("start", exc)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._receive(), name=f"presence-peers-rx-{self.node}"),
+            loop.create_task(self._watch(), name=f"presence-peers-watch-{self.node}"),
+        ]
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # pragma: no cover - the loops catch their own errors
+                logger.exception("peer task failed")
+        self._tasks = []
+        await self._unsubscribe()
+
+    def request_resync(self, reason: str) -> None:
+        """Reconcile soon (the watcher runs it), e.g. after the store's own reconnection."""
+        self._resync_reasons.add(reason)
+        self._resync.set()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        await self._unsubscribe()
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.ssubscribe(*self.channels)
+        except BaseException:
+            await _close_pubsub(pubsub)
+            raise
+        self._pubsub = pubsub
+
+    async def _unsubscribe(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            await _close_pubsub(pubsub)
+
+    async def _next_message(self, timeout: float) -> dict[str, Any] | None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise ConnectionError("not subscribed")
+        if self.cluster:
+            return await pubsub.get_sharded_message(  # type: ignore[no-any-return]
+                ignore_subscribe_messages=True, timeout=timeout
+            )
+        return await pubsub.get_message(  # type: ignore[no-any-return]
+            ignore_subscribe_messages=True, timeout=timeout
+        )
+
+    async def _receive(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                if self._resubscribe is not None:
+                    # Only this task touches the subscription: asked by the watcher, it
+                    # subscribes afresh here, between two reads.
+                    await self._unsubscribe()
+                if self._pubsub is None:
+                    if failures:
+                        await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+                    await self._subscribe()
+                    self.request_resync(self._resubscribe or "reconnect")
+                    self._resubscribe = None
+                    failures = 0
+                message = await self._next_message(_POLL)
+                if message is None:
+                    continue
+                self._on_message(message)
+                # Take whatever else already arrived before delivering, so a burst costs one
+                # flush; then deliver at once: this is the cross-process latency.
+                for _ in range(256):
+                    message = await self._next_message(0.0)
+                    if message is None:
+                        break
+                    self._on_message(message)
+                self.tracker.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # redis-py raises ConnectionError, TimeoutError, or (a cluster during failover)
+                # RuntimeError; every one of them means: subscribe again, then reconcile.
+                failures += 1
+                self._failed("receive", exc)
+                await self._unsubscribe()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") not in ("smessage", "message"):
+            return
+        data = message.get("data")
+        if not isinstance(data, bytes):
+            return
+        try:
+            node, kind, body = decode_message(data)
+        except PresenceError as exc:
+            self._failed("decode", exc)
+            return
+        if node == self.node:
+            if kind == "p" and body == self._probe:
+                channel = message.get("channel")
+                index = self._by_channel.get(channel) if isinstance(channel, bytes) else None
+                if index is not None:
+                    self._heard.add(index)
+            return
+        if kind == "h":
+            self._unregistered.pop(node, None)
+            self.request_resync("hello")
+            return
+        if kind == "b":
+            self._drop(node, "stopped")
+            return
+        if kind != "d":
+            return
+        self.messages += 1
+        self._inc(PEER_MESSAGES, 1)
+        now = time.monotonic()
+        for topic, joins, leaves in body:
+            try:
+                self.tracker.apply_remote(topic, joins, leaves)
+            except PresenceError as exc:
+                self._failed(f"applying a diff of {node} for {topic!r}", exc)
+                continue
+            for _, data, _ in joins:
+                self._joined[ref_of(data)] = now
+            for ref in leaves:
+                self._left[ref] = now
+
+    # -- watching: liveness, probes, reconciliation ------------------------------------------
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + self.probe_interval
+        next_reconcile = loop.time() + self.reconcile_interval
+        while not self._closing:
+            try:
+                try:
+                    async with asyncio.timeout(self.check_interval):
+                        await self._resync.wait()
+                except TimeoutError:
+                    pass
+                now = loop.time()
+                await self.check_liveness()
+                if now >= next_probe:
+                    next_probe = now + self.probe_interval
+                    if not await self._probe_round():
+                        self._resubscribe = "deaf"
+                if now >= next_reconcile:
+                    self.request_resync("periodic")
+                if self._resync.is_set():
+                    reasons = self._resync_reasons
+                    self._resync_reasons = set()
+                    self._resync.clear()
+                    next_reconcile = now + self.reconcile_interval
+                    await self.reconcile(_main_reason(reasons))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed("watch", exc)
+
+    async def _probe_round(self) -> bool:
+        """Check the last round of probes, then publish the next; False if one went unheard."""
+        heard_all = self._probe is None or len(self._heard) == len(self.channels)
+        if not heard_all:
+            missing = len(self.channels) - len(self._heard)
+            logger.warning("%d of %d partitions did not echo a probe", missing, len(self.channels))
+        self._probe = secrets.token_hex(4)
+        self._heard = set()
+        if self._pubsub is not None:
+            message = encode_notice(self.node, "p", self._probe)
+            await self._publish_all(message)
+        return heard_all
+
+    async def _publish_all(self, message: bytes) -> None:
+        client = self.client
+        if self.cluster:
+            for channel in self.channels:
+                await client.spublish(channel, message)
+        else:
+            pipe = client.pipeline(transaction=False)
+            for channel in self.channels:
+                pipe.spublish(channel, message)
+            await pipe.execute()
+
+    async def check_liveness(self) -> None:
+        """Read the registry and liveness keys; drop lapsed and long-unregistered peers."""
+        layout = self.layout
+        registry = {m.decode("ascii") for m in await self.client.smembers(layout.nodes_key)}
+        others = sorted(registry - {self.node})
+        alive = await self._gets([layout.node_alive_key(n) for n in others])
+        live = frozenset(n for n, value in zip(others, alive, strict=True) if value is not None)
+        lapsed = [n for n in others if n not in live]
+        self.live_peers = live
+        self._set(PEERS, len(live))
+        now = time.monotonic()
+        owners = set(self.tracker.remote_nodes())
+        for owner in owners - registry:
+            since = self._unregistered.setdefault(owner, now)
+            if now - since >= self.liveness_timeout:
+                self._drop(owner, "unregistered")
+        for owner in list(self._unregistered):
+            if owner not in owners or owner in registry:
+                del self._unregistered[owner]
+        for node in lapsed:
+            if node in owners:
+                self._drop(node, "lapsed")
+            await self._reap_node(node)
+
+    def _remote(self) -> list[Any]:
+        return self.tracker.remote_presences()
+
+    def _drop(self, node: str, why: str) -> None:
+        dropped = self.tracker.drop_remote(node)
+        self._unregistered.pop(node, None)
+        if dropped:
+            self.lapses += 1
+            self._inc(PEER_LAPSES, 1)
+            logger.info("peer %s %s: %d presences left", node, why, dropped)
+            self.tracker.flush()
+
+    async def _reap_node(self, node: str) -> None:
+        """Remove a lapsed node's members from Redis, if this process wins the claim."""
+        layout = self.layout
+        claim_ms = max(1000, round(self.liveness_timeout * 1000))
+        won = await self.client.set(layout.node_reaper_key(node), self.node, nx=True, px=claim_ms)
+        if not won:
+            return
+        topics = await self.client.smembers(layout.node_topics_key(node))
+        removed = 0
+        for raw in topics:
+            topic = raw.decode("utf-8")
+            keys = [layout.members_key(topic)]
+            if self.zset_layout:
+                keys.append(layout.deadlines_key(topic))
+            cursor = b"0"
+            while True:
+                reply = await self._reap(keys=keys, args=[node, cursor, 1000])
+                removed += (len(reply) - 1) // 2
+                cursor = reply[0]
+                if cursor in (b"0", 0, "0"):
+                    break
+        await self.client.delete(layout.node_topics_key(node))
+        await self.client.srem(layout.nodes_key, node)
+        logger.info("reaped lapsed peer %s: %d members in %d topics", node, removed, len(topics))
+
+    async def reconcile(self, reason: str) -> None:
+        """Make the remote view equal to the live peers' members in Redis (see the module
+        docstring for the races this settles)."""
+        started = time.monotonic()
+        layout = self.layout
+        registry = {m.decode("ascii") for m in await self.client.smembers(layout.nodes_key)}
+        others = sorted(registry - {self.node})
+        alive = await self._gets([layout.node_alive_key(n) for n in others])
+        live = {n for n, value in zip(others, alive, strict=True) if value is not None}
+        indexes = await self._multi("smembers", [layout.node_topics_key(n) for n in sorted(live)])
+        topics = {t.decode("utf-8") for index in indexes for t in index}
+        view: dict[bytes, Any] = {ref_of(p[DATA]): p for p in self._remote()}
+        topics.update(p[0] for p in view.values())
+        wanted: dict[bytes, tuple[str, str, bytes]] = {}
+        ordered = sorted(topics)
+        for start in range(0, len(ordered), _RECONCILE_TOPICS):
+            chunk = ordered[start : start + _RECONCILE_TOPICS]
+            hashes = await self._multi("hgetall", [layout.members_key(t) for t in chunk])
+            for topic, members in zip(chunk, hashes, strict=True):
+                for field, data in members.items():
+                    try:
+                        key, ref = parse_member_field(field)
+                    except (PresenceError, UnicodeDecodeError):
+                        continue
+                    if _owner(ref) in live:
+                        wanted[ref] = (topic, key, data)
+        self._forget_before(started - GRACE)
+        joins: dict[str, Joins] = {}
+        leaves: dict[str, list[bytes]] = {}
+        for ref, (topic, key, data) in wanted.items():
+            if ref not in view and ref not in self._left:
+                joins.setdefault(topic, []).append((key, data, None))
+        for ref, p in view.items():
+            if ref not in wanted and ref not in self._joined and _owner(ref) in live:
+                leaves.setdefault(p[0], []).append(ref)
+        changed = 0
+        for topic in sorted(set(joins) | set(leaves)):
+            try:
+                changed += self.tracker.apply_remote(
+                    topic, joins.get(topic, ()), leaves.get(topic, ())
+                )
+            except PresenceError as exc:
+                self._failed(f"reconciling {topic!r}", exc)
+        self.resyncs += 1
+        self._inc(PEER_RESYNCS, 1, (reason,))
+        if changed:
+            logger.info("reconciled the remote view (%s): %d changes", reason, changed)
+            self.tracker.flush()
+
+    def _forget_before(self, horizon: float) -> None:
+        """Forget joins and leaves older than ``horizon``: they are in Redis as well.
+
+        Only here, at the start of a reconciliation (one runs at a time), so what pub/sub
+        said while a reconciliation reads stays until it has compared."""
+        for memory in (self._joined, self._left):
+            old = [ref for ref, when in memory.items() if when < horizon]
+            for ref in old:
+                del memory[ref]
+
+    # -- redis-py helpers --------------------------------------------------------------------
+
+    async def _gets(self, keys: Sequence[bytes]) -> list[Any]:
+        return await self._multi("get", keys)
+
+    async def _multi(self, command: str, keys: Sequence[bytes]) -> list[Any]:
+        """One command per key in one pipeline (split per slot by RedisCluster)."""
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            getattr(pipe, command)(key)
+        return list(await pipe.execute())
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._inc(REDIS_ERRORS, 1)
+        logger.warning("presence peers: %s failed: %s", what, exc)
+
+    def _inc(self, metric: MetricDef, amount: int, labels: tuple[str, ...] = ()) -> None:
+        try:
+            self.metrics.inc(metric, amount, labels)
+        except Exception:
+            logger.exception("metrics sink %r failed", self.metrics)
+
+    def _set(self, metric: MetricDef, value: float) -> None:
+        try:
+            self.metrics.set(metric, value)
+        except Exception:
+            logger.exception("metrics sink %r failed", self.metrics)
+
+
+def _main_reason(reasons: set[str]) -> str:
+    for reason in ("start", "reconnect", "deaf", "hello", "periodic"):
+        if reason in reasons:
+            return reason
+    return "periodic"
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception:  # closing a broken subscription may fail the same way
+        logger.debug("closing a subscription failed", exc_info=True)
