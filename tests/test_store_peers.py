@@ -1,0 +1,213 @@
+"""Peers in one event loop: two Trackers, each with its store, on one real valkey-server.
+
+The separate-process cases (convergence, SIGKILL, graceful stop) are in
+test_store_processes.py; these reach inside one process to make a subscriber deaf, kill its
+connection, or publish garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from servers import ValkeyServer
+from test_store import fresh_prefix, in_redis, run
+
+from presence_core import Tracker
+from presence_core.metrics import PEER_RESYNCS, REDIS_ERRORS, REDIS_STATUS_READS, Metrics
+from presence_core.store import RedisStore
+from presence_core.store.peers import GRACE
+from presence_core.testing import ClientView
+
+FAST = {
+    "liveness_timeout": 1.0,
+    "probe_interval": 0.2,
+    "reconcile_interval": 60.0,  # only the probes and reconnections reconcile here
+    "backoff_min": 0.02,
+    "backoff_max": 0.2,
+}
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def pair(
+    server: ValkeyServer, **options: Any
+) -> AsyncIterator[tuple[Tracker, RedisStore, Tracker, RedisStore]]:
+    prefix = fresh_prefix()
+    a = Tracker(node="node-a", clock=time.time, metrics=Metrics())
+    b = Tracker(node="node-b", clock=time.time, metrics=Metrics())
+    sa = RedisStore(a, server.url, prefix=prefix, **{**FAST, **options})
+    sb = RedisStore(b, server.url, prefix=prefix, **{**FAST, **options})
+    await sa.start()
+    await sb.start()
+    try:
+        yield a, sa, b, sb
+    finally:
+        await sa.stop()
+        await sb.stop()
+
+
+def test_a_deaf_subscriber_recovers_through_a_probe_and_reconciliation(
+    valkey: ValkeyServer,
+) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, _, b, sb):
+            view = ClientView(strict=True, topic="room")
+            b.subscribe("room", view)
+            # Deaf without an error: what a slot migration's SUNSUBSCRIBE does.
+            assert sb.peers is not None and sb.peers._pubsub is not None
+            await sb.peers._pubsub.sunsubscribe()
+            a.track("c1", "room", "alice", {})
+            a.flush()
+            await until(lambda: "alice" in b.list("room"), 5, "b to hear of alice")
+            assert b.metrics.counter(PEER_RESYNCS, "deaf") >= 1  # type: ignore[attr-defined]
+            b.flush()
+            assert view.state == b.list("room")
+            # And it hears diffs again.
+            a.untrack("c1", "room")
+            a.flush()
+            await until(lambda: b.count("room") == 0, 5, "alice to leave at b")
+
+    run(main)
+
+
+def test_a_killed_subscription_reconnects_and_catches_up(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, _, b, _sb):
+            a.track("c1", "room", "early", {})
+            a.flush()
+            await until(lambda: "early" in b.list("room"), 5, "b to hear of early")
+            await asyncio.sleep(GRACE)  # from now on Redis is trusted over pub/sub for early
+            with valkey.client() as client:
+                client.client_kill_filter(_type="pubsub")
+                # Published while b is not subscribed: only reconciliation can bring it.
+                a.track("c2", "room", "late", {})
+                a.untrack("c1", "room")
+                a.flush()
+            await until(lambda: set(b.list("room")) == {"late"}, 5, "b to catch up")
+            assert b.metrics.counter(PEER_RESYNCS, "reconnect") >= 1  # type: ignore[attr-defined]
+
+    run(main)
+
+
+def test_garbage_on_a_channel_is_counted_and_ignored(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, sa, b, sb):
+            with valkey.client() as client:
+                for channel in sa.layout.channels()[:3]:
+                    client.execute_command("SPUBLISH", channel, b"not a peer message")
+                client.execute_command(
+                    "SPUBLISH",
+                    sa.layout.channel("room"),
+                    b'[1,"node-x","d",[["room",[],["../../etc"]]]]\n',
+                )
+            await until(
+                lambda: b.metrics.counter(REDIS_ERRORS) >= 4,  # type: ignore[attr-defined]
+                5,
+                "the garbage to be counted",
+            )
+            a.track("c1", "room", "alice", {})
+            a.flush()
+            await until(lambda: "alice" in b.list("room"), 5, "b to hear of alice")
+
+    run(main)
+
+
+def test_users_reads_memory_then_redis_then_its_cache(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, _, b, sb):
+            a.track("c1", "room", "alice", {"status": "away"})
+            a.track("c2", "room", "bob", {})
+            a.flush()
+            await until(lambda: b.count("room") == 2, 5, "b to hear of both")
+            left_at = time.time()
+            a.disconnect("c2")
+            a.flush()
+            await until(lambda: b.count("room") == 1, 5, "bob to leave at b")
+            await sb.drain(5)
+            await asyncio.sleep(0.05)  # a's write of bob's last seen
+            got = await sb.users(["alice", "bob", "nobody"])
+            assert got["alice"].status == "away" and got["alice"].online
+            assert got["bob"].status == "offline"
+            assert got["bob"].last_seen == pytest.approx(left_at, abs=1.0)
+            assert got["nobody"].last_seen is None
+            again = await sb.users(["alice", "bob", "nobody"])
+            assert again["bob"] == got["bob"] and again["nobody"] == got["nobody"]
+            metrics: Any = b.metrics
+            assert metrics.counter(REDIS_STATUS_READS, "memory") == 2
+            assert metrics.counter(REDIS_STATUS_READS, "redis") == 2
+            assert metrics.counter(REDIS_STATUS_READS, "cache") == 2
+            assert (await sb.user("alice")).online
+
+    run(main)
+
+
+def test_users_answer_from_memory_while_redis_is_down(
+    valkey_factory: Callable[..., ValkeyServer],
+) -> None:
+    server = valkey_factory()
+
+    async def main() -> None:
+        async with pair(server) as (a, sa, _, sb):
+            a.track("c1", "room", "alice", {})
+            a.flush()
+            await sa.drain(5)
+            server.kill()
+            got = await sb.users(["alice", "bob"])
+            assert got["bob"].status == "offline" and got["bob"].last_seen is None
+            server.restart()
+
+    run(main)
+
+
+def test_redis_restarted_empty_both_views_and_redis_converge(
+    valkey_factory: Callable[..., ValkeyServer],
+) -> None:
+    server = valkey_factory()
+
+    async def main() -> None:
+        async with pair(server) as (a, sa, b, sb):
+            for i in range(50):
+                a.track(f"a{i}", f"room:{i % 5}", f"ua{i}", {"i": i})
+                b.track(f"b{i}", f"room:{i % 5}", f"ub{i}", {"i": i})
+            a.flush()
+            b.flush()
+            server.kill()
+            for i in range(0, 50, 2):
+                a.disconnect(f"a{i}")
+                b.track(f"b{i}", "room:new", f"ub{i}", {})
+            a.flush()
+            b.flush()
+            server.restart()
+
+            def same() -> bool:
+                return all(a.list(f"room:{i}") == b.list(f"room:{i}") for i in range(5)) and (
+                    a.list("room:new") == b.list("room:new")
+                )
+
+            await until(same, 10, "both views to agree")
+            await sa.drain(10)
+            await sb.drain(10)
+            members = in_redis(server, sa.layout)
+            refs = {field.split(b" ")[0] for fields in members.values() for field in fields}
+            listed = {
+                meta["phx_ref"].encode()
+                for topic in a.topics()
+                for entry in a.list(topic).values()
+                for meta in entry["metas"]
+            }
+            assert refs == listed
+            assert len(listed) == 25 + 50 + 25
+
+    run(main)
