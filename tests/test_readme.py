@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from servers import ValkeyServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PYTHON_INFO = {"python", "py", "python3"}
@@ -92,7 +93,7 @@ def test_every_fence_names_its_language() -> None:
 
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
-def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
+def test_readme_block_runs(block: Block, tmp_path: Path, valkey: ValkeyServer) -> None:
     # Pad with blank lines so that a traceback's line numbers are README.md's.
     script = tmp_path / "README.md.py"
     script.write_text("\n" * (block.line - 1) + block.code, encoding="utf-8")
@@ -103,7 +104,7 @@ def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
         proc = subprocess.run(
             cmd,
             cwd=tmp_path,
-            env=dict(os.environ),
+            env={**os.environ, "REDIS_URL": valkey.url},  # for the store's examples
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
