@@ -45,7 +45,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import orjson
@@ -149,7 +149,9 @@ class PeerSync:
 
     Made and driven by `RedisStore` (``peers=True``): the store publishes, this subscribes,
     reconciles and watches liveness.  ``client`` is a redis-py asyncio client (`Redis` or
-    `RedisCluster`) for the control plane.
+    `RedisCluster`) for the control plane; ``subscriptions()`` says which server serves which
+    channels now: ``[(redis-py Redis client of one server, channels), ...]``; ``publish``
+    queues ``(channel, message)`` pairs for the store to send with its next pipeline.
     """
 
     def __init__(
@@ -157,6 +159,8 @@ class PeerSync:
         tracker: Tracker,
         layout: Layout,
         client: Any,
+        subscriptions: Callable[[], Awaitable[list[tuple[Any, Sequence[bytes]]]]],
+        publish: Callable[[list[tuple[bytes, bytes]]], None],
         *,
         cluster: bool,
         zset_layout: bool,
@@ -179,7 +183,9 @@ class PeerSync:
         self.metrics = metrics
         self.channels = layout.channels()
         self._by_channel = {c: i for i, c in enumerate(self.channels)}
-        self._pubsub: Any = None
+        self._subscriptions = subscriptions
+        self._publish = publish
+        self._pubsubs: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._resync = asyncio.Event()
@@ -237,101 +243,112 @@ class PeerSync:
     # -- receiving ---------------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
+        """Subscribe afresh: one subscription per server, to the channels it serves."""
         await self._unsubscribe()
-        pubsub = self.client.pubsub()
-        try:
-            await pubsub.ssubscribe(*self.channels)
-        except BaseException:
-            await _close_pubsub(pubsub)
-            raise
-        self._pubsub = pubsub
+        for client, channels in await self._subscriptions():
+            pubsub = client.pubsub()
+            self._pubsubs.append(pubsub)
+            for channel in channels:  # one by one: a cluster refuses channels of two slots
+                await pubsub.ssubscribe(channel)
 
     async def _unsubscribe(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
+        pubsubs, self._pubsubs = self._pubsubs, []
+        for pubsub in pubsubs:
             await _close_pubsub(pubsub)
 
-    async def _next_message(self, timeout: float) -> dict[str, Any] | None:
-        pubsub = self._pubsub
-        if pubsub is None:
-            raise ConnectionError("not subscribed")
-        if self.cluster:
-            return await pubsub.get_sharded_message(  # type: ignore[no-any-return]
-                ignore_subscribe_messages=True, timeout=timeout
-            )
-        return await pubsub.get_message(  # type: ignore[no-any-return]
-            ignore_subscribe_messages=True, timeout=timeout
-        )
-
     async def _receive(self) -> None:
+        """Keep subscribed, and read every subscription at once (see `_read`)."""
         failures = 0
         while not self._closing:
             try:
-                if self._resubscribe is not None:
-                    # Only this task touches the subscription: asked by the watcher, it
-                    # subscribes afresh here, between two reads.
-                    await self._unsubscribe()
-                if self._pubsub is None:
+                if failures or not self._pubsubs:
                     if failures:
                         await asyncio.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
                     await self._subscribe()
                     self.request_resync(self._resubscribe or "reconnect")
-                    self._resubscribe = None
-                    failures = 0
-                message = await self._next_message(_POLL)
-                if message is None:
-                    continue
-                self._on_message(message)
-                # Take whatever else already arrived before delivering, so a burst costs one
-                # flush; then deliver at once: this is the cross-process latency.
-                for _ in range(256):
-                    message = await self._next_message(0.0)
-                    if message is None:
-                        break
-                    self._on_message(message)
-                self.tracker.flush()
+                self._resubscribe = None
+                failures = 0
+                readers = [asyncio.ensure_future(self._read(p)) for p in self._pubsubs]
+                try:
+                    # Until one fails or the watcher asks for new subscriptions.
+                    done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for reader in readers:
+                        reader.cancel()
+                    await asyncio.gather(*readers, return_exceptions=True)
+                for reader in done:
+                    reader.result()  # raise what ended it
+                await self._unsubscribe()  # the watcher asked: subscribe afresh
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # redis-py raises ConnectionError, TimeoutError, or (a cluster during failover)
-                # RuntimeError; every one of them means: subscribe again, then reconcile.
+                # Connection errors, timeouts, a failover, a slot that moved: subscribe again
+                # (to the servers that own the channels now), then reconcile.
                 failures += 1
                 self._failed("receive", exc)
                 await self._unsubscribe()
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        if message.get("type") not in ("smessage", "message"):
-            return
+    async def _read(self, pubsub: Any) -> None:
+        """Apply one subscription's messages until it fails or the watcher wants a new one.
+
+        Each server's subscription is read by its own task: a message never waits behind
+        another server's poll.
+        """
+        while self._resubscribe is None:
+            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=_POLL)
+            if message is None:
+                continue
+            applied = self._on_message(message)
+            # Take whatever else already arrived before delivering, so a burst costs one
+            # flush; then deliver at once: this is the cross-process latency.
+            for _ in range(256):
+                message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=0.0)
+                if message is None:
+                    break
+                applied |= self._on_message(message)
+            if applied:
+                self.tracker.flush()
+
+    def _on_message(self, message: dict[str, Any]) -> bool:
+        """Act on one message; True if it changed the remote view."""
+        kind = message.get("type")
+        if kind in (b"sunsubscribe", "sunsubscribe") and not self._closing:
+            # Unasked: a slot migration moved the channel.  Deaf from now on, so say so.
+            self._resubscribe = "deaf"
+            return False
+        if kind not in ("smessage", "message"):
+            return False
         data = message.get("data")
         if not isinstance(data, bytes):
-            return
+            return False
         try:
             node, kind, body = decode_message(data)
         except PresenceError as exc:
             self._failed("decode", exc)
-            return
+            return False
         if node == self.node:
             if kind == "p" and body == self._probe:
                 channel = message.get("channel")
                 index = self._by_channel.get(channel) if isinstance(channel, bytes) else None
                 if index is not None:
                     self._heard.add(index)
-            return
+            return False
         if kind == "h":
             self._unregistered.pop(node, None)
             self.request_resync("hello")
-            return
+            return False
         if kind == "b":
-            self._drop(node, "stopped")
-            return
+            self._drop(node, "stopped")  # flushes itself
+            return False
         if kind != "d":
-            return
+            return False
         self.messages += 1
         self._inc(PEER_MESSAGES, 1)
         now = time.monotonic()
+        applied = False
         for topic, joins, leaves in body:
             try:
-                self.tracker.apply_remote(topic, joins, leaves)
+                applied |= self.tracker.apply_remote(topic, joins, leaves) > 0
             except PresenceError as exc:
                 self._failed(f"applying a diff of {node} for {topic!r}", exc)
                 continue
@@ -339,6 +356,7 @@ class PeerSync:
                 self._joined[ref_of(data)] = now
             for ref in leaves:
                 self._left[ref] = now
+        return applied
 
     # -- watching: liveness, probes, reconciliation ------------------------------------------
 
@@ -365,12 +383,19 @@ class PeerSync:
                     reasons = self._resync_reasons
                     self._resync_reasons = set()
                     self._resync.clear()
+                    try:
+                        await self.reconcile(_main_reason(reasons))
+                    except BaseException:
+                        # Not done: ask again (the loop backs off by one check interval).
+                        self._resync_reasons |= reasons
+                        self._resync.set()
+                        raise
                     next_reconcile = now + self.reconcile_interval
-                    await self.reconcile(_main_reason(reasons))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._failed("watch", exc)
+                await asyncio.sleep(self.check_interval)  # not a tight loop while Redis is down
 
     async def _probe_round(self) -> bool:
         """Check the last round of probes, then publish the next; False if one went unheard."""
@@ -380,21 +405,11 @@ class PeerSync:
             logger.warning("%d of %d partitions did not echo a probe", missing, len(self.channels))
         self._probe = secrets.token_hex(4)
         self._heard = set()
-        if self._pubsub is not None:
+        if self._pubsubs:
+            # Through the data plane, as the diffs go: the probe tests the path they take.
             message = encode_notice(self.node, "p", self._probe)
-            await self._publish_all(message)
+            self._publish([(channel, message) for channel in self.channels])
         return heard_all
-
-    async def _publish_all(self, message: bytes) -> None:
-        client = self.client
-        if self.cluster:
-            for channel in self.channels:
-                await client.spublish(channel, message)
-        else:
-            pipe = client.pipeline(transaction=False)
-            for channel in self.channels:
-                pipe.spublish(channel, message)
-            await pipe.execute()
 
     async def check_liveness(self) -> None:
         """Read the registry and liveness keys; drop lapsed and long-unregistered peers."""
@@ -441,7 +456,13 @@ class PeerSync:
             return
         topics = await self.client.smembers(layout.node_topics_key(node))
         removed = 0
+        alive_key = layout.node_alive_key(node)
         for raw in topics:
+            if await self.client.exists(alive_key):
+                # It came back (a false lapse: a failover outlasted its liveness timeout, or a
+                # long pause): leave the rest to it, it writes its state back.
+                logger.warning("lapsed peer %s came back; reap stopped", node)
+                return
             topic = raw.decode("utf-8")
             keys = [layout.members_key(topic)]
             if self.zset_layout:
