@@ -269,7 +269,7 @@ def test_zset_changes_write_both_keys_and_renew_their_ttl() -> None:
 
 def test_node_and_user_commands() -> None:
     assert L.node_heartbeat(LAY, "n1", b"inc", 3000, 63000) == [
-        [b"SET", LAY.node_alive_key("n1"), b"inc", b"PX", b"3000"],
+        [b"SET", LAY.node_alive_key("n1"), b"inc", b"PX", b"3000", b"GET"],
         [b"PEXPIRE", LAY.node_topics_key("n1"), b"63000"],
         [b"SADD", LAY.nodes_key, b"n1"],
     ]

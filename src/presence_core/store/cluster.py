@@ -401,6 +401,12 @@ class ClusterConnection:
         """The primaries of the slot map (``host:port``), ordered by their first slot."""
         return list(self._primaries)
 
+    @property
+    def nodes(self) -> list[ConnectionOptions]:
+        """Every node the last slot map named (replicas too) and the seed: where to look for
+        the cluster when a primary is gone."""
+        return list(self._known.values())
+
     def node_for(self, key: bytes | str) -> str:
         """The address of the primary that owns `key`'s slot, as the slot map says now."""
         slot = key_slot(_as_bytes(key))

@@ -592,10 +592,11 @@ def node_heartbeat(
     """Renew ``node``'s liveness key and its topic index's TTL, and (re)register it.
 
     ``index_ttl_ms`` should be the liveness timeout plus the member TTL: past that, every
-    member the index names has expired on its own.
+    member the index names has expired on its own.  The ``SET`` answers the key's previous
+    value (``GET``): nil means it had lapsed, and peers may have reaped the node's members.
     """
     return [
-        [b"SET", layout.node_alive_key(node), incarnation, b"PX", _ms(liveness_ms)],
+        [b"SET", layout.node_alive_key(node), incarnation, b"PX", _ms(liveness_ms), b"GET"],
         [b"PEXPIRE", layout.node_topics_key(node), _ms(index_ttl_ms)],
         [b"SADD", layout.nodes_key, _checked_node(node)],
     ]

@@ -175,7 +175,7 @@ class _Transient(Exception):
 class _Tag:
     """What one command of a pipeline writes, to act on its error reply."""
 
-    kind: Literal["join", "leave", "index", "refresh", "other"]
+    kind: Literal["join", "leave", "index", "refresh", "heartbeat", "other"]
     topic: str | None = None
     fields: Sequence[bytes] = ()
     datas: Sequence[bytes] = ()
@@ -292,8 +292,11 @@ class RedisStore:
         self._incarnation = secrets.token_hex(8).encode("ascii")
         self.cluster = bool(cluster)
         self.peers_enabled = bool(peers)
-        if self.peers_enabled and self._url is None and self.options.ssl is not None:
-            raise PresenceValueError("peers over TLS need a rediss:// URL as the target")
+        if self.peers_enabled and self.options.ssl is not None:
+            if self._url is None:
+                raise PresenceValueError("peers over TLS need a rediss:// URL as the target")
+            if self.cluster:
+                raise PresenceValueError("peers on a Redis Cluster over TLS are not supported yet")
         interval = self.liveness_timeout / 9.0 if check_interval is None else check_interval
         self.check_interval = check_seconds(interval, "check_interval")
         self.probe_interval = check_seconds(probe_interval, "probe_interval")
@@ -307,6 +310,7 @@ class RedisStore:
         )
         self.peers: PeerSync | None = None
         self._client: Any = None  # the redis-py control-plane client
+        self._node_clients: dict[str, Any] = {}  # cluster: one per node, for its shard channels
         self._outbox: list[tuple[bytes, bytes]] = []  # (channel, message) to publish
         self._seen: dict[str, int] = {}  # users who went offline here -> when (Unix ms)
 
@@ -321,6 +325,8 @@ class RedisStore:
         self._pending_count = 0
         self._oldest: float | None = None  # monotonic time of the oldest pending change
         self._writeback = True  # the state must be written back in full before changes
+        self._rewrite_all = False  # a failover or a lapse: write back in full, index again
+        self._primaries: tuple[str, ...] = ()  # a cluster's primaries, to notice a failover
         self._busy = False  # a write or sweep is under way
         self._indexed: set[str] = set()  # topics in the node's index (on this connection)
         self._retry_topics: set[str] = set()
@@ -457,6 +463,8 @@ class RedisStore:
                 self.tracker,
                 self.layout,
                 self._client,
+                self._subscriptions,
+                self._queue_messages,
                 cluster=self.cluster,
                 zset_layout=self.layout_name == "zset",
                 liveness_timeout=self.liveness_timeout,
@@ -467,6 +475,44 @@ class RedisStore:
             )
             await self.peers.start()
 
+    def _queue_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
+        """Publish ``(channel, message)`` pairs with the next pipeline (for `PeerSync`)."""
+        self._outbox.extend(messages)
+        self._note_added(0)
+
+    async def _subscriptions(self) -> list[tuple[Any, Sequence[bytes]]]:
+        """Which server serves which pub/sub channels now (see `PeerSync`)."""
+        channels = self.layout.channels()
+        if not self.cluster:
+            return [(self._client, channels)]
+        conn = self._conn
+        if not isinstance(conn, ClusterConnection):
+            conn = await ClusterConnection.connect(self.options)
+            self._conn = conn
+        await conn.refresh()
+        groups: dict[str, list[bytes]] = {}
+        for channel in channels:
+            groups.setdefault(conn.node_for(channel), []).append(channel)
+        return [(self._node_client(address), group) for address, group in groups.items()]
+
+    def _node_client(self, address: str) -> Any:
+        """A redis-py client of one cluster node (for its shard channels), kept for reuse."""
+        client = self._node_clients.get(address)
+        if client is None:
+            from redis.asyncio import Redis
+
+            host, _, port = address.rpartition(":")
+            o = self.options
+            client = self._node_clients[address] = Redis(
+                host=host,
+                port=int(port),
+                username=o.username,
+                password=o.password,
+                socket_connect_timeout=o.connect_timeout,
+                socket_timeout=o.reply_timeout,
+            )
+        return client
+
     def _control_client(self) -> Any:
         """A redis-py asyncio client for the control plane, to the same server(s)."""
         from redis.asyncio import Redis
@@ -475,12 +521,19 @@ class RedisStore:
         cls: Any = RedisCluster if self.cluster else Redis
         o = self.options
         timeouts = {"socket_connect_timeout": o.connect_timeout, "socket_timeout": o.reply_timeout}
+        if self.cluster:
+            # Every node the data plane found, replicas too: redis-py looks for the cluster
+            # only among its startup nodes, so a lone seed that dies would leave it blind.
+            from redis.asyncio.cluster import ClusterNode
+
+            nodes = self._conn.nodes if isinstance(self._conn, ClusterConnection) else [o]
+            startup = [ClusterNode(n.host, n.port) for n in nodes]
+            if self._url is not None:
+                return cls.from_url(self._url, startup_nodes=startup, **timeouts)
+            auth = {"username": o.username, "password": o.password}
+            return cls(startup_nodes=startup, **auth, **timeouts)
         if self._url is not None:
             return cls.from_url(self._url, **timeouts)
-        if self.cluster:
-            return cls(
-                host=o.host, port=o.port, username=o.username, password=o.password, **timeouts
-            )
         where: dict[str, Any] = (
             {"unix_socket_path": o.path} if o.path is not None else {"host": o.host, "port": o.port}
         )
@@ -550,11 +603,14 @@ class RedisStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            if self._client is not None:
+            for client in [self._client, *self._node_clients.values()]:
+                if client is None:
+                    continue
                 try:
-                    await self._client.aclose()
+                    await client.aclose()
                 except Exception:  # a broken connection may fail to close the same way
-                    logger.debug("closing the control client failed", exc_info=True)
+                    logger.debug("closing a control client failed", exc_info=True)
+            self._node_clients.clear()
             self._publish()
 
     async def __aenter__(self) -> RedisStore:
@@ -668,6 +724,10 @@ class RedisStore:
                     self._reconnects += 1
                     self._inc(REDIS_RECONNECTS, 1)
                     logger.info("presence store reconnected to %s", self.options.address)
+                if self._rewrite_all:
+                    self._rewrite_all = False
+                    self._writeback = True
+                    self._indexed.clear()
                 if self._writeback:
                     await self._write_back()
                 failures = 0
@@ -884,6 +944,13 @@ class RedisStore:
             if conn is None:
                 raise StoreConnectionError("not connected", outcome_unknown=False)
             replies = await conn.pipeline(commands, raise_on_error=False)
+            if isinstance(conn, ClusterConnection):
+                primaries = tuple(conn.primaries)
+                if self._primaries and primaries != self._primaries:
+                    # A failover: writes acknowledged by the old primary and not yet
+                    # replicated are gone.  Write everything back.
+                    self._rewrite("the cluster's primaries changed")
+                self._primaries = primaries
             self._check(replies, tags, batch.new_topics)
             self._repair(replies, tags)
 
@@ -936,14 +1003,13 @@ class RedisStore:
         self._next_heartbeat = now + self.liveness_timeout / 3.0
 
     def _write_back_batches(self, taken: Pending) -> Iterator[_Batch]:
-        # The node registers (and says hello to its peers) only once its members are written:
-        # a peer that reconciled in between would find it live with members missing.  Until
-        # then its liveness key is only renewed if it still exists, so a long write-back after
-        # a short outage does not get the node reaped.
+        # The liveness key first, so no peer reaps this node while it writes; the registry
+        # entry and the hello to the peers last, once the members are written.
         batches = [_Batch()]
         alive = self.layout.node_alive_key(self.node)
-        renew = [b"SET", alive, self._incarnation, b"XX", b"PX", b"%d" % self._liveness_ms]
-        batches[0].add([renew], _Tag("other"))
+        batches[0].add(
+            [[b"SET", alive, self._incarnation, b"PX", b"%d" % self._liveness_ms]], _Tag("other")
+        )
         self._batches(taken, batches, deletions_only=True)
         tracker = self.tracker
         for topic in tracker.topics():
@@ -952,7 +1018,7 @@ class RedisStore:
             self._add_joins(batches, topic, pairs, now_ms)
             while len(batches) > 1:
                 yield batches.pop(0)
-        batches[-1].add(self._heartbeat_commands(), _Tag("other"))
+        batches[-1].add(self._heartbeat_commands(), _Tag("heartbeat"))
         if self.peers_enabled:
             hello = encode_notice(self.node, "h")
             batches[-1].add([[b"SPUBLISH", self.layout.partition_channel(0), hello]], _Tag("other"))
@@ -984,7 +1050,7 @@ class RedisStore:
         """The heartbeat, then (``sweep``) a refresh of every live member, the retries of
         failed writes, and the topics that leave the node's index."""
         batches = [_Batch()]
-        batches[0].add(self._heartbeat_commands(), _Tag("other"))
+        batches[0].add(self._heartbeat_commands(), _Tag("heartbeat"))
         if not sweep:
             yield from batches
             return
@@ -1030,6 +1096,9 @@ class RedisStore:
         The fallback layout's ``ZADD XX`` cannot tell which member is missing; there a lost
         member comes back with the next write-back (after a reconnect).
         """
+        for reply, tag in zip(replies, tags, strict=True):
+            if tag.kind == "heartbeat" and reply is None:  # SET ... GET found no key
+                self._rewrite("this node's liveness key had lapsed")
         if not isinstance(self._commands, HashTTLCommands):
             return
         missing: Pending = {}
@@ -1044,6 +1113,14 @@ class RedisStore:
             logger.warning("presence store: %d live members were missing from Redis", n)
             self._merge_back(missing, None, deletions_only=False)
             assert self._wake is not None
+            self._wake.set()
+
+    def _rewrite(self, why: str) -> None:
+        """Write the whole state back with the next cycle (and index every topic again)."""
+        if not self._rewrite_all:
+            logger.warning("presence store: %s; writing the state back", why)
+        self._rewrite_all = True
+        if self._wake is not None:
             self._wake.set()
 
     async def _final(self, remove_members: bool) -> None:
