@@ -428,6 +428,7 @@ def test_sweep_writes_back_members_missing_from_redis(
         for i in range(5):
             tracker.track(i, "room", f"u{i}", {})
         async with new_store(tracker, valkey, "hash_ttl", member_ttl=0.3) as store:
+            await settle(tracker, store)  # no join left pending to write them again
             key = store.layout.members_key("room")
             with valkey.client(decode_responses=False) as client:
                 lost = client.hkeys(key)[:2]

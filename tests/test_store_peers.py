@@ -66,8 +66,8 @@ def test_a_deaf_subscriber_recovers_through_a_probe_and_reconciliation(
             view = ClientView(strict=True, topic="room")
             b.subscribe("room", view)
             # Deaf without an error: what a slot migration's SUNSUBSCRIBE does.
-            assert sb.peers is not None and sb.peers._pubsub is not None
-            await sb.peers._pubsub.sunsubscribe()
+            assert sb.peers is not None and sb.peers._pubsubs
+            await sb.peers._pubsubs[0].sunsubscribe()
             a.track("c1", "room", "alice", {})
             a.flush()
             await until(lambda: "alice" in b.list("room"), 5, "b to hear of alice")
@@ -209,5 +209,29 @@ def test_redis_restarted_empty_both_views_and_redis_converge(
             }
             assert refs == listed
             assert len(listed) == 25 + 50 + 25
+
+    run(main)
+
+
+def test_a_false_lapse_heals_itself(valkey: ValkeyServer) -> None:
+    """A live node's liveness key lost (a long pause, a failover): peers drop and may reap it;
+    its next heartbeat notices, writes its state back and says hello."""
+
+    async def main() -> None:
+        async with pair(valkey) as (a, sa, b, sb):
+            for i in range(20):
+                a.track(f"c{i}", f"room:{i % 4}", f"u{i}", {})
+            a.flush()
+            await sa.drain(5)
+            await until(lambda: b.totals().presences == 20, 5, "b to see a's presences")
+            with valkey.client() as client:
+                client.delete(sa.layout.node_alive_key("node-a"))
+            await until(lambda: b.totals().presences == 0, 5, "b to drop a")
+            await until(lambda: b.totals().presences == 20, 10, "b to see a again")
+            await sa.drain(5)
+            members = in_redis(valkey, sa.layout)
+            assert sum(len(m) for m in members.values()) == 20
+            for topic in a.topics():
+                assert b.list(topic) == a.list(topic)
 
     run(main)
