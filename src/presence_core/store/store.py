@@ -486,13 +486,17 @@ class RedisStore:
         if not self.cluster:
             return [(self._client, channels)]
         conn = self._conn
-        if not isinstance(conn, ClusterConnection):
+        own = not isinstance(conn, ClusterConnection)
+        if not isinstance(conn, ClusterConnection):  # the flusher is reconnecting: ask apart
             conn = await ClusterConnection.connect(self.options)
-            self._conn = conn
-        await conn.refresh()
-        groups: dict[str, list[bytes]] = {}
-        for channel in channels:
-            groups.setdefault(conn.node_for(channel), []).append(channel)
+        try:
+            await conn.refresh()
+            groups: dict[str, list[bytes]] = {}
+            for channel in channels:
+                groups.setdefault(conn.node_for(channel), []).append(channel)
+        finally:
+            if own:
+                conn.close()
         return [(self._node_client(address), group) for address, group in groups.items()]
 
     def _node_client(self, address: str) -> Any:
