@@ -17,7 +17,7 @@ import pytest
 from servers import ValkeyServer
 from test_store import fresh_prefix, in_redis, run
 
-from presence_core import Tracker
+from presence_core import PresenceTypeError, PresenceValueError, Tracker
 from presence_core.metrics import PEER_RESYNCS, REDIS_ERRORS, REDIS_STATUS_READS, Metrics
 from presence_core.store import RedisStore
 from presence_core.store.peers import GRACE
@@ -233,5 +233,41 @@ def test_a_false_lapse_heals_itself(valkey: ValkeyServer) -> None:
             assert sum(len(m) for m in members.values()) == 20
             for topic in a.topics():
                 assert b.list(topic) == a.list(topic)
+
+    run(main)
+
+
+def test_status_cache_can_be_off_and_its_ttl_is_checked(valkey: ValkeyServer) -> None:
+    tracker = Tracker(metrics=Metrics())
+    with pytest.raises(PresenceValueError, match="status_cache_ttl"):
+        RedisStore(tracker, valkey.url, status_cache_ttl=0.0001)
+    with pytest.raises(PresenceTypeError, match="status_cache_ttl"):
+        RedisStore(tracker, valkey.url, status_cache_ttl="2")  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with RedisStore(tracker, valkey.url, prefix=fresh_prefix(), status_cache_ttl=0) as s:
+            await s.users(["ann", "bo"])
+            await s.users(["ann", "bo"])
+        metrics: Any = tracker.metrics
+        assert metrics.counter(REDIS_STATUS_READS, "redis") == 4
+        assert metrics.counter(REDIS_STATUS_READS, "cache") == 0
+
+    run(main)
+
+
+def test_pub_sub_memories_stay_bounded_between_reconciliations(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, _, b, sb):
+            for i in range(400):  # one connection each: no rate limit in the way
+                a.track(f"c{i}", "room", f"u{i}", {"i": i})
+                a.flush()
+                if i % 50 == 0:
+                    await asyncio.sleep(0.01)
+            await until(lambda: b.count("room", metas=True) == 400, 5, "b to see them all")
+            assert sb.peers is not None
+            assert len(sb.peers._joined) >= 300  # remembered for GRACE seconds...
+            await asyncio.sleep(GRACE + 2 * FAST["liveness_timeout"] / 9 + 0.1)
+            assert len(sb.peers._joined) == 0  # ...then forgotten, without a reconciliation
+            assert len(sb.peers._left) == 0
 
     run(main)

@@ -42,6 +42,7 @@ installed): `redis.asyncio.Redis`, or `redis.asyncio.RedisCluster` on a cluster.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -70,6 +71,7 @@ different shards at the same moment, so they may be seen a few milliseconds apar
 _VERSION: Final = 1
 _RECONCILE_TOPICS: Final = 200  # topics read per round trip
 _POLL: Final = 0.25  # seconds the receiver waits for a message before it checks its flags
+_BURST: Final = 0.002  # seconds of received messages applied before one flush delivers them
 
 Joins: TypeAlias = list[tuple[str, bytes, bytes | None]]
 Diff: TypeAlias = tuple[str, Joins, list[bytes]]
@@ -185,6 +187,8 @@ class PeerSync:
         self._by_channel = {c: i for i, c in enumerate(self.channels)}
         self._subscriptions = subscriptions
         self._publish = publish
+        self._own = orjson.dumps((_VERSION, self.node))[:-1] + b","  # b'[1,"node",'
+        self._own_probe = self._own + b'"p"'
         self._pubsubs: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -299,9 +303,10 @@ class PeerSync:
             if message is None:
                 continue
             applied = self._on_message(message)
-            # Take whatever else already arrived before delivering, so a burst costs one
-            # flush; then deliver at once: this is the cross-process latency.
-            for _ in range(256):
+            # Take what else already arrived, so a burst costs one flush, but deliver within
+            # `_BURST` seconds: the first diff of a burst must not wait for the whole burst.
+            deadline = time.perf_counter() + _BURST
+            while time.perf_counter() < deadline:
                 message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=0.0)
                 if message is None:
                     break
@@ -321,6 +326,10 @@ class PeerSync:
         data = message.get("data")
         if not isinstance(data, bytes):
             return False
+        if data.startswith(self._own):
+            # Our own message, echoed: only a probe matters, and only its header is read.
+            if not data.startswith(self._own_probe):
+                return False
         try:
             node, kind, body = decode_message(data)
         except PresenceError as exc:
@@ -352,10 +361,14 @@ class PeerSync:
             except PresenceError as exc:
                 self._failed(f"applying a diff of {node} for {topic!r}", exc)
                 continue
+            joined, left = self._joined, self._left
             for _, data, _ in joins:
-                self._joined[ref_of(data)] = now
+                ref = ref_of(data)
+                joined.pop(ref, None)  # to the end: the memories stay in arrival order
+                joined[ref] = now
             for ref in leaves:
-                self._left[ref] = now
+                left.pop(ref, None)
+                left[ref] = now
         return applied
 
     # -- watching: liveness, probes, reconciliation ------------------------------------------
@@ -372,6 +385,9 @@ class PeerSync:
                 except TimeoutError:
                     pass
                 now = loop.time()
+                # The next reconciliation starts after now: what pub/sub said before
+                # now - GRACE is in Redis by then (see `GRACE`), so it need not be kept.
+                self._forget_before(time.monotonic() - GRACE)
                 await self.check_liveness()
                 if now >= next_probe:
                     next_probe = now + self.probe_interval
@@ -530,11 +546,12 @@ class PeerSync:
     def _forget_before(self, horizon: float) -> None:
         """Forget joins and leaves older than ``horizon``: they are in Redis as well.
 
-        Only here, at the start of a reconciliation (one runs at a time), so what pub/sub
-        said while a reconciliation reads stays until it has compared."""
+        Called between reconciliations only (the watcher runs them), so what pub/sub says
+        while one reads stays until it has compared.  The memories are in arrival order, so
+        this stops at the first entry it keeps: O(forgotten)."""
         for memory in (self._joined, self._left):
-            old = [ref for ref, when in memory.items() if when < horizon]
-            for ref in old:
+            old = list(itertools.takewhile(lambda item: item[1] < horizon, memory.items()))
+            for ref, _ in old:
                 del memory[ref]
 
     # -- redis-py helpers --------------------------------------------------------------------

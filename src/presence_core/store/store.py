@@ -95,7 +95,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
-from .._validate import check_int, check_seconds
+from .._validate import check_finite, check_int, check_seconds
 from ..errors import (
     PresenceTypeError,
     PresenceValueError,
@@ -115,7 +115,7 @@ from ..tracker import TopicChanges, Tracker
 from ..tracker.users import OFFLINE, UserStatus
 from ..typing import MetricsSink
 from .cluster import ClusterConnection
-from .connection import ConnectionOptions, RedisConnection, Reply
+from .connection import CommandTemplate, ConnectionOptions, RedisConnection, Reply
 from .layout import (
     REAP_NODE_SCRIPT,
     REAP_NODE_SHA,
@@ -159,6 +159,8 @@ _FIELDS_PER_COMMAND: Final = 1000
 no single command holds the server for long."""
 
 _REAP_COUNT: Final = b"1000"
+_GET: Final = CommandTemplate("GET", None)
+_MISSING: Final = object()
 
 # Error replies that describe the server's state rather than the command: the same command is
 # expected to succeed once the store has reconnected (to the promoted primary, after loading).
@@ -239,8 +241,8 @@ class RedisStore:
             ``liveness_timeout + check_interval``: 10 s by default).
         probe_interval: Seconds between two probes of the subscriptions.
         reconcile_interval: Seconds between two periodic reconciliations of the remote view.
-        status_cache_ttl, status_cache_size: How long and how many Redis answers of `users`
-            are kept.
+        status_cache_ttl, status_cache_size: How long (0: not at all) and how many Redis
+            answers of `users` are kept.
         last_seen_ttl: Seconds a user's last-seen time lives in Redis after the user left.
     """
 
@@ -301,12 +303,18 @@ class RedisStore:
         self.check_interval = check_seconds(interval, "check_interval")
         self.probe_interval = check_seconds(probe_interval, "probe_interval")
         self.reconcile_interval = check_seconds(reconcile_interval, "reconcile_interval")
-        self.status_cache_ttl = check_seconds(status_cache_ttl, "status_cache_ttl")
+        # 0 turns the cache off; otherwise at least the cache's 1 ms resolution.
+        cache_ttl = check_finite(status_cache_ttl, "status_cache_ttl", kind="seconds")
+        if cache_ttl != 0.0 and not 0.001 <= cache_ttl:
+            raise PresenceValueError(
+                f"status_cache_ttl must be 0 (no cache) or at least 0.001 s, got {cache_ttl!r}"
+            )
+        self.status_cache_ttl = cache_ttl
         check_int(status_cache_size, "status_cache_size", low=1)
         self._seen_ms = max(1, round(check_seconds(last_seen_ttl, "last_seen_ttl") * 1000))
         # Redis answers of users(): key -> last seen (Unix seconds) or None, with a TTL.
         self._status_cache: PresenceTable[str, float | None] = PresenceTable(
-            status_cache_size, tick=min(1.0, self.status_cache_ttl), track_dirty=False
+            status_cache_size, tick=min(1.0, max(0.001, cache_ttl)), track_dirty=False
         )
         self.peers: PeerSync | None = None
         self._client: Any = None  # the redis-py control-plane client
@@ -395,39 +403,58 @@ class RedisStore:
         statuses = self.tracker.users(keys)
         cache = self._status_cache
         cache.expire()
-        offline = [key for key, status in statuses.items() if not status.online]
-        misses = [key for key in offline if key not in cache]
-        answers: dict[str, float | None] = {key: cache.get(key) for key in offline}
+        get = cache.get
+        misses: list[str] = []
+        hits = 0
+        for key, status in statuses.items():
+            if status[1] != OFFLINE:
+                continue
+            seen = get(key, _MISSING)
+            if seen is _MISSING:
+                misses.append(key)
+                continue
+            hits += 1
+            if seen is not None:
+                statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)  # type: ignore[arg-type]
         fetched = 0
         conn = self._conn
         if misses and conn is not None and not conn.is_closed:
-            layout = self.layout
             try:
-                replies = await conn.pipeline(
-                    [[b"GET", layout.last_seen_key(key)] for key in misses], raise_on_error=False
-                )
+                replies = await self._read_last_seen(conn, misses)
             except StoreConnectionError as exc:
                 logger.warning("presence store: status read failed: %s", exc)
             else:
-                ttl = self.status_cache_ttl
+                ttl, upsert = self.status_cache_ttl, cache.upsert
                 for key, reply in zip(misses, replies, strict=True):
-                    seen = int(reply) / 1000.0 if isinstance(reply, bytes) else None
-                    answers[key] = seen
-                    cache.upsert(key, seen, ttl)
+                    seen = int(reply) / 1000.0 if type(reply) is bytes else None
+                    if seen is not None:
+                        statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)
+                    if ttl:
+                        upsert(key, seen, ttl)
                 fetched = len(misses)
-        for key in offline:
-            seen = answers.get(key)
-            if seen is not None:
-                statuses[key] = UserStatus(key, OFFLINE, last_seen=seen)
         tiers = (
-            ("memory", len(statuses) - len(offline)),
-            ("cache", len(offline) - len(misses)),
+            ("memory", len(statuses) - len(misses) - hits),
+            ("cache", hits),
             ("redis", fetched),
         )
         for tier, n in tiers:
             if n:
                 self._inc(REDIS_STATUS_READS, n, (tier,))
         return statuses
+
+    async def _read_last_seen(
+        self, conn: RedisConnection | ClusterConnection, keys: Sequence[str]
+    ) -> list[Reply]:
+        """``GET`` of each user's last-seen key, in one pipeline."""
+        last_seen_key = self.layout.last_seen_key
+        if isinstance(conn, RedisConnection):  # one server: a template, no packing
+            encode = _GET.encode
+            payload = b"".join([encode(last_seen_key(key)) for key in keys])
+            return await conn.pipeline_encoded(payload, ["GET"] * len(keys), raise_on_error=False)
+        # A cluster routes each command by its key.
+        return await conn.pipeline(
+            [(b"GET", last_seen_key(key)) for key in keys], raise_on_error=False
+        )
 
     async def start(self) -> None:
         """Connect, detect the layout, attach to the Tracker and write its state back.
