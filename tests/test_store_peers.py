@@ -8,6 +8,8 @@ connection, or publish garbage.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -269,5 +271,123 @@ def test_pub_sub_memories_stay_bounded_between_reconciliations(valkey: ValkeySer
             await asyncio.sleep(GRACE + 2 * FAST["liveness_timeout"] / 9 + 0.1)
             assert len(sb.peers._joined) == 0  # ...then forgotten, without a reconciliation
             assert len(sb.peers._left) == 0
+
+    run(main)
+
+
+def test_a_leave_lost_while_resubscribing_is_settled_by_a_recheck(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, _, b, sb):
+            a.track("c1", "room", "flappy", {})
+            a.flush()
+            await until(lambda: "flappy" in b.list("room"), 5, "b to hear of flappy")
+            with valkey.client() as client:
+                client.client_kill_filter(_type="pubsub")
+                a.untrack("c1", "room")  # the leave goes out while b is not subscribed
+                a.flush()
+            # b's reconciliation spares flappy (pub/sub spoke of it within GRACE), then reads
+            # the topic again GRACE seconds later.
+            await until(lambda: b.count("room") == 0, GRACE + 3, "the ghost to go")
+            metrics: Any = b.metrics
+            assert metrics.counter(PEER_RESYNCS, "recheck") >= 1
+
+    run(main)
+
+
+def test_garbage_bye_and_last_seen_are_counted_not_fatal(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, sa, b, sb):
+            assert sb.peers is not None
+            resyncs = sb.peers.resyncs
+            with valkey.client() as client:
+                client.execute_command(
+                    "SPUBLISH", sa.layout.partition_channel(0), b'[1,"not a node!","b",""]\n'
+                )
+                client.set(sa.layout.last_seen_key("mallory"), b"12.5")
+            await until(lambda: sb.peers is not None and sb.peers.errors >= 1, 5, "the bye")
+            assert sb.peers.resyncs == resyncs  # the subscription was kept
+            got = await sb.users(["mallory"])
+            assert got["mallory"].last_seen is None
+
+    run(main)
+
+
+def test_users_of_a_stopped_process_were_last_seen_when_it_stopped(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        async with pair(valkey) as (a, sa, b, sb):
+            a.track("c1", "room", "alice", {})
+            a.flush()
+            await until(lambda: b.user("alice").online, 5, "b to see alice")
+            stopped = time.time()
+            await sa.stop()
+            await until(lambda: not b.user("alice").online, 5, "alice to leave at b")
+            got = await sb.user("alice")
+            assert got.last_seen == pytest.approx(stopped, abs=1.0)
+
+    run(main)
+
+
+def test_a_newer_local_last_seen_wins_over_redis(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        tracker = Tracker(clock=time.time)
+        async with RedisStore(tracker, valkey.url, prefix=fresh_prefix(), status_cache_ttl=10) as s:
+            with valkey.client() as client:
+                client.set(s.layout.last_seen_key("bob"), b"1000")  # long ago
+            assert (await s.user("bob")).last_seen == 1.0
+            tracker.track("c", "room", "bob", {})
+            tracker.disconnect("c")
+            assert (await s.user("bob")).last_seen == pytest.approx(time.time(), abs=1.0)
+
+    run(main)
+
+
+def test_stop_is_bounded_by_stop_timeout_when_redis_freezes(
+    valkey_factory: Callable[..., ValkeyServer],
+) -> None:
+    server = valkey_factory()
+
+    async def main() -> None:
+        tracker = Tracker()
+        store = RedisStore(tracker, server.url, stop_timeout=1.0, peers=False)
+        await store.start()
+        tracker.track("c", "room", "ann", {})
+        tracker.flush()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            await store.stop()
+            assert time.monotonic() - started < 1.0 + 0.5
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+
+    run(main)
+
+
+def test_a_node_name_used_again_after_a_crash_starts_clean(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        prefix = fresh_prefix()
+        old = Tracker(node="same", clock=time.time)
+        watcher = Tracker(node="watcher", clock=time.time)
+        s_old = RedisStore(old, valkey.url, prefix=prefix, **FAST)
+        s_watch = RedisStore(watcher, valkey.url, prefix=prefix, **FAST)
+        await s_old.start()
+        await s_watch.start()
+        try:
+            old.track("c1", "room1", "alice", {})
+            old.flush()
+            await until(lambda: watcher.count("room1") == 1, 5, "watcher to see alice")
+            await s_old.stop(remove_members=False)  # as if it crashed
+            new = Tracker(node="same", clock=time.time)
+            new.track("c1", "room2", "bob", {})  # the same ref as alice's: same.1
+            async with RedisStore(new, valkey.url, prefix=prefix, **FAST) as s_new:
+                await until(
+                    lambda: watcher.count("room2") == 1 and watcher.count("room1") == 0,
+                    5,
+                    "watcher to see bob, and alice gone",
+                )
+                members = in_redis(valkey, s_new.layout)
+                assert set(members) == {"room2"}
+        finally:
+            await s_watch.stop()
 
     run(main)

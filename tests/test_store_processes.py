@@ -185,6 +185,8 @@ def test_sigkill_leaves_reach_the_other_process_once_within_the_liveness_timeout
         == {json.loads(d)["phx_ref"] for d in state["own"]}
     )
     assert not valkey.client().sismember(Layout().nodes_key, "proc-a")
+    # The reaper recorded when a's users were last seen (a could not).
+    assert all(valkey.client().get(Layout().last_seen_key(f"u{i}")) for i in range(30))
 
 
 def test_graceful_stop_leaves_at_once(peers: Callable[..., Peer], valkey: ValkeyServer) -> None:

@@ -293,7 +293,8 @@ PEER_RESYNCS: Final = MetricDef(
     "peer_resyncs",
     "counter",
     "Reconciliations of the remote view with Redis, by reason: start, reconnect, hello (a "
-    "peer came back), deaf (a probe went unanswered) or periodic.",
+    "peer came back), deaf (a probe went unanswered), recheck (of topics where pub/sub news "
+    "was trusted over Redis) or periodic.",
     ("reason",),
 )
 PEER_LAPSES: Final = MetricDef(

@@ -46,7 +46,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import orjson
@@ -171,6 +171,7 @@ class PeerSync:
         probe_interval: float,
         reconcile_interval: float,
         metrics: MetricsSink,
+        last_seen_ms: int = 30 * 86_400_000,
     ) -> None:
         self.tracker = tracker
         self.layout = layout
@@ -183,6 +184,7 @@ class PeerSync:
         self.probe_interval = probe_interval
         self.reconcile_interval = reconcile_interval
         self.metrics = metrics
+        self.last_seen_ms = last_seen_ms
         self.channels = layout.channels()
         self._by_channel = {c: i for i, c in enumerate(self.channels)}
         self._subscriptions = subscriptions
@@ -197,6 +199,7 @@ class PeerSync:
         self._joined: dict[bytes, float] = {}  # refs that joined within GRACE: ref -> when
         self._left: dict[bytes, float] = {}  # refs that left within GRACE
         self._unregistered: dict[str, float] = {}  # owner -> when first seen unregistered
+        self._recheck: dict[str, float] = {}  # topic -> when to reconcile it again
         self._probe: str | None = None
         self._resubscribe: str | None = None  # why the receiver must subscribe afresh
         self._heard: set[int] = set()
@@ -347,7 +350,10 @@ class PeerSync:
             self.request_resync("hello")
             return False
         if kind == "b":
-            self._drop(node, "stopped")  # flushes itself
+            try:
+                self._drop(node, "stopped")  # flushes itself
+            except PresenceError as exc:
+                self._failed(f"a bye from {node!r}", exc)
             return False
         if kind != "d":
             return False
@@ -395,6 +401,7 @@ class PeerSync:
                         self._resubscribe = "deaf"
                 if now >= next_reconcile:
                     self.request_resync("periodic")
+                await self._recheck_due()
                 if self._resync.is_set():
                     reasons = self._resync_reasons
                     self._resync_reasons = set()
@@ -412,6 +419,21 @@ class PeerSync:
             except Exception as exc:
                 self._failed("watch", exc)
                 await asyncio.sleep(self.check_interval)  # not a tight loop while Redis is down
+
+    async def _recheck_due(self) -> None:
+        """Reconcile the topics whose reconciliation spared a ref `GRACE` seconds ago."""
+        now = time.monotonic()
+        due = [topic for topic, when in self._recheck.items() if when <= now]
+        if not due:
+            return
+        for topic in due:
+            del self._recheck[topic]
+        try:
+            await self.reconcile("recheck", due)
+        except BaseException:
+            for topic in due:
+                self._recheck.setdefault(topic, now)
+            raise
 
     async def _probe_round(self) -> bool:
         """Check the last round of probes, then publish the next; False if one went unheard."""
@@ -487,6 +509,7 @@ class PeerSync:
             while True:
                 reply = await self._reap(keys=keys, args=[node, cursor, 1000])
                 removed += (len(reply) - 1) // 2
+                await self._last_seen(reply[1::2])
                 cursor = reply[0]
                 if cursor in (b"0", 0, "0"):
                     break
@@ -494,19 +517,46 @@ class PeerSync:
         await self.client.srem(layout.nodes_key, node)
         logger.info("reaped lapsed peer %s: %d members in %d topics", node, removed, len(topics))
 
-    async def reconcile(self, reason: str) -> None:
+    async def _last_seen(self, fields: Sequence[bytes]) -> None:
+        """The users of reaped members were last seen now (their process died)."""
+        users = set()
+        for field in fields:
+            try:
+                users.add(parse_member_field(field)[0])
+            except (PresenceError, UnicodeDecodeError):
+                continue
+        if not users:
+            return
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for key in users:
+            pipe.set(self.layout.last_seen_key(key), now_ms, px=self.last_seen_ms)
+        await pipe.execute()
+
+    async def reconcile(self, reason: str, only: Collection[str] | None = None) -> None:
         """Make the remote view equal to the live peers' members in Redis (see the module
-        docstring for the races this settles)."""
+        docstring for the races this settles); ``only`` limits it to some topics.
+
+        A ref that pub/sub spoke of within `GRACE` keeps what pub/sub said, but its topic is
+        read again `GRACE` seconds later: had the subscription been down, the message that
+        would have settled it is lost, and only Redis can.
+        """
         started = time.monotonic()
         layout = self.layout
         registry = {m.decode("ascii") for m in await self.client.smembers(layout.nodes_key)}
         others = sorted(registry - {self.node})
         alive = await self._gets([layout.node_alive_key(n) for n in others])
         live = {n for n, value in zip(others, alive, strict=True) if value is not None}
-        indexes = await self._multi("smembers", [layout.node_topics_key(n) for n in sorted(live)])
-        topics = {t.decode("utf-8") for index in indexes for t in index}
         view: dict[bytes, Any] = {ref_of(p[DATA]): p for p in self._remote()}
-        topics.update(p[0] for p in view.values())
+        if only is None:
+            indexes = await self._multi(
+                "smembers", [layout.node_topics_key(n) for n in sorted(live)]
+            )
+            topics = {t.decode("utf-8") for index in indexes for t in index}
+            topics.update(p[0] for p in view.values())
+        else:
+            topics = set(only)
+            view = {ref: p for ref, p in view.items() if p[0] in topics}
         wanted: dict[bytes, tuple[str, str, bytes]] = {}
         ordered = sorted(topics)
         for start in range(0, len(ordered), _RECONCILE_TOPICS):
@@ -523,12 +573,22 @@ class PeerSync:
         self._forget_before(started - GRACE)
         joins: dict[str, Joins] = {}
         leaves: dict[str, list[bytes]] = {}
+        spared: set[str] = set()
         for ref, (topic, key, data) in wanted.items():
-            if ref not in view and ref not in self._left:
-                joins.setdefault(topic, []).append((key, data, None))
+            if ref not in view:
+                if ref in self._left:
+                    spared.add(topic)
+                else:
+                    joins.setdefault(topic, []).append((key, data, None))
         for ref, p in view.items():
-            if ref not in wanted and ref not in self._joined and _owner(ref) in live:
-                leaves.setdefault(p[0], []).append(ref)
+            if ref not in wanted and _owner(ref) in live:
+                if ref in self._joined:
+                    spared.add(p[0])
+                else:
+                    leaves.setdefault(p[0], []).append(ref)
+        due = time.monotonic() + GRACE
+        for topic in spared:
+            self._recheck.setdefault(topic, due)
         changed = 0
         for topic in sorted(set(joins) | set(leaves)):
             try:
@@ -589,7 +649,7 @@ class PeerSync:
 
 
 def _main_reason(reasons: set[str]) -> str:
-    for reason in ("start", "reconnect", "deaf", "hello", "periodic"):
+    for reason in ("start", "reconnect", "deaf", "hello", "recheck", "periodic"):
         if reason in reasons:
             return reason
     return "periodic"

@@ -93,7 +93,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, cast
 
 from .._validate import check_finite, check_int, check_seconds
 from ..errors import (
@@ -197,6 +197,17 @@ class _Batch:
             self.commands.append(command)
             self.tags.append(tag)
         self.members += len(tag.fields)
+
+
+def _seen_seconds(reply: Reply) -> float | None:
+    """A last-seen key's value (Unix ms) in seconds; None if missing or not ours."""
+    if type(reply) is not bytes:
+        return None
+    try:
+        return int(reply) / 1000.0
+    except ValueError:
+        logger.warning("presence store: a last-seen key holds %r, not Unix ms", reply[:40])
+        return None
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -409,13 +420,15 @@ class RedisStore:
         for key, status in statuses.items():
             if status[1] != OFFLINE:
                 continue
-            seen = get(key, _MISSING)
-            if seen is _MISSING:
+            cached = get(key, _MISSING)
+            if cached is _MISSING:
                 misses.append(key)
                 continue
             hits += 1
-            if seen is not None:
-                statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)  # type: ignore[arg-type]
+            seen = cast(float | None, cached)
+            local = status[8]  # the Tracker's own last seen: keep the later one
+            if seen is not None and (local is None or local < seen):
+                statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)
         fetched = 0
         conn = self._conn
         if misses and conn is not None and not conn.is_closed:
@@ -426,8 +439,9 @@ class RedisStore:
             else:
                 ttl, upsert = self.status_cache_ttl, cache.upsert
                 for key, reply in zip(misses, replies, strict=True):
-                    seen = int(reply) / 1000.0 if type(reply) is bytes else None
-                    if seen is not None:
+                    seen = _seen_seconds(reply)
+                    local = statuses[key][8]
+                    if seen is not None and (local is None or local < seen):
                         statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)
                     if ttl:
                         upsert(key, seen, ttl)
@@ -474,6 +488,7 @@ class RedisStore:
         self._detach = self.tracker.add_feed_reader(self._read_feed)
         try:
             await self._connect()
+            await self._clear_earlier_incarnation()
             await self._write_back()
         except (StoreConnectionError, _Transient) as exc:
             self._connection_failed(exc, "start")
@@ -499,6 +514,7 @@ class RedisStore:
                 probe_interval=self.probe_interval,
                 reconcile_interval=self.reconcile_interval,
                 metrics=self.metrics,
+                last_seen_ms=self._seen_ms,
             )
             await self.peers.start()
 
@@ -607,11 +623,13 @@ class RedisStore:
         self._closed.set()
         self._wake.set()
         self._full.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout  # one budget for everything below
         task = self._task
         if task is not None:
             # The flusher ends its cycle and exits; one stuck on a dead server is cancelled
             # (changes it had taken go back into pending, for the final writes below).
-            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+            done, _ = await asyncio.wait({task}, timeout=self.stop_timeout / 2)
             if not done:
                 task.cancel()
             try:
@@ -622,7 +640,7 @@ class RedisStore:
             except Exception:  # pragma: no cover - the loop catches its own errors
                 logger.exception("presence store flusher failed")
         try:
-            async with asyncio.timeout(self.stop_timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._final(remove_members)
         except (TimeoutError, StoreConnectionError, StoreCommandError, _Transient) as exc:
             self._errors += 1
@@ -1154,6 +1172,27 @@ class RedisStore:
         if self._wake is not None:
             self._wake.set()
 
+    async def _clear_earlier_incarnation(self) -> None:
+        """Remove what an earlier process of the same node name left in Redis.
+
+        Its refs start over from 1 in this process, so its members (and its peers' memory of
+        them) would shadow this process's.  A node name that a live process still uses is a
+        configuration error this cannot tell from a restart: give every process its own.
+        """
+        conn = self._conn
+        assert conn is not None
+        layout, node = self.layout, self.node
+        alive, registered = await conn.pipeline(
+            [[b"EXISTS", layout.node_alive_key(node)], [b"SISMEMBER", layout.nodes_key, node]]
+        )
+        if alive or registered:
+            logger.warning(
+                "presence store: node %r has members in Redis from an earlier process; "
+                "removing them first",
+                node,
+            )
+            await self._remove_own()
+
     async def _final(self, remove_members: bool) -> None:
         """The last writes of `stop`: one attempt, within ``stop_timeout``."""
         if self._conn is None or self._conn.is_closed:
@@ -1170,10 +1209,15 @@ class RedisStore:
         self._cycle_done()
 
     async def _remove_own(self) -> None:
-        """Delete every member of this node, its liveness key, index and registry entry."""
+        """Delete every member of this node, its liveness key, index and registry entry; its
+        users were last seen now."""
         conn = self._conn
         assert conn is not None and self._commands is not None
         layout, node = self.layout, self.node
+        tracker, now_ms = self.tracker, int(time.time() * 1000)
+        users = {p[1] for topic in tracker.topics() for p in tracker.presences(topic)}
+        if users:
+            await conn.pipeline([last_seen(layout, key, now_ms, self._seen_ms) for key in users])
         index_key = layout.node_topics_key(node)
         members = await conn.execute(b"SMEMBERS", index_key)
         topics = set(self._indexed) | set(self.tracker.topics())

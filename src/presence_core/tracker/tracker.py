@@ -150,7 +150,15 @@ _STATUS_READS, _STATUS_HITS, _HOOK_ERRORS = 9, 10, 11
 
 
 class Totals(NamedTuple):
-    """Process-wide counts, each kept up to date on every change (O(1) to read)."""
+    """Process-wide counts, each kept up to date on every change (O(1) to read).
+
+    Attributes:
+        presences: Every presence, remote ones (held by other processes) included.
+        connections: This process's live connections.
+        topics: Topics with at least one presence, local or remote.
+        keys: Distinct keys held by this process's connections (remote ones are not
+            counted: their users are another process's to count).
+    """
 
     presences: int
     connections: int
