@@ -125,7 +125,9 @@ class PresenceState:
         self.topics: dict[str, Topic] = {}
         self.users: dict[str, ConnId | dict[ConnId, None]] = {}
         self.remote: dict[bytes, Presence] = {}  # ref -> a presence held elsewhere
-        self.remote_users: dict[str, dict[bytes, Presence]] = {}  # key -> ref -> presence
+        # key -> its remote presence, or (several) ref -> presence: a dict per key would be
+        # one more object for every full garbage collection to walk.
+        self.remote_users: dict[str, Presence | dict[bytes, Presence]] = {}
         self.remote_owners: dict[bytes, int] = {}  # owner node -> its remote presences
         self.feed = ChangeFeed()
         self.n_presences = 0
@@ -253,10 +255,14 @@ class PresenceState:
         remote[ref] = p
         owner = ref[: ref.rindex(b".")]
         self.remote_owners[owner] = self.remote_owners.get(owner, 0) + 1
-        by_ref = self.remote_users.get(key)
-        if by_ref is None:
-            by_ref = self.remote_users[key] = {}
-        by_ref[ref] = p
+        users = self.remote_users
+        held = users.get(key)
+        if held is None:
+            users[key] = p
+        elif type(held) is tuple:
+            users[key] = {ref_of(held[DATA]): held, ref: p}
+        else:
+            held[ref] = p  # type: ignore[index]
         return True
 
     def remove_remote(self, ref: bytes) -> Presence | None:
@@ -276,10 +282,23 @@ class PresenceState:
             owners[owner] = left
         else:
             del owners[owner]
-        by_ref = self.remote_users[p[KEY]]
-        del by_ref[ref]
-        if not by_ref:
-            del self.remote_users[p[KEY]]
+        users = self.remote_users
+        held = users[p[KEY]]
+        if type(held) is tuple:
+            del users[p[KEY]]
+            return
+        del held[ref]  # type: ignore[union-attr]
+        if len(held) == 1:
+            users[p[KEY]] = next(iter(held.values()))
+
+    def remote_of(self, key: str) -> list[Presence]:
+        """The remote presences of ``key``, in the order they arrived."""
+        held = self.remote_users.get(key)
+        if held is None:
+            return []
+        if type(held) is tuple:
+            return [held]
+        return list(held.values())  # type: ignore[union-attr]
 
     def release(self, key: str, conn: ConnId) -> bool:
         """Record that ``conn`` holds no presence as ``key`` any more; True if nobody does."""

@@ -1055,7 +1055,7 @@ class Tracker:
     def _user(self, key: str) -> UserStatus:
         state = self._state
         holders = state.holders(key)
-        remote = state.remote_users.get(key)
+        remote = state.remote_of(key)
         if not holders and not remote:
             return UserStatus(key, OFFLINE, last_seen=self._seen.get(key))
         conns = self._conns
@@ -1069,8 +1069,8 @@ class Tracker:
         if remote:
             # Present elsewhere: active now, as far as this process can tell; each owning
             # process counts as one connection (their ids are not mirrored).
-            presences.extend(remote.values())
-            connections += len({_owner(ref) for ref in remote})
+            presences.extend(remote)
+            connections += len({_owner(ref_of(p[DATA])) for p in remote})
             last_active = self._clock()
         return derive_status(key, presences, connections, last_active)
 
