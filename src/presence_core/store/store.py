@@ -115,7 +115,7 @@ from ..tracker import TopicChanges, Tracker
 from ..tracker.users import OFFLINE, UserStatus
 from ..typing import MetricsSink
 from .cluster import ClusterConnection
-from .connection import CommandTemplate, ConnectionOptions, RedisConnection, Reply
+from .connection import ConnectionOptions, RedisConnection, Reply
 from .layout import (
     REAP_NODE_SCRIPT,
     REAP_NODE_SHA,
@@ -159,7 +159,6 @@ _FIELDS_PER_COMMAND: Final = 1000
 no single command holds the server for long."""
 
 _REAP_COUNT: Final = b"1000"
-_GET: Final = CommandTemplate("GET", None)
 _MISSING: Final = object()
 
 # Error replies that describe the server's state rather than the command: the same command is
@@ -434,17 +433,21 @@ class RedisStore:
         if misses and conn is not None and not conn.is_closed:
             try:
                 replies = await self._read_last_seen(conn, misses)
-            except StoreConnectionError as exc:
+            except (StoreConnectionError, StoreCommandError) as exc:
                 logger.warning("presence store: status read failed: %s", exc)
             else:
-                ttl, upsert = self.status_cache_ttl, cache.upsert
-                for key, reply in zip(misses, replies, strict=True):
-                    seen = _seen_seconds(reply)
-                    local = statuses[key][8]
-                    if seen is not None and (local is None or local < seen):
-                        statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)
-                    if ttl:
-                        upsert(key, seen, ttl)
+                pairs = zip(misses, replies, strict=True)
+                try:  # the common case, inline: every reply nil or Unix ms
+                    answers = [(k, None if r is None else int(r) / 1000.0) for k, r in pairs]
+                except (ValueError, TypeError):  # an error reply, or a value not ours
+                    answers = [(k, _seen_seconds(r)) for k, r in zip(misses, replies, strict=True)]
+                for key, seen in answers:
+                    if seen is not None:
+                        local = statuses[key][8]  # the Tracker's own: keep the later one
+                        if local is None or local < seen:
+                            statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)
+                if self.status_cache_ttl:
+                    cache.upsert_many(answers, self.status_cache_ttl)
                 fetched = len(misses)
         tiers = (
             ("memory", len(statuses) - len(misses) - hits),
@@ -461,10 +464,18 @@ class RedisStore:
     ) -> list[Reply]:
         """``GET`` of each user's last-seen key, in one pipeline."""
         last_seen_key = self.layout.last_seen_key
-        if isinstance(conn, RedisConnection):  # one server: a template, no packing
-            encode = _GET.encode
-            payload = b"".join([encode(last_seen_key(key)) for key in keys])
-            return await conn.pipeline_encoded(payload, ["GET"] * len(keys), raise_on_error=False)
+        if isinstance(conn, RedisConnection):
+            # One MGET: a server answers it at about twice the speed of as many GETs, and
+            # its one reply is parsed in one call.  Written as RESP directly.
+            names = list(map(last_seen_key, keys))
+            payload = b"*%d\r\n$4\r\nMGET\r\n%b" % (
+                len(names) + 1,
+                b"".join([b"$%d\r\n%b\r\n" % (len(name), name) for name in names]),
+            )
+            (reply,) = await conn.pipeline_encoded(payload, ["MGET"], raise_on_error=False)
+            if isinstance(reply, StoreCommandError):
+                raise reply
+            return cast(list[Reply], reply)
         # A cluster routes each command by its key.
         return await conn.pipeline(
             [(b"GET", last_seen_key(key)) for key in keys], raise_on_error=False
