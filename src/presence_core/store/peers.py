@@ -164,7 +164,6 @@ class PeerSync:
         subscriptions: Callable[[], Awaitable[list[tuple[Any, Sequence[bytes]]]]],
         publish: Callable[[list[tuple[bytes, bytes]]], None],
         *,
-        cluster: bool,
         zset_layout: bool,
         liveness_timeout: float,
         check_interval: float,
@@ -176,7 +175,6 @@ class PeerSync:
         self.tracker = tracker
         self.layout = layout
         self.client = client
-        self.cluster = cluster
         self.zset_layout = zset_layout
         self.node = tracker.node
         self.liveness_timeout = liveness_timeout
@@ -473,9 +471,6 @@ class PeerSync:
                 self._drop(node, "lapsed")
             await self._reap_node(node)
 
-    def _remote(self) -> list[Any]:
-        return self.tracker.remote_presences()
-
     def _drop(self, node: str, why: str) -> None:
         dropped = self.tracker.drop_remote(node)
         self._unregistered.pop(node, None)
@@ -547,7 +542,7 @@ class PeerSync:
         others = sorted(registry - {self.node})
         alive = await self._gets([layout.node_alive_key(n) for n in others])
         live = {n for n, value in zip(others, alive, strict=True) if value is not None}
-        view: dict[bytes, Any] = {ref_of(p[DATA]): p for p in self._remote()}
+        view: dict[bytes, Any] = {ref_of(p[DATA]): p for p in self.tracker.remote_presences()}
         if only is None:
             indexes = await self._multi(
                 "smembers", [layout.node_topics_key(n) for n in sorted(live)]

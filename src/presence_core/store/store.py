@@ -518,7 +518,6 @@ class RedisStore:
                 self._client,
                 self._subscriptions,
                 self._queue_messages,
-                cluster=self.cluster,
                 zset_layout=self.layout_name == "zset",
                 liveness_timeout=self.liveness_timeout,
                 check_interval=self.check_interval,
