@@ -1,0 +1,10 @@
+"""The WebSocket server: Phoenix/Supabase Realtime clients in front of a Tracker.
+
+`presence_core.server.server.PresenceServer` serves the protocol; `presence_core.server.cli`
+is the ``presence-core`` command (``serve``).
+"""
+
+from presence_core.server.config import AuthHook, Refused, ServerLimits
+from presence_core.server.server import PresenceServer
+
+__all__ = ["AuthHook", "PresenceServer", "Refused", "ServerLimits"]

@@ -1,0 +1,170 @@
+"""The ``presence-core`` command: ``presence-core serve``.
+
+``serve`` runs a `PresenceServer` (in-process presence by default; ``--redis URL`` or
+``--redis-cluster URL`` to share it between processes) until SIGTERM or SIGINT, then stops
+gracefully: every client is sent away, and the process's presences leave for everyone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .. import __version__
+from ..limits import Limits
+from ..tracker import Tracker
+from .config import ServerLimits
+from .server import PresenceServer
+
+__all__ = ["main"]
+
+logger = logging.getLogger("presence_core.server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the audit fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "audit", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="presence-core", description="presence-core")
+    parser.add_argument("--version", action="version", version=f"presence-core {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve presence to Phoenix / Supabase Realtime clients over WebSockets",
+        description="Serve presence to phoenix.js, realtime-js and Supabase's Python client. "
+        "WebSockets at any path ending in /websocket; GET /health and GET /metrics.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=4000, help="port to listen on (4000)")
+    serve.add_argument(
+        "--connection-ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a connection that sends nothing for this long leaves (60)",
+    )
+    serve.add_argument("--node", default=None, help="this process's node name (random)")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--redis", metavar="URL", help="share presence through this Redis")
+    where.add_argument(
+        "--redis-cluster", metavar="URL", help="share presence through this Redis Cluster"
+    )
+    serve.add_argument("--prefix", default="presence", help="Redis key prefix (presence)")
+    defaults = ServerLimits()
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    serve.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
+    serve.add_argument("--max-topics", type=int, default=defaults.max_topics_per_connection)
+    serve.add_argument("--joins-per-second", type=float, default=defaults.joins_per_second)
+    serve.add_argument(
+        "--broadcasts-per-second", type=float, default=defaults.broadcasts_per_second
+    )
+    plan = Limits()
+    serve.add_argument(
+        "--presence-rate", type=float, default=plan.rate_per_second, help="tracks/s per socket"
+    )
+    serve.add_argument("--presence-burst", type=int, default=plan.burst)
+    serve.add_argument("--max-meta-bytes", type=int, default=plan.max_meta_bytes)
+    serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning... (info)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    # One line per health check or refused handshake is noise; the audit log has what matters.
+    logging.getLogger("websockets.server").setLevel(logging.WARNING)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    return int(runner(_serve(args)))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    limits = ServerLimits(
+        max_frame_bytes=args.max_frame_bytes,
+        max_connections=args.max_connections,
+        max_topics_per_connection=args.max_topics,
+        joins_per_second=args.joins_per_second,
+        broadcasts_per_second=args.broadcasts_per_second,
+    )
+    plan = Limits(
+        rate_per_second=args.presence_rate,
+        burst=args.presence_burst,
+        max_meta_bytes=args.max_meta_bytes,
+        max_topics_per_connection=args.max_topics,
+    )
+    tracker = Tracker(
+        connection_ttl=args.connection_ttl,
+        node=args.node,
+        clock=time.time,  # last-seen times shared through Redis are Unix time
+        plans={"default": plan},
+        max_connections=max(args.max_connections, 1),
+    )
+    store = None
+    url = args.redis or args.redis_cluster
+    if url:
+        from ..store import RedisStore
+
+        store = RedisStore(tracker, url, prefix=args.prefix, cluster=bool(args.redis_cluster))
+        await store.start()
+    server = PresenceServer(tracker, host=args.host, port=args.port, limits=limits)
+    await server.start()
+    # Everything imported and built so far lives as long as the process: keep it out of every
+    # full collection (they would walk some 40,000 objects for nothing).
+    gc.collect()
+    gc.freeze()
+    logger.info(
+        "presence-core serving %s (node %s, %s)",
+        server.url,
+        tracker.node,
+        f"redis {url}" if url else "in-process",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    logger.info("presence-core stopping")
+    await server.stop()
+    if store is not None:
+        await store.stop()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""What a `PresenceServer` allows each connection, and the host's auth hook."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from .._validate import check_int, check_seconds
+
+__all__ = ["AuthHook", "Refused", "ServerLimits"]
+
+
+class Refused(Exception):
+    """Raised by an `AuthHook` to refuse a connection or a topic; the message goes to the
+    client in its error shape (never to other clients or the logs' meta fields)."""
+
+
+AuthHook: TypeAlias = Callable[[str | None, str | None], Awaitable[bool] | bool]
+"""``hook(token, topic)``: the ``apikey`` / ``access_token`` the client sent (or None) and the
+topic it joins (None for the connection itself).  Return True to allow; False or `Refused`
+refuses (a refused connection gets HTTP 401, a refused topic an error reply)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Per-connection and per-process limits, with Supabase Realtime's defaults where it has
+    them.  A rate allows a burst of one second's worth.
+
+    Attributes:
+        max_frame_bytes: Largest frame a client may send (bigger closes with 1009).
+        max_connections: Open WebSockets per process; beyond it the handshake gets HTTP 503.
+        max_topics_per_connection: Channels one socket may join ("Too many channels").
+        joins_per_second: Joins per connection per second.
+        broadcasts_per_second: Broadcasts per connection per second.
+
+    Presence calls (their rate, burst and meta size) are the Tracker's to limit: see
+    `presence_core.Limits`, which `presence-core serve` sets from its own options.
+    """
+
+    max_frame_bytes: int = 1 << 20
+    max_connections: int = 20_000
+    max_topics_per_connection: int = 100
+    joins_per_second: float = 10.0
+    broadcasts_per_second: float = 100.0
+
+    def __post_init__(self) -> None:
+        check_int(self.max_frame_bytes, "max_frame_bytes", low=64)
+        check_int(self.max_connections, "max_connections", low=1)
+        check_int(self.max_topics_per_connection, "max_topics_per_connection", low=1)
+        check_seconds(self.joins_per_second, "joins_per_second")
+        check_seconds(self.broadcasts_per_second, "broadcasts_per_second")

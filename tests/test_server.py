@@ -1,0 +1,387 @@
+"""PresenceServer on the wire: frames in, frames out, with a plain WebSocket client.
+
+The real clients (phoenix.js, realtime-js, Supabase's Python client) are driven in
+test_server_clients.py; these tests pin the protocol details they depend on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from presence_core import Limits, Tracker
+from presence_core.server import PresenceServer, Refused, ServerLimits
+from presence_core.server.server import _Rate
+
+T = TypeVar("T")
+
+
+def run(coro: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await coro()
+
+    return asyncio.run(main())
+
+
+@asynccontextmanager
+async def serving(**kwargs: Any) -> AsyncIterator[PresenceServer]:
+    tracker = kwargs.pop("tracker", None) or Tracker(connection_ttl=kwargs.pop("ttl", 60.0))
+    server = PresenceServer(tracker, host="127.0.0.1", port=0, **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class Client:
+    """A bare protocol client: sends frames, collects what comes back."""
+
+    def __init__(self, ws: ClientConnection, version: int) -> None:
+        self.ws = ws
+        self.version = version
+        self.ref = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, server: PresenceServer, vsn: str = "2.0.0") -> AsyncIterator[Client]:
+        url = f"ws://127.0.0.1:{server.port}/socket/websocket?vsn={vsn}"
+        async with connect(url) as ws:
+            yield cls(ws, 2 if vsn.startswith("2") else 1)
+
+    async def push(self, topic: str, event: str, payload: Any, join_ref: str | None = None) -> str:
+        self.ref += 1
+        ref = str(self.ref)
+        if self.version == 2:
+            frame = [join_ref, ref, topic, event, payload]
+        else:
+            frame = {"topic": topic, "event": event, "payload": payload, "ref": ref}
+            if join_ref is not None:
+                frame["join_ref"] = join_ref
+        await self.ws.send(json.dumps(frame))
+        return ref
+
+    async def recv(self, timeout: float = 2.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        data = json.loads(raw)
+        if isinstance(data, list):
+            join_ref, ref, topic, event, payload = data
+            return {
+                "join_ref": join_ref,
+                "ref": ref,
+                "topic": topic,
+                "event": event,
+                "payload": payload,
+            }
+        return data  # type: ignore[no-any-return]
+
+    async def until(self, event: str, timeout: float = 2.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await self.recv(max(0.01, deadline - time.monotonic()))
+            if msg["event"] == event:
+                return msg
+
+    async def join(self, topic: str, key: str | None = None, **config: Any) -> str:
+        presence = {"key": key or "", "enabled": True}
+        ref = await self.push(topic, "phx_join", {"config": {"presence": presence, **config}}, None)
+        reply = await self.until("phx_reply")
+        assert reply["ref"] == ref and reply["payload"]["status"] == "ok", reply
+        return ref
+
+
+def test_join_replies_then_sends_presence_state_even_when_empty() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as c:
+            ref = await c.push("room:1", "phx_join", {"config": {"presence": {"key": "a"}}})
+            reply = await c.recv()
+            assert reply["event"] == "phx_reply" and reply["ref"] == ref
+            assert reply["join_ref"] == ref
+            assert reply["payload"] == {"status": "ok", "response": {"postgres_changes": []}}
+            state = await c.recv()
+            assert state["event"] == "presence_state" and state["payload"] == {}
+
+    run(main)
+
+
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+def test_track_reaches_every_member_as_a_diff_with_both_keys(vsn: str) -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server, vsn) as a, Client.open(server) as b:
+            join_a = await a.join("room", "alice")
+            await a.until("presence_state")
+            await b.join("room", "bob")
+            await b.until("presence_state")
+            ref = await a.push(
+                "room",
+                "presence",
+                {"type": "presence", "event": "track", "payload": {"s": 1}},
+                join_a,
+            )
+            reply = await a.until("phx_reply")
+            assert reply["ref"] == ref and reply["payload"] == {"status": "ok", "response": {}}
+            for client in (a, b):
+                diff = await client.until("presence_diff")
+                assert diff["ref"] is None
+                assert set(diff["payload"]) == {"joins", "leaves"}
+                assert diff["payload"]["joins"]["alice"]["metas"][0]["s"] == 1
+
+    run(main)
+
+
+def test_retrack_is_one_diff_and_an_equal_meta_changes_nothing() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a:
+            jr = await a.join("room", "alice")
+            await a.until("presence_state")
+            track = {"event": "track", "payload": {"s": 1}}  # the Python client's shape
+            await a.push("room", "presence", track, jr)
+            await a.until("presence_diff")
+            await a.push("room", "presence", {"event": "track", "payload": {"s": 2}}, jr)
+            diff = (await a.until("presence_diff"))["payload"]
+            assert diff["joins"]["alice"]["metas"][0]["s"] == 2
+            assert diff["leaves"]["alice"]["metas"][0]["s"] == 1
+            assert "phx_ref_prev" in diff["joins"]["alice"]["metas"][0]
+            await a.push("room", "presence", {"event": "track", "payload": {"s": 2}}, jr)
+            await a.until("phx_reply")
+            with pytest.raises(TimeoutError):
+                await a.until("presence_diff", timeout=0.2)
+
+    run(main)
+
+
+def test_heartbeat_replies_with_the_same_ref_and_leave_closes() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a:
+            ref = await a.push("phoenix", "heartbeat", {})
+            reply = await a.recv()
+            assert reply["topic"] == "phoenix" and reply["ref"] == ref
+            assert reply["payload"] == {"status": "ok", "response": {}}
+            jr = await a.join("room", "alice")
+            await a.until("presence_state")
+            await a.push("room", "presence", {"event": "track", "payload": {}}, jr)
+            await a.until("presence_diff")
+            await a.push("room", "phx_leave", {}, jr)
+            assert (await a.until("phx_reply"))["payload"]["status"] == "ok"
+            close = await a.until("phx_close")
+            assert close["topic"] == "room"
+            assert server.tracker.count("room") == 0
+
+    run(main)
+
+
+def test_a_second_join_closes_the_first_under_its_join_ref() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a:
+            first = await a.join("room", "alice")
+            await a.until("presence_state")
+            await a.push("room", "phx_join", {"config": {"presence": {"key": "alice"}}})
+            close = await a.until("phx_close")
+            assert close["join_ref"] == first
+
+    run(main)
+
+
+def test_broadcast_honours_self_and_ack() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a, Client.open(server) as b:
+            jr = await a.join("room", "a", broadcast={"self": "true", "ack": True})
+            await a.until("presence_state")
+            await b.join("room", "b")
+            await b.until("presence_state")
+            body = {"type": "broadcast", "event": "ping", "payload": {"n": 1}}
+            ref = await a.push("room", "broadcast", body, jr)
+            got_a = [await a.recv(), await a.recv()]
+            events = {m["event"] for m in got_a}
+            assert events == {"broadcast", "phx_reply"}
+            assert any(m["event"] == "phx_reply" and m["ref"] == ref for m in got_a)
+            got_b = await b.until("broadcast")
+            assert got_b["payload"] == body
+            await b.push("room", "broadcast", body)  # b: no self, no ack
+            assert (await a.until("broadcast"))["payload"] == body
+            with pytest.raises(TimeoutError):
+                await b.until("broadcast", timeout=0.2)
+
+    run(main)
+
+
+def test_realtime_js_binary_broadcast_is_relayed_as_text() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a, Client.open(server) as b:
+            await a.join("room", "a")
+            await b.join("room", "b")
+            topic, event, payload = b"room", b"wave", b'{"x":1}'
+            frame = bytes([3, 1, 1, len(topic), len(event), 0, 1]) + b"1" + b"2" + topic + event
+            await a.ws.send(frame + payload)
+            msg = await b.until("broadcast")
+            assert msg["payload"] == {"type": "broadcast", "event": "wave", "payload": {"x": 1}}
+
+    run(main)
+
+
+def test_a_silent_connection_leaves_within_its_ttl() -> None:
+    async def main() -> None:
+        async with serving(ttl=0.5) as server, Client.open(server) as watcher:
+            await watcher.join("room", "w")
+            await watcher.until("presence_state")
+            async with Client.open(server) as silent:
+                jr = await silent.join("room", "s")
+                await silent.push("room", "presence", {"event": "track", "payload": {}}, jr)
+                started = time.monotonic()
+                await watcher.until("presence_diff")  # the join
+                for _ in range(15):  # the watcher heartbeats; the other says nothing
+                    await watcher.push("phoenix", "heartbeat", {})
+                    await asyncio.sleep(0.1)
+                    if server.tracker.count("room") == 1:
+                        break
+                assert (
+                    list(server.tracker.list("room")) == ["w"] or server.tracker.count("room") <= 1
+                )
+                assert time.monotonic() - started < 0.5 + 0.6
+                leave = await watcher.until("presence_diff")
+                assert list(leave["payload"]["leaves"]) == ["s"]
+                with pytest.raises(ConnectionClosed):  # sent away, to come back
+                    for _ in range(20):
+                        await silent.recv(0.5)
+
+    run(main)
+
+
+def test_malformed_frames_are_dropped_and_harm_nobody() -> None:
+    async def main() -> None:
+        limits = ServerLimits(max_frame_bytes=1024)
+        async with serving(limits=limits) as server, Client.open(server) as good:
+            jr = await good.join("room", "good")
+            await good.until("presence_state")
+            async with Client.open(server) as bad:
+                for frame in ["{not json", "42", "[1,2,3]", '{"topic":1}', '["x"]']:
+                    await bad.ws.send(frame)
+                await bad.ws.send(b"\x07garbage")
+                await bad.push("room", "presence", {"event": "track", "payload": {}})  # not joined
+                reply = await bad.until("phx_reply")
+                assert reply["payload"]["status"] == "error"
+                with pytest.raises(ConnectionClosed):  # oversized: closed with 1009
+                    await bad.ws.send("x" * 2000)
+                    await bad.recv(1.0)
+            await good.push("room", "presence", {"event": "track", "payload": {}}, jr)
+            diff = await good.until("presence_diff")
+            assert list(diff["payload"]["joins"]) == ["good"]
+
+    run(main)
+
+
+def test_limits_close_the_channel_not_the_socket() -> None:
+    async def main() -> None:
+        tracker = Tracker(plans={"default": Limits(rate_per_second=1.0, burst=1)})
+        limits = ServerLimits(max_topics_per_connection=1)
+        async with serving(tracker=tracker, limits=limits) as server, Client.open(server) as a:
+            jr = await a.join("room", "a")
+            await a.until("presence_state")
+            await a.push("other", "phx_join", {"config": {}})
+            refused = await a.until("phx_reply")
+            assert refused["payload"]["status"] == "error"
+            assert "Too many channels" in refused["payload"]["response"]["reason"]
+            await a.push("room", "presence", {"event": "track", "payload": {"n": 1}}, jr)
+            await a.until("presence_diff")
+            await a.push("room", "presence", {"event": "track", "payload": {"n": 2}}, jr)
+            system = await a.until("system")
+            assert "rate limit" in system["payload"]["message"]
+            assert (await a.until("phx_close"))["topic"] == "room"
+            ref = await a.push("phoenix", "heartbeat", {})  # the socket is still there
+            assert (await a.until("phx_reply"))["ref"] == ref
+
+    run(main)
+
+
+def test_auth_hook_refuses_tokens_and_topics() -> None:
+    async def auth(token: str | None, topic: str | None) -> bool:
+        if token != "good":
+            raise Refused("bad token")
+        return topic != "secret"
+
+    async def main() -> None:
+        async with serving(auth=auth) as server:
+            url = f"ws://127.0.0.1:{server.port}/socket/websocket?vsn=2.0.0"
+            async with connect(url + "&apikey=bad") as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            async with connect(url + "&apikey=good") as ws:
+                c = Client(ws, 2)
+                await c.join("room", "a")
+                await c.push("secret", "phx_join", {"config": {}})
+                reply = await c.until("phx_reply")
+                assert reply["payload"] == {
+                    "status": "error",
+                    "response": {"reason": "Unauthorized"},
+                }
+
+    run(main)
+
+
+def test_health_metrics_and_unknown_paths() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a:
+            jr = await a.join("room", "a")
+            await a.push("room", "presence", {"event": "track", "payload": {}}, jr)
+            await a.until("presence_diff")
+            base = f"http://127.0.0.1:{server.port}"
+
+            def get(path: str) -> tuple[int, bytes]:
+                try:
+                    with urllib.request.urlopen(base + path, timeout=2) as response:
+                        return response.status, response.read()
+                except urllib.error.HTTPError as exc:
+                    return exc.code, exc.read()
+
+            status, body = await asyncio.to_thread(get, "/health")
+            assert status == 200
+            assert json.loads(body) == {
+                "status": "ok",
+                "node": server.tracker.node,
+                "connections": 1,
+                "presences": 1,
+            }
+            status, body = await asyncio.to_thread(get, "/metrics")
+            assert status == 200 and b"presence_presences 1.0" in body
+            status, _ = await asyncio.to_thread(get, "/elsewhere")
+            assert status == 404
+            with pytest.raises(InvalidStatus):
+                async with connect(f"ws://127.0.0.1:{server.port}/not-a-socket"):
+                    pass
+
+    run(main)
+
+
+def test_stop_sends_clients_away_and_their_presences_leave() -> None:
+    async def main() -> None:
+        tracker = Tracker()
+        server = PresenceServer(tracker, port=0)
+        await server.start()
+        async with Client.open(server) as a:
+            jr = await a.join("room", "a")
+            await a.push("room", "presence", {"event": "track", "payload": {}}, jr)
+            await a.until("presence_diff")
+            await server.stop()
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(10):
+                    await a.recv(1.0)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert tracker.totals().presences == 0
+
+    run(main)
+
+
+def test_rate_bucket_allows_a_burst_of_one_second() -> None:
+    rate = _Rate(10.0)
+    assert sum(rate.take(100.0) for _ in range(20)) == 10
+    assert rate.take(100.15)
