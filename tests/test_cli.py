@@ -1,0 +1,112 @@
+"""``presence-core serve`` as a user runs it: a process, its health, its logs, its stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import ValkeyServer, free_port, pid_alive, wait_until
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[object]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+        port = free_port()
+        log = tmp_path / f"serve-{port}.log"
+        with log.open("wb") as stderr:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [EXE, "serve", "--port", str(port), "--log-json", *args],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        procs.append(proc)
+        wait_until(lambda: healthy(port), 15, "presence-core serve to be healthy")
+        return proc, port, log
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        assert not any(pid_alive(p.pid) for p in procs)
+
+
+async def _track(port: int, topic: str, key: str, meta: dict[str, object]) -> object:
+    ws = await connect(f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0")
+    await ws.send(json.dumps(["1", "1", topic, "phx_join", {"config": {"presence": {"key": key}}}]))
+    await ws.send(json.dumps(["1", "2", topic, "presence", {"event": "track", "payload": meta}]))
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if frame[3] == "presence_diff":
+            return ws
+
+
+def test_serve_logs_json_and_stops_gracefully_on_sigterm(serve: object) -> None:
+    proc, port, log = serve()  # type: ignore[operator]
+
+    async def main() -> None:
+        ws = await _track(port, "room", "alice", {"secret": "do-not-log"})
+        os.kill(proc.pid, signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(20):
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+    asyncio.run(main())
+    assert proc.wait(10) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    started = next(r for r in records if r.get("event") == "server_started")
+    assert started["port"] == port and started["limits"]["max_connections"] == 20_000
+    assert "do-not-log" not in log.read_text()
+
+
+def test_serve_with_redis_shares_presence_between_two_processes(
+    serve: object, valkey: ValkeyServer
+) -> None:
+    valkey.client().flushall()
+    _, port_a, _ = serve("--redis", valkey.url)  # type: ignore[operator]
+    _, port_b, _ = serve("--redis", valkey.url)  # type: ignore[operator]
+
+    async def main() -> None:
+        ws_a = await _track(port_a, "room", "alice", {})
+        ws_b = await connect(f"ws://127.0.0.1:{port_b}/socket/websocket?vsn=2.0.0")
+        await ws_b.send(json.dumps(["1", "1", "room", "phx_join", {"config": {}}]))
+        deadline = time.monotonic() + 5
+        seen: dict[str, object] = {}
+        while "alice" not in seen and time.monotonic() < deadline:
+            frame = json.loads(await asyncio.wait_for(ws_b.recv(), 5))
+            if frame[3] == "presence_state":
+                seen.update(frame[4])
+            elif frame[3] == "presence_diff":
+                seen.update(frame[4]["joins"])
+        assert "alice" in seen
+        await ws_a.close()
+        await ws_b.close()
+
+    asyncio.run(main())
