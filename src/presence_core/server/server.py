@@ -164,6 +164,7 @@ class PresenceServer:
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._accepting = False
+        self._closing: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -197,10 +198,13 @@ class PresenceServer:
         server = self._server
         if server is not None:
             server.close(close_connections=False)
-        for client in list(self._clients.values()):
-            with contextlib.suppress(Exception):
-                await client.ws.close(1001, "server stopping")
-            self._drop(client)
+        clients = list(self._clients.values())
+        for client in clients:
+            self._drop(client)  # presences leave now, whatever the closing handshakes do
+        closing = [client.ws.close(1001, "server stopping") for client in clients]
+        if closing:
+            # All at once, and bounded: 20,000 sequential closing handshakes would take long.
+            await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=5.0)
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -238,8 +242,10 @@ class PresenceServer:
                 client = self._clients.get(conn)  # type: ignore[arg-type]
                 if client is not None:
                     _audit("disconnected", conn=client.id, reason="silent past its ttl")
-                    asyncio.ensure_future(client.ws.close(1011, "no heartbeat"))
                     self._drop(client)
+                    task = asyncio.ensure_future(client.ws.close(1011, "no heartbeat"))
+                    self._closing.add(task)  # a task nobody holds may be collected mid-way
+                    task.add_done_callback(self._closing.discard)
 
     # -- HTTP: health, metrics, and who may open a WebSocket ---------------------------------
 
