@@ -1,4 +1,4 @@
-"""The ``presence-core`` command: ``presence-core serve``.
+"""The ``presence-core`` command: ``presence-core serve`` (and ``bench``, see `.bench`).
 
 ``serve`` runs a `PresenceServer` (in-process presence by default; ``--redis URL`` or
 ``--redis-cluster URL`` to share it between processes) until SIGTERM or SIGINT, then stops
@@ -22,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..limits import Limits
 from ..tracker import Tracker
+from . import bench
 from .config import ServerLimits
 from .server import PresenceServer
 
@@ -90,12 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-meta-bytes", type=int, default=plan.max_meta_bytes)
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     serve.add_argument("--log-level", default="info", help="debug, info, warning... (info)")
+    bench.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return bench.run(args)
     handler = logging.StreamHandler(sys.stderr)
     if args.log_json:
         handler.setFormatter(JsonFormatter())

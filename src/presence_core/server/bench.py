@@ -1,0 +1,1615 @@
+"""``presence-core bench``: a load generator for a `PresenceServer`, with a report.
+
+N WebSocket clients (Phoenix v2 frames, as realtime-js sends them) spread over T topics: each
+one connects, joins its topic with its own presence key, tracks a meta, heartbeats every 25 s,
+and, once every client has joined, the run starts: for ``--duration`` seconds the clients update
+their metas at ``--rate`` updates per second in all, and each client once leaves its topic for
+the next one (a channel switch).  The server is one started here (``presence-core serve`` as a
+subprocess on a free loopback port, stopped by PID at the end) or the one at ``--url``.
+
+What is measured:
+
+* connect (TCP + WebSocket handshake) and connect-to-joined (until both the join's ``ok`` reply
+  and the ``presence_state`` arrived) times;
+* diff propagation: every meta carries its sender's ``time.time()``; every client records, for
+  each join of each ``presence_diff`` it receives, the time since that stamp, and counts the
+  updates delivered against those expected (each update times each member of its topic);
+* channel switch: from sending ``phx_leave`` (with the new topic's ``phx_join`` right behind it)
+  to the new topic's ``presence_state``;
+* updates and presence operations per second, heartbeat round trips, errors by kind,
+  connections held at the end, and the server's CPU (% of one core) and RSS when its PID is known.
+
+Delivery accounting.  A diff can only be expected by the members of its topic, and members come
+and go during the run (the switches).  A client counts as a member for an update when the update
+was sent after the client's ``presence_state`` arrived and, if the client left the topic later,
+when it also received a diff sent after the update's reply (so the server flushed the update
+before the leave).  Updates in flight across a join or a leave are counted only where they were
+delivered: ``delivered == expected`` then means that no member missed any diff.
+
+The clients run in ``--processes`` worker processes (``multiprocessing``, spawn), each an
+asyncio loop (uvloop if installed) driving `websockets`' client protocol (``ClientProtocol``,
+its Sans-I/O core) from an `asyncio.Protocol`: no task per connection, so one process drives
+thousands of sockets.  Run as ``python -m presence_core.server.bench`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import gc
+import heapq
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from array import array
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+import orjson
+import websockets.version
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "Membership",
+    "account",
+    "add_parser",
+    "format_report",
+    "main",
+    "run",
+    "run_bench",
+]
+
+_HEARTBEAT = 25.0  # realtime-js's heartbeat interval
+_SPACING = 0.3  # seconds between a client's update reply and its switch (no coalescing)
+_QUIET = 0.5  # the drain ends after this long without a diff
+_DRAIN_CAP = 15.0
+_FD_MARGIN = 32  # descriptors a process needs besides its sockets
+_PROGRESS_EVERY = 0.25
+_LETTERS = {"track": "j", "switch": "s", "update": "u"}  # a meta's "k": why it was tracked
+
+Pipe = multiprocessing.connection.Connection
+
+
+class BenchError(Exception):
+    """A run that cannot start or go on: the message says why, in a user's terms."""
+
+
+# -- parameters ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BenchConfig:
+    """The run's parameters (the report repeats them)."""
+
+    clients: int = 1000
+    topics: int = 10
+    rate: float | None = None  # updates/s across all clients; None: 1 % of clients per second
+    duration: float = 30.0
+    processes: int | None = None  # None: one per 5,000 clients, at most the CPU count
+    url: str | None = None
+    redis: str | None = None
+    server_pid: int | None = None
+    heartbeat: float = _HEARTBEAT
+    concurrency: int = 100
+    timeout: float = 30.0
+    switch: bool = True
+    switch_fraction: float = 1.0  # of the clients, each switching once
+    seed: int = 0
+    progress: bool = True
+
+    def updates_per_second(self) -> float:
+        return self.rate if self.rate is not None else self.clients / 100.0
+
+    def process_count(self) -> int:
+        if self.processes is not None:
+            return max(1, min(self.processes, self.clients))
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        wanted = max(1, math.ceil(self.clients / 5000))
+        return max(1, min(wanted, cpus or 1, self.clients))
+
+
+@dataclass(slots=True)
+class _WorkerSpec:
+    index: int
+    url: str
+    first: int  # global index of its first client
+    count: int
+    topics: int
+    rate: float  # this worker's share of the updates per second
+    duration: float
+    heartbeat: float
+    concurrency: int
+    timeout: float
+    switch: bool
+    switch_fraction: float
+    seed: int
+
+
+def _topic(index: int) -> str:
+    return f"realtime:bench-{index}"
+
+
+# -- descriptors, ports and the server's /proc -----------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _port_range() -> int | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return high - low + 1
+
+
+def _pid_nofile(pid: int) -> int | None:
+    """The soft descriptor limit of another process (/proc/<pid>/limits), if readable."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    value = line.split()[3]
+                    return None if value == "unlimited" else int(value)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds (/proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15, counted after the comm
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _memory(pid: int) -> tuple[int | None, int | None]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    rss = peak = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, peak
+
+
+def _check_limits(cfg: BenchConfig, processes: int, start_server: bool) -> list[str]:
+    """Refuse a run the machine cannot hold, with the reason; returns warnings."""
+    warnings: list[str] = []
+    soft, hard = raise_nofile()
+    per_worker = math.ceil(cfg.clients / processes)
+    if per_worker + _FD_MARGIN > soft:
+        need = math.ceil(cfg.clients / max(1, soft - _FD_MARGIN))
+        raise BenchError(
+            f"{cfg.clients:,} clients in {processes} process(es) need about "
+            f"{per_worker + _FD_MARGIN:,} descriptors per process, but RLIMIT_NOFILE is "
+            f"{soft:,} (hard limit {hard:,}): use --processes {need} or more, or raise the "
+            "hard limit (ulimit -Hn, as root)"
+        )
+    if start_server and cfg.clients + _FD_MARGIN > soft:
+        raise BenchError(
+            f"the server started here would hold {cfg.clients:,} sockets and needs about "
+            f"{cfg.clients + _FD_MARGIN:,} descriptors, but RLIMIT_NOFILE's hard limit is "
+            f"{hard:,}: at most {max(0, soft - _FD_MARGIN):,} clients here; raise the hard "
+            "limit (ulimit -Hn, as root) or bench a server elsewhere with --url"
+        )
+    if cfg.server_pid is not None:
+        limit = _pid_nofile(cfg.server_pid)
+        if limit is not None and cfg.clients + _FD_MARGIN > limit:
+            warnings.append(
+                f"the server (pid {cfg.server_pid}) may open only {limit:,} descriptors: "
+                f"{cfg.clients:,} clients will not all connect"
+            )
+    ports = _port_range()
+    if ports is not None and cfg.clients > ports - 100:
+        raise BenchError(
+            f"{cfg.clients:,} connections from one address to one server port need as many "
+            f"ephemeral ports, but net.ipv4.ip_local_port_range has {ports:,}"
+        )
+    if cfg.url is None and cfg.clients > 20_000:
+        warnings.append("the server is started with --max-connections raised to fit")
+    return warnings
+
+
+# -- statistics ------------------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of sorted ``values``."""
+    if not values:
+        return None
+    rank = max(0, min(len(values) - 1, math.ceil(q / 100.0 * len(values)) - 1))
+    return values[rank]
+
+
+def _summary(values: Sequence[float], qs: Sequence[int] = (50, 95, 99)) -> dict[str, Any]:
+    """Count, percentiles and max of ``values`` (milliseconds), rounded to the microsecond."""
+    ordered = sorted(values)
+    out: dict[str, Any] = {"count": len(ordered)}
+    for q in qs:
+        p = _pct(ordered, q)
+        out[f"p{q}"] = None if p is None else round(p, 3)
+    out["max"] = round(ordered[-1], 3) if ordered else None
+    return out
+
+
+# -- one client ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Membership:
+    """A client's membership of one topic: when its presence_state came, what it received."""
+
+    topic: int
+    start: float = math.inf  # wall time the presence_state arrived
+    end: float | None = None  # wall time the leave was confirmed (or the socket lost)
+    max_stamp: float = -math.inf  # newest stamp among the diffs received in it
+    received: array[int] = field(default_factory=lambda: array("q"))
+
+
+def account(
+    windows: Sequence[Membership], updates: Sequence[tuple[int, int, float, float]]
+) -> dict[str, int]:
+    """Diffs delivered against those expected, over memberships and the run's updates.
+
+    ``updates`` are ``(uid, topic, sent, replied)`` (wall times; ``replied`` 0 when the update
+    was not acknowledged).  A member expects an update when it was sent after the member's
+    ``presence_state`` arrived and, for a membership that ended (a leave, a lost socket), when
+    the member also received a diff sent after the update's reply: the server then flushed
+    the update while the member was still in.  Updates in flight across a join or a leave
+    count where they were delivered, so ``missing`` counts only diffs a member surely lost.
+    """
+    by_topic: dict[int, list[tuple[float, float, int]]] = {}
+    topic_of: dict[int, int] = {}
+    for uid, topic, sent, replied in updates:
+        topic_of[uid] = topic
+        if replied > 0:
+            by_topic.setdefault(topic, []).append((sent, replied, uid))
+    for ups in by_topic.values():
+        ups.sort()
+    sends = {t: [u[0] for u in ups] for t, ups in by_topic.items()}
+    delivered = expected = missing = duplicates = unexpected = 0
+    for w in windows:
+        ups = by_topic.get(w.topic, [])
+        first = bisect.bisect_right(sends.get(w.topic, []), w.start)
+        limit = math.inf if w.end is None else w.max_stamp
+        certain = {uid for _sent, replied, uid in ups[first:] if replied < limit}
+        got = set(w.received)
+        duplicates += len(w.received) - len(got)
+        valid = {uid for uid in got if topic_of.get(uid) == w.topic}
+        unexpected += len(got) - len(valid)
+        missing += len(certain - valid)
+        delivered += len(valid)
+        expected += len(certain | valid)
+    return {
+        "delivered": delivered,
+        "expected": expected,
+        "missing": missing,
+        "duplicates": duplicates,
+        "unexpected": unexpected,
+    }
+
+
+class _Conn(asyncio.Protocol):
+    """One WebSocket client: websockets' Sans-I/O protocol fed by an asyncio transport."""
+
+    def __init__(self, worker: _Worker, gid: int, topic: int) -> None:
+        self.worker = worker
+        self.gid = gid
+        self.key = f"c{gid}"
+        self.topic = topic
+        self.ws = ClientProtocol(worker.wsuri, max_size=None)
+        self.transport: asyncio.Transport | None = None
+        self.refs = 0
+        self.join_ref = ""
+        self.pending: dict[str, tuple[str, float, int]] = {}  # ref -> (kind, perf, extra)
+        self.windows: dict[str, Membership] = {}  # open memberships, by topic name
+        self.fragments: list[bytes] = []
+        self.alive = False
+        self.ready = False  # joined and first track acknowledged
+        self.join_ok = False
+        self.state_ok = False
+        self.switching = False
+        self.switch_started = 0.0
+        self.update_pending = False
+        self.last_update = -math.inf
+        self.t_start = 0.0
+        self.heartbeat_ref: str | None = None
+        self.heartbeat_timer: asyncio.TimerHandle | None = None
+        self.joined: asyncio.Future[bool] = worker.loop.create_future()  # False: it failed
+        self.lost: asyncio.Future[None] = worker.loop.create_future()
+
+    # transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.alive = True
+        self.ws.send_request(self.ws.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if isinstance(event, Frame):
+                opcode = event.opcode
+                if opcode is Opcode.TEXT:
+                    if event.fin:
+                        self._text(bytes(event.data))
+                    else:
+                        self.fragments = [bytes(event.data)]
+                elif opcode is Opcode.CONT:
+                    self.fragments.append(bytes(event.data))
+                    if event.fin:
+                        self._text(b"".join(self.fragments))
+                        self.fragments = []
+            elif isinstance(event, Response):
+                self._handshake(event)
+        self._flush()
+        if ws.close_expected() and self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_alive = self.alive
+        self.alive = False
+        self.ready = False
+        if self.heartbeat_timer is not None:
+            self.heartbeat_timer.cancel()
+        now = time.time()
+        for window in self.windows.values():
+            window.end = now
+            self.worker.windows.append(window)
+        self.windows.clear()
+        if was_alive and not self.worker.closing:
+            close = self.ws.close_rcvd
+            kind = f"closed_by_server_{close.code}" if close is not None else "connection_lost"
+            self.worker.error(kind)
+        if not self.joined.done():
+            self.joined.set_result(False)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    # writing
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.ws.data_to_send()
+            return
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():
+                transport.write_eof()
+
+    def _push(self, topic: str, event: str, payload: Any, kind: str, extra: int = 0) -> str:
+        self.refs += 1
+        ref = str(self.refs)
+        join_ref = None if topic == "phoenix" else self.join_ref
+        self.pending[ref] = (kind, time.perf_counter(), extra)
+        self.ws.send_text(orjson.dumps([join_ref, ref, topic, event, payload]))
+        self._flush()
+        return ref
+
+    def _join(self) -> None:
+        self.join_ref = str(self.refs + 1)  # the join's own ref, as phoenix.js does
+        name = _topic(self.topic)
+        self.windows[name] = Membership(self.topic)
+        payload = {"config": {"presence": {"key": self.key}, "broadcast": {"self": False}}}
+        self._push(name, "phx_join", payload, "join")
+
+    def _track(self, kind: str, extra: int = 0, uid: int = -1) -> float:
+        """Track (or update) this client's meta, stamped with the time; returns the stamp."""
+        stamp = time.time()
+        meta: dict[str, Any] = {"status": "online", "t": stamp, "k": _LETTERS[kind]}
+        if uid >= 0:
+            meta["u"] = uid
+        payload = {"type": "presence", "event": "track", "payload": meta}
+        self._push(_topic(self.topic), "presence", payload, kind, extra)
+        return stamp
+
+    # reading
+
+    def _handshake(self, response: Response) -> None:
+        if self.ws.handshake_exc is not None:
+            self.worker.error(f"handshake_{response.status_code}")
+            self.alive = False  # not counted again as lost
+            if not self.joined.done():
+                self.joined.set_result(False)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        worker = self.worker
+        worker.connect_ms.append((time.perf_counter() - self.t_start) * 1000.0)
+        self._join()
+        self.heartbeat_timer = worker.loop.call_later(worker.spec.heartbeat, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        if not self.alive:
+            return
+        if self.heartbeat_ref is not None and self.heartbeat_ref in self.pending:
+            self.worker.error("heartbeat_timeout")  # realtime-js would reconnect here
+            del self.pending[self.heartbeat_ref]
+        self.heartbeat_ref = self._push("phoenix", "heartbeat", {}, "heartbeat")
+        self.heartbeat_timer = self.worker.loop.call_later(
+            self.worker.spec.heartbeat, self._heartbeat
+        )
+
+    def _text(self, data: bytes) -> None:
+        worker = self.worker
+        try:
+            _join_ref, ref, topic, event, payload = orjson.loads(data)
+        except (orjson.JSONDecodeError, ValueError, TypeError):
+            worker.error("bad_frame")
+            return
+        if event == "presence_diff":
+            window = self.windows.get(topic)
+            if window is None:
+                worker.error("diff_for_unjoined_topic")
+                return
+            now = time.time()
+            t0 = worker.t0
+            for entry in payload["joins"].values():
+                for meta in entry["metas"]:
+                    stamp = meta.get("t")
+                    if stamp is None:
+                        continue
+                    if stamp > window.max_stamp:
+                        window.max_stamp = stamp
+                    uid = meta.get("u")
+                    if uid is not None:
+                        window.received.append(uid)
+                    if t0 is not None and now >= t0:
+                        worker.lat_ms.append((now - stamp) * 1000.0)
+                        worker.lat_sec.append(int(now - t0))
+            if t0 is not None:
+                worker.diffs += 1
+            worker.last_diff = now
+        elif event == "phx_reply":
+            self._reply(ref, topic, payload)
+        elif event == "presence_state":
+            self._state(topic)
+        elif event == "phx_close":
+            if topic == _topic(self.topic) and not self.switching:
+                worker.error("channel_closed")
+        elif event in ("system", "phx_error"):
+            worker.error(
+                f"{event}:{payload.get('message', '') if isinstance(payload, dict) else ''}"
+            )
+
+    def _state(self, topic: str) -> None:
+        window = self.windows.get(topic)
+        if window is None or window.start != math.inf:
+            self.worker.error("unexpected_presence_state")
+            return
+        window.start = time.time()
+        if self.switching:
+            self.worker.switch_ms.append((time.perf_counter() - self.switch_started) * 1000.0)
+            self._track("switch")
+            return
+        self.state_ok = True
+        self._joined()
+
+    def _joined(self) -> None:
+        if self.join_ok and self.state_ok and not self.joined.done():
+            self.worker.joined_ms.append((time.perf_counter() - self.t_start) * 1000.0)
+            self.worker.last_joined = time.time()
+            self.joined.set_result(True)
+            self._track("track")
+
+    def _reply(self, ref: str | None, topic: str, payload: Any) -> None:
+        worker = self.worker
+        pending = self.pending.pop(ref, None) if ref is not None else None
+        if pending is None:
+            worker.error("unmatched_reply")
+            return
+        kind, sent, extra = pending
+        ok = isinstance(payload, dict) and payload.get("status") == "ok"
+        if ok and worker.measuring:
+            worker.ops[kind] += 1
+        if not ok:
+            reason = payload.get("response", {}) if isinstance(payload, dict) else {}
+            reason = reason.get("reason", "") if isinstance(reason, dict) else ""
+            worker.error(f"{kind}_error:{reason}")
+        if kind == "update":
+            self.update_pending = False
+            self.last_update = time.time()
+            if ok:
+                worker.updates[extra][3] = self.last_update
+        elif kind == "heartbeat":
+            worker.heartbeat_ms.append((time.perf_counter() - sent) * 1000.0)
+        elif kind == "join":
+            if self.switching:
+                return
+            if ok:
+                self.join_ok = True
+                self._joined()
+            elif not self.joined.done():
+                self.joined.set_result(False)
+        elif kind == "leave":
+            window = self.windows.pop(topic, None)
+            if window is not None:
+                window.end = time.time()
+                worker.windows.append(window)
+        elif kind == "track":
+            self.ready = ok
+            worker.tracked += 1
+        elif kind == "switch":
+            self.switching = False
+            worker.switched += 1
+
+    # actions of the run
+
+    def can_update(self) -> bool:
+        return self.alive and self.ready and not self.switching and not self.update_pending
+
+    def update(self, seq: int) -> None:
+        worker = self.worker
+        uid = self.gid * (1 << 20) + seq
+        record: list[Any] = [uid, self.topic, 0.0, 0.0]
+        worker.updates.append(record)
+        self.update_pending = True
+        record[2] = self._track("update", len(worker.updates) - 1, uid)
+
+    def can_switch(self, now: float) -> bool:
+        return self.can_update() and now - self.last_update >= _SPACING
+
+    def switch(self) -> None:
+        old = _topic(self.topic)
+        self.switching = True
+        self.switch_started = time.perf_counter()
+        self._push(old, "phx_leave", {}, "leave")
+        self.topic = (self.topic + 1) % self.worker.spec.topics
+        self._join()
+
+    def close(self) -> None:
+        if self.heartbeat_timer is not None:
+            self.heartbeat_timer.cancel()
+        if self.alive and self.transport is not None and self.ws.state is State.OPEN:
+            self.ws.send_close(1000, "bench done")
+            self._flush()
+        elif self.transport is not None:
+            self.transport.close()
+
+
+# -- one worker process ----------------------------------------------------------------------------
+
+
+class _Worker:
+    """A share of the clients in one process, driven by the coordinator over a pipe."""
+
+    def __init__(self, spec: _WorkerSpec, pipe: Pipe) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self.loop = asyncio.get_running_loop()
+        self.wsuri = parse_uri(spec.url)
+        self.conns: list[_Conn] = []
+        self.errors: Counter[str] = Counter()
+        self.ops: Counter[str] = Counter()
+        self.connect_ms: list[float] = []
+        self.joined_ms: list[float] = []
+        self.switch_ms: list[float] = []
+        self.heartbeat_ms: list[float] = []
+        self.lat_ms: array[float] = array("d")
+        self.lat_sec: array[int] = array("i")
+        self.updates: list[list[Any]] = []  # [uid, topic, sent (wall), replied (wall) or 0]
+        self.windows: list[Membership] = []  # closed memberships
+        self.t0: float | None = None
+        self.measuring = False
+        self.closing = False
+        self.diffs = 0
+        self.last_diff = 0.0
+        self.tracked = 0
+        self.switched = 0
+        self.failed = 0
+        self.first_start = math.inf
+        self.last_joined = 0.0
+        self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.phases: asyncio.Task[None] | None = None
+        self.cpu_percent: float | None = None  # of one core, during the run
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def send(self, *message: Any) -> None:
+        self.pipe.send(message)
+
+    # control
+
+    def _read_pipe(self) -> None:
+        try:
+            message = self.pipe.recv()
+        except (EOFError, OSError):  # the coordinator is gone
+            message = ("stop",)
+            self.loop.remove_reader(self.pipe.fileno())
+        if message[0] == "stop" and self.phases is not None:
+            self.phases.cancel()
+        self.inbox.put_nowait(message)
+
+    async def _expect(self, *kinds: str) -> tuple[Any, ...]:
+        message = await self.inbox.get()
+        if message[0] == "stop":
+            raise _Stopped
+        if message[0] not in kinds:
+            raise RuntimeError(f"worker {self.spec.index}: {message[0]!r} unexpected")
+        return message
+
+    async def main(self) -> None:
+        """Every phase in order; the coordinator's ``stop`` (or its death) ends it early."""
+        self.phases = self.loop.create_task(self._phases())
+        self.loop.add_reader(self.pipe.fileno(), self._read_pipe)
+        try:
+            await self.phases
+        except (_Stopped, asyncio.CancelledError):
+            pass
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                self.send("fatal", f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.remove_reader(self.pipe.fileno())
+            await self._close_all()
+
+    async def _phases(self) -> None:
+        self.send("hello", os.getpid())
+        await self._expect("connect")
+        await self._connect_all()
+        # Thousands of connections live until the end: keep them out of every full
+        # collection, whose pauses would show up as diff latency.
+        gc.collect()
+        gc.freeze()
+        self.send("ready", self._progress())
+        (_, t0) = await self._expect("go")
+        await self._run(t0)
+        self.send("sent", [tuple(u) for u in self.updates])
+        (_, everything) = await self._expect("finish")
+        await self._drain()
+        self.send("result", self._result(everything))
+        await self._expect("close")
+
+    def _progress(self) -> dict[str, int]:
+        return {
+            "joined": len(self.joined_ms),
+            "failed": self.failed,
+            "updates": len(self.updates),
+            "diffs": self.diffs,
+            "switched": self.switched,
+            "errors": sum(self.errors.values()),
+        }
+
+    async def _report_progress(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), _PROGRESS_EVERY)
+            self.send("progress", self.spec.index, self._progress())
+
+    # the phases
+
+    async def _connect_all(self) -> None:
+        spec = self.spec
+        self.conns = [
+            _Conn(self, gid, gid % spec.topics)
+            for gid in range(spec.first, spec.first + spec.count)
+        ]
+        slots = asyncio.Semaphore(max(1, spec.concurrency))
+        host = self.wsuri.host
+        port = self.wsuri.port
+        stop = asyncio.Event()
+        reporter = self.loop.create_task(self._report_progress(stop))
+
+        async def one(conn: _Conn) -> None:
+            async with slots:
+                conn.t_start = time.perf_counter()
+                self.first_start = min(self.first_start, time.time())
+                try:
+                    async with asyncio.timeout(spec.timeout):
+                        await self.loop.create_connection(lambda: conn, host, port)
+                        if not await conn.joined:
+                            self.failed += 1  # the reason was counted where it happened
+                except TimeoutError:
+                    self.error("join_timeout" if conn.alive else "connect_timeout")
+                    self.failed += 1
+                    conn.alive = False  # not counted again as lost
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                except OSError as exc:
+                    name = (os.strerror(exc.errno) if exc.errno else type(exc).__name__).lower()
+                    self.error(f"connect:{name}")
+                    self.failed += 1
+
+        try:
+            await asyncio.gather(*(one(c) for c in self.conns))
+            # every first track acknowledged before the run starts
+            deadline = time.monotonic() + spec.timeout
+            while time.monotonic() < deadline and self.tracked < len(self.joined_ms):
+                if not any(c.alive and not c.ready and c.joined.done() for c in self.conns):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await reporter
+
+    async def _run(self, t0: float) -> None:
+        spec = self.spec
+        rng = random.Random(spec.seed * 7919 + spec.index)
+        self.t0 = t0
+        end = t0 + spec.duration
+        order = [c for c in self.conns if c.ready]
+        rng.shuffle(order)
+        switches: list[tuple[float, int]] = []
+        chosen = round(len(order) * max(0.0, min(1.0, spec.switch_fraction)))
+        if spec.switch and chosen:
+            for rank, i in enumerate(rng.sample(range(len(order)), chosen)):
+                at = t0 + spec.duration * (0.05 + 0.9 * (rank + rng.random()) / chosen)
+                switches.append((at, i))
+            heapq.heapify(switches)
+        interval = 1.0 / spec.rate if spec.rate > 0 and order else math.inf
+        next_update = t0 + rng.random() * min(interval, 1.0)
+        seq = 0
+        turn = 0
+        stop = asyncio.Event()
+        delay = t0 - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.measuring = True
+        cpu = time.process_time()
+        wall = time.monotonic()
+        reporter = self.loop.create_task(self._report_progress(stop))
+        try:
+            while True:
+                now = time.time()
+                if now >= end:
+                    break
+                while next_update <= now:
+                    for _ in range(len(order)):
+                        conn = order[turn % len(order)]
+                        turn += 1
+                        if conn.can_update():
+                            seq += 1
+                            conn.update(seq)
+                            break
+                    else:
+                        self.error("update_skipped_no_idle_client")
+                    next_update += interval
+                while switches and switches[0][0] <= now:
+                    at, i = heapq.heappop(switches)
+                    conn = order[i]
+                    if conn.can_switch(now):
+                        conn.switch()
+                    elif conn.alive and now + _SPACING < end:
+                        heapq.heappush(switches, (now + _SPACING, i))
+                    else:
+                        self.error("switch_skipped")
+                wake = min(next_update, switches[0][0] if switches else math.inf, end)
+                await asyncio.sleep(max(0.0, wake - time.time()))
+            self.measuring = False
+            self.cpu_percent = _percent(cpu, time.process_time(), time.monotonic() - wall)
+            # the last replies and switches
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and any(
+                c.alive and (c.update_pending or c.switching) for c in order
+            ):
+                await asyncio.sleep(0.02)
+            for conn in order:
+                if conn.alive and conn.update_pending:
+                    self.error("update_timeout")
+                if conn.alive and conn.switching:
+                    self.error("switch_timeout")
+        finally:
+            self.measuring = False
+            stop.set()
+            await reporter
+
+    async def _drain(self) -> None:
+        """Wait for the diffs still on their way: until none came for a while."""
+        start = time.time()
+        while time.time() - start < _DRAIN_CAP:
+            now = time.time()
+            if now - start >= _QUIET and now - self.last_diff >= _QUIET:
+                return
+            await asyncio.sleep(0.05)
+        self.error("drain_cap_reached")
+
+    def _result(self, everything: list[tuple[int, int, float, float]]) -> dict[str, Any]:
+        """Accounting of the diffs against every update of the run, and the raw samples."""
+        windows = list(self.windows)
+        for conn in self.conns:
+            windows.extend(conn.windows.values())  # still members: every update is expected
+        tally = account(windows, everything)
+        delivered, expected, missing = tally["delivered"], tally["expected"], tally["missing"]
+        duplicates, unexpected = tally["duplicates"], tally["unexpected"]
+        if duplicates:
+            self.errors["duplicate_diffs"] += duplicates
+        if unexpected:
+            self.errors["diffs_of_unknown_updates"] += unexpected
+        return {
+            "index": self.spec.index,
+            "clients": self.spec.count,
+            "joined": len(self.joined_ms),
+            "failed": self.failed,
+            "held": sum(1 for c in self.conns if c.alive),
+            "first_start": self.first_start,
+            "last_joined": self.last_joined,
+            "connect_ms": self.connect_ms,
+            "joined_ms": self.joined_ms,
+            "switch_ms": self.switch_ms,
+            "heartbeat_ms": self.heartbeat_ms,
+            "lat_ms": self.lat_ms.tobytes(),
+            "lat_sec": self.lat_sec.tobytes(),
+            "diff_frames": self.diffs,
+            "delivered": delivered,
+            "expected": expected,
+            "missing": missing,
+            "switched": self.switched,
+            "cpu_percent": self.cpu_percent,
+            "ops": dict(self.ops),
+            "errors": dict(self.errors),
+        }
+
+    async def _close_all(self) -> None:
+        self.closing = True
+        open_conns = [c for c in self.conns if c.alive]
+        for conn in open_conns:
+            conn.close()
+        if open_conns:
+            await asyncio.wait([c.lost for c in open_conns], timeout=5.0)
+        for conn in self.conns:
+            if conn.alive and conn.transport is not None:
+                conn.transport.abort()
+        await asyncio.sleep(0)
+
+
+class _Stopped(Exception):
+    """The coordinator said stop."""
+
+
+def _worker_entry(spec: _WorkerSpec, pipe: Pipe) -> None:
+    """A worker process: its descriptors raised, Ctrl-C left to the coordinator."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_nofile()
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        runner: Callable[[Any], Any] = asyncio.run
+    else:  # pragma: no cover - uvloop is optional
+        runner = uvloop.run
+
+    async def go() -> None:
+        await _Worker(spec, pipe).main()
+
+    runner(go())
+    pipe.close()
+
+
+# -- the server started here -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+class _LocalServer:
+    """``presence-core serve`` as a subprocess on a free loopback port, stopped by PID."""
+
+    def __init__(self, clients: int, redis: str | None) -> None:
+        self.port = _free_port()
+        self.log: IO[bytes] = tempfile.TemporaryFile()
+        command = [
+            sys.executable,
+            "-m",
+            "presence_core.server.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-connections",
+            str(max(20_000, clients + 16)),
+            "--log-level",
+            "warning",
+        ]
+        if redis:
+            command += ["--redis", redis]
+        self.command = command
+        # Its RLIMIT_NOFILE is this process's, raised to the hard limit before it starts.
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            start_new_session=True,  # Ctrl-C is ours to handle: we stop it after the clients
+        )
+        deadline = time.monotonic() + 20.0
+        while not _healthy(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_tail()
+                self.stop()
+                raise BenchError(f"presence-core serve did not start:\n{tail}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/socket/websocket?vsn=2.0.0"
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:].decode("utf-8", "replace")
+
+    def stop(self) -> int | None:
+        """SIGTERM (a graceful stop), then SIGKILL after 15 s; returns its exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode
+
+
+# -- progress on stderr ----------------------------------------------------------------------------
+
+
+class _Bar:
+    """A one-line progress bar on stderr (a line every few seconds when it is not a TTY)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def show(
+        self, label: str, done: float, total: float, extra: str = "", force: bool = False
+    ) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        frac = 0.0 if total <= 0 else max(0.0, min(1.0, done / total))
+        width = 30
+        fill = int(frac * width)
+        line = f"{label:<8} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% {extra}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:160].ljust(100))
+            self.shown = True
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty and self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.shown = False
+
+
+# -- the coordinator -------------------------------------------------------------------------------
+
+
+class _Workers:
+    """The worker processes and their pipes."""
+
+    def __init__(self, specs: list[_WorkerSpec]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Pipe] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        for spec in specs:
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_entry, args=(spec, theirs), name=f"bench-worker-{spec.index}"
+            )
+            proc.daemon = True
+            proc.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.procs.append(proc)
+
+    def broadcast(self, *message: Any) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(message)
+
+    def gather(
+        self, kind: str, on_progress: Callable[[int, dict[str, int]], None], timeout: float
+    ) -> list[Any]:
+        """Wait for one ``kind`` message from every worker; progress goes to ``on_progress``."""
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.pipes):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"the workers did not all report {kind!r} in {timeout:.0f} s")
+            waiting = [p for i, p in enumerate(self.pipes) if i not in got]
+            for pipe in multiprocessing.connection.wait(waiting, min(remaining, 0.2)):
+                assert isinstance(pipe, multiprocessing.connection.Connection)
+                index = self.pipes.index(pipe)
+                try:
+                    message = pipe.recv()
+                except EOFError:
+                    code = self.procs[index].exitcode
+                    raise BenchError(f"worker {index} died (exit {code})") from None
+                if message[0] == "progress":
+                    on_progress(message[1], message[2])
+                elif message[0] == "fatal":
+                    raise BenchError(f"worker {index} failed: {message[1]}")
+                elif message[0] == kind:
+                    got[index] = message[1] if len(message) > 1 else None
+            on_progress(-1, {})
+        return [got[i] for i in range(len(self.pipes))]
+
+    def stop(self, graceful: bool) -> None:
+        """Ask each worker to close its sockets and exit; terminate, then kill, stragglers."""
+        self.broadcast("close" if graceful else "stop")
+        deadline = time.monotonic() + 15.0
+        for proc in self.procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(3)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(3)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+def _split(cfg: BenchConfig, url: str, processes: int) -> list[_WorkerSpec]:
+    specs = []
+    rate = cfg.updates_per_second()
+    first = 0
+    concurrency = max(1, math.ceil(cfg.concurrency / processes))
+    for index in range(processes):
+        count = cfg.clients // processes + (1 if index < cfg.clients % processes else 0)
+        specs.append(
+            _WorkerSpec(
+                index=index,
+                url=url,
+                first=first,
+                count=count,
+                topics=cfg.topics,
+                rate=rate * count / cfg.clients,
+                duration=cfg.duration,
+                heartbeat=cfg.heartbeat,
+                concurrency=concurrency,
+                timeout=cfg.timeout,
+                switch=cfg.switch and cfg.topics > 1,
+                switch_fraction=cfg.switch_fraction,
+                seed=cfg.seed,
+            )
+        )
+        first += count
+    return specs
+
+
+def _with_vsn(url: str) -> str:
+    """The URL a v2 client opens: ``/websocket`` appended if missing, ``vsn=2.0.0`` added."""
+    base, _, query = url.partition("?")
+    if not base.rstrip("/").endswith("/websocket"):
+        base = base.rstrip("/") + "/websocket"
+    if "vsn=" not in query:
+        query = f"{query}&vsn=2.0.0" if query else "vsn=2.0.0"
+    return f"{base}?{query}"
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark and return the report (the JSON document)."""
+    if cfg.clients < 1 or cfg.topics < 1 or cfg.duration <= 0:
+        raise BenchError("--clients, --topics and --duration must be positive")
+    processes = cfg.process_count()
+    warnings = _check_limits(cfg, processes, start_server=cfg.url is None)
+    bar = _Bar(cfg.progress)
+    for warning in warnings:
+        print(f"presence-core bench: warning: {warning}", file=sys.stderr)
+    server: _LocalServer | None = None
+    workers: _Workers | None = None
+    graceful = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    pid: int | None
+    try:
+        if cfg.url is None:
+            server = _LocalServer(cfg.clients, cfg.redis)
+            url, pid = server.url, server.pid
+        else:
+            url, pid = _with_vsn(cfg.url), cfg.server_pid
+        specs = _split(cfg, url, processes)
+        workers = _Workers(specs)
+        worker_pids = workers.gather("hello", lambda i, p: None, 60.0)
+
+        progress: dict[int, dict[str, int]] = {}
+
+        def connecting(index: int, p: dict[str, int]) -> None:
+            if index >= 0:
+                progress[index] = p
+            joined = sum(x["joined"] for x in progress.values())
+            failed = sum(x["failed"] for x in progress.values())
+            extra = f"{joined:,}/{cfg.clients:,} joined" + (
+                f", {failed:,} failed" if failed else ""
+            )
+            bar.show("connect", joined + failed, cfg.clients, extra)
+
+        cpu_a = _cpu_seconds(pid) if pid else None
+        wall_a = time.monotonic()
+        workers.broadcast("connect")
+        workers.gather(
+            "ready", connecting, cfg.timeout * (cfg.clients / max(1, cfg.concurrency)) + 120
+        )
+        connecting(-1, {})
+        bar.show("connect", 1, 1, f"{sum(x['joined'] for x in progress.values()):,} joined", True)
+        bar.done()
+        cpu_b = _cpu_seconds(pid) if pid else None
+        wall_b = time.monotonic()
+
+        t0 = time.time() + 0.2
+        end = t0 + cfg.duration
+        workers.broadcast("go", t0)
+        sampled: dict[str, Any] = {}
+        progress.clear()
+
+        def running(index: int, p: dict[str, int]) -> None:
+            if index >= 0:
+                progress[index] = p
+            now = time.time()
+            if now >= end and "cpu" not in sampled and pid:
+                sampled["cpu"] = _cpu_seconds(pid)
+                sampled["wall"] = time.monotonic()
+                sampled["memory"] = _memory(pid)
+            ups = sum(x["updates"] for x in progress.values())
+            diffs = sum(x["diffs"] for x in progress.values())
+            errs = sum(x["errors"] for x in progress.values())
+            extra = f"{min(now, end) - t0:5.1f}/{cfg.duration:g} s  updates {ups:,}"
+            extra += f"  diff frames {diffs:,}"
+            bar.show("run", now - t0, cfg.duration, extra + (f"  errors {errs:,}" if errs else ""))
+
+        cpu_c = _cpu_seconds(pid) if pid else None
+        wall_c = time.monotonic()
+        sent = workers.gather("sent", running, cfg.duration + 60.0)
+        running(-1, {})
+        if "cpu" not in sampled and pid:  # the run ended between two progress reports
+            sampled["cpu"] = _cpu_seconds(pid)
+            sampled["wall"] = time.monotonic()
+            sampled["memory"] = _memory(pid)
+        bar.show("run", 1, 1, "draining", True)
+        bar.done()
+        everything = [u for part in sent for u in part]
+        workers.broadcast("finish", everything)
+        results = workers.gather("result", lambda i, p: None, _DRAIN_CAP + 120.0)
+        graceful = True
+        server_info: dict[str, Any] = {"pid": pid, "started_here": server is not None}
+        if server is not None:
+            server_info["command"] = server.command
+        if pid:
+            rss, peak = sampled.get("memory", (None, None))
+            server_info["rss_bytes"] = rss
+            server_info["rss_peak_bytes"] = peak
+            server_info["cpu_percent_connect"] = _percent(cpu_a, cpu_b, wall_b - wall_a)
+            server_info["cpu_percent_run"] = _percent(
+                cpu_c, sampled.get("cpu"), sampled.get("wall", wall_c) - wall_c
+            )
+        report = _report(cfg, processes, url, results, everything, server_info, warnings)
+        report["worker_pids"] = worker_pids
+        return report
+    except KeyboardInterrupt:
+        bar.done()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if workers is not None:
+            workers.stop(graceful)
+        if server is not None:
+            server.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _percent(before: float | None, after: float | None, wall: float) -> float | None:
+    if before is None or after is None or wall <= 0:
+        return None
+    return round((after - before) / wall * 100.0, 1)
+
+
+def _report(
+    cfg: BenchConfig,
+    processes: int,
+    url: str,
+    results: list[dict[str, Any]],
+    updates: list[tuple[int, int, float, float]],
+    server: dict[str, Any],
+    warnings: list[str],
+) -> dict[str, Any]:
+    lat: array[float] = array("d")
+    sec: array[int] = array("i")
+    for r in results:
+        lat.frombytes(r["lat_ms"])
+        sec.frombytes(r["lat_sec"])
+    per_second: dict[int, list[float]] = {}
+    for s, v in zip(sec, lat, strict=True):
+        per_second.setdefault(s, []).append(v)
+    errors: Counter[str] = Counter()
+    ops: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+        ops.update(r["ops"])
+    joined = sum(r["joined"] for r in results)
+    delivered = sum(r["delivered"] for r in results)
+    expected = sum(r["expected"] for r in results)
+    starts = [r["first_start"] for r in results if r["first_start"] != math.inf]
+    ends = [r["last_joined"] for r in results if r["last_joined"]]
+    connect_seconds = (max(ends) - min(starts)) if starts and ends else None
+    replied = sum(1 for u in updates if u[3] > 0)
+    warnings = list(warnings)
+    cpus = [r["cpu_percent"] for r in results if r["cpu_percent"] is not None]
+    busiest = max(cpus, default=0.0)
+    used = sum(cpus) + (server.get("cpu_percent_run") or 0.0)
+    available = 100.0 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if busiest >= 90.0:
+        warnings.append(
+            f"a client process used {busiest:.0f} % of a core: the load generator was "
+            "saturated and its own queueing is in the latencies (use more --processes)"
+        )
+    elif used >= 0.9 * available:
+        warnings.append(
+            f"clients and server used {used:.0f} % of {available / 100:.0f} cores: the machine "
+            "was saturated, so the latencies include waiting for a CPU"
+        )
+    presence_ops = sum(ops[k] for k in ("update", "switch", "join", "leave", "track"))
+    return {
+        "parameters": {
+            **{k: v for k, v in asdict(cfg).items() if k != "progress"},
+            "rate": cfg.updates_per_second(),
+            "processes": processes,
+            "url": url,
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "websockets": websockets.version.version,
+            "cpus": os.cpu_count(),
+            "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+            "uvloop": _has_uvloop(),
+        },
+        "warnings": warnings,
+        "connect": {
+            "clients": cfg.clients,
+            "joined": joined,
+            "failed": sum(r["failed"] for r in results),
+            "all_joined_seconds": None if connect_seconds is None else round(connect_seconds, 3),
+            "connect_ms": _summary([v for r in results for v in r["connect_ms"]]),
+            "connect_to_joined_ms": _summary([v for r in results for v in r["joined_ms"]]),
+        },
+        "diffs": {
+            "latency_ms": _summary(lat),
+            "per_second": [
+                {"second": s, **_summary(per_second[s], (50, 99))} for s in sorted(per_second)
+            ],
+            "frames_received": sum(r["diff_frames"] for r in results),
+            "delivered": delivered,
+            "expected": expected,
+            "missing": sum(r["missing"] for r in results),
+            "delivered_percent": round(100.0 * delivered / expected, 4) if expected else None,
+        },
+        "switch": {
+            "clients": cfg.clients if cfg.switch else 0,
+            "switched": sum(r["switched"] for r in results),
+            "leave_to_state_ms": _summary([v for r in results for v in r["switch_ms"]]),
+        },
+        "ops": {
+            "updates_sent": len(updates),
+            "updates_acknowledged": replied,
+            "updates_per_second": round(replied / cfg.duration, 2),
+            "presence_ops_per_second": round(presence_ops / cfg.duration, 2),
+            "by_kind": dict(ops),
+        },
+        "clients_cpu_percent": [r["cpu_percent"] for r in results],
+        "heartbeats": _summary([v for r in results for v in r["heartbeat_ms"]]),
+        "errors": dict(sorted(errors.items())),
+        "error_count": sum(errors.values()),
+        "connections_held": sum(r["held"] for r in results),
+        "server": server,
+    }
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True  # pragma: no cover
+
+
+# -- the text report -------------------------------------------------------------------------------
+
+_TARGETS = (
+    ("all joined within 15 s", ("connect", "all_joined_seconds"), 15.0, "s"),
+    ("connect-to-joined p95 <= 100 ms", ("connect", "connect_to_joined_ms", "p95"), 100.0, "ms"),
+    ("diff propagation p99 <= 75 ms", ("diffs", "latency_ms", "p99"), 75.0, "ms"),
+    ("channel switch p95 <= 50 ms", ("switch", "leave_to_state_ms", "p95"), 50.0, "ms"),
+    ("server CPU <= 1 core", ("server", "cpu_percent_run"), 100.0, "%"),
+)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _stats(s: dict[str, Any], qs: Sequence[str] = ("p50", "p95", "p99", "max")) -> str:
+    return "  ".join(f"{q} {_ms(s.get(q))}" for q in qs) + " ms"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text."""
+    p = report["parameters"]
+    c, d, sw, ops, srv = (
+        report["connect"],
+        report["diffs"],
+        report["switch"],
+        report["ops"],
+        report["server"],
+    )
+    lines = [
+        f"presence-core bench: {p['clients']:,} clients, {p['topics']:,} topics, "
+        f"{p['rate']:g} updates/s, {p['duration']:g} s, {p['processes']} process(es), "
+        f"heartbeat {p['heartbeat']:g} s, switch {'on' if p['switch'] else 'off'}",
+        f"server: {p['url']}"
+        + (f" (started here, pid {srv['pid']})" if srv.get("started_here") else "")
+        + (f" redis {p['redis']}" if p.get("redis") else ""),
+        "",
+        f"connect     {c['joined']:,}/{c['clients']:,} joined"
+        + (f", {c['failed']:,} failed" if c["failed"] else "")
+        + (f" in {c['all_joined_seconds']:.2f} s" if c["all_joined_seconds"] is not None else ""),
+        f"  connect            {_stats(c['connect_ms'])}",
+        f"  connect-to-joined  {_stats(c['connect_to_joined_ms'])}",
+        f"diffs       {d['delivered']:,} delivered / {d['expected']:,} expected"
+        + (f" ({d['delivered_percent']:.3f} %)" if d["delivered_percent"] is not None else "")
+        + (f", {d['missing']:,} missing" if d["missing"] else "")
+        + f"; {d['frames_received']:,} frames",
+        f"  propagation        {_stats(d['latency_ms'])}  ({d['latency_ms']['count']:,} joins)",
+        f"channel     {sw['switched']:,}/{sw['clients']:,} switched",
+        f"  leave-to-state     {_stats(sw['leave_to_state_ms'])}",
+        f"ops         {ops['updates_acknowledged']:,} updates ({ops['updates_per_second']:g}/s), "
+        f"{ops['presence_ops_per_second']:g} presence ops/s",
+        f"heartbeats  {report['heartbeats']['count']:,}  "
+        + _stats(report["heartbeats"], ("p50", "p99")),
+        "errors      "
+        + (
+            ", ".join(f"{k} {v:,}" for k, v in report["errors"].items())
+            if report["errors"]
+            else "none"
+        ),
+        f"connections {report['connections_held']:,} held at the end",
+        "clients     CPU "
+        + ", ".join(_pct_text(v) for v in report["clients_cpu_percent"])
+        + " of one core per worker process during the run",
+    ]
+    if srv.get("pid"):
+        rss, peak = srv.get("rss_bytes"), srv.get("rss_peak_bytes")
+        cpu_run, cpu_conn = srv.get("cpu_percent_run"), srv.get("cpu_percent_connect")
+        lines.append(
+            f"server      CPU {_pct_text(cpu_run)} of one core during the run, "
+            f"{_pct_text(cpu_conn)} while connecting; RSS {_mib(rss)} (peak {_mib(peak)})"
+        )
+    else:
+        lines.append("server      CPU and RSS unknown (give --server-pid)")
+    per = d["per_second"]
+    if per:
+        lines.append("")
+        lines.append("second   joins      p50      p99      max (ms)")
+        for row in per:
+            lines.append(
+                f"{row['second']:>6} {row['count']:>7,} {_ms(row['p50']):>8} "
+                f"{_ms(row['p99']):>8} {_ms(row['max']):>8}"
+            )
+    lines.append("")
+    lines.append("targets")
+    for name, path, limit, unit in _TARGETS:
+        value: Any = report
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        verdict = "-" if value is None else ("ok" if value <= limit else "MISSED")
+        shown = "-" if value is None else f"{value:.1f} {unit}"
+        lines.append(f"  {name:<34} {shown:>12}  {verdict}")
+    checks = [
+        ("0 errors", report["error_count"] == 0),
+        ("100 % of diffs delivered", d["expected"] > 0 and d["delivered"] == d["expected"]),
+        ("every client joined", c["joined"] == c["clients"]),
+    ]
+    for name, good in checks:
+        lines.append(f"  {name:<34} {'':>12}  {'ok' if good else 'MISSED'}")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def _pct_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} %"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.1f} MiB"
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``bench`` to the ``presence-core`` subcommands (an argparse subparsers object)."""
+    bench: argparse.ArgumentParser = commands.add_parser(
+        "bench",
+        help="load a presence server with many WebSocket clients and report what it did",
+        description="N clients over T topics join, track, update their metas at a set rate "
+        "and switch channels once; reports connect, diff propagation and switch times, "
+        "delivered vs expected diffs, errors and the server's CPU and RSS.",
+    )
+    add_arguments(bench)
+    return bench
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` options."""
+    parser.add_argument("--clients", type=int, default=1000, help="WebSocket clients (1000)")
+    parser.add_argument("--topics", type=int, default=10, help="topics they spread over (10)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="meta updates per second across all clients (1 %% of the clients)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=30.0, help="seconds of run after all joined (30)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes (one per 5,000 clients, at most the CPU count)",
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="ws:// URL of a running server (default: start presence-core serve here)",
+    )
+    parser.add_argument("--redis", metavar="URL", help="the started server shares through Redis")
+    parser.add_argument(
+        "--server-pid", type=int, default=None, help="PID of the --url server, for CPU and RSS"
+    )
+    parser.add_argument(
+        "--heartbeat", type=float, default=_HEARTBEAT, help="heartbeat interval (25 s)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=100, help="clients connecting at once, in all (100)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds a client may take to join (30)"
+    )
+    parser.add_argument(
+        "--switch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each client switches channel once during the run (on)",
+    )
+    parser.add_argument(
+        "--switch-fraction",
+        type=float,
+        default=1.0,
+        help="the share of the clients that switch, each once (1.0: every client)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``presence-core bench`` with parsed arguments; returns the exit status."""
+    cfg = BenchConfig(
+        clients=args.clients,
+        topics=args.topics,
+        rate=args.rate,
+        duration=args.duration,
+        processes=args.processes,
+        url=args.url,
+        redis=args.redis,
+        server_pid=args.server_pid,
+        heartbeat=args.heartbeat,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        switch=args.switch,
+        switch_fraction=args.switch_fraction,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    if cfg.url is not None and cfg.redis is not None:
+        print(
+            "presence-core bench: --redis applies to the server started here, not --url",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = run_bench(cfg)
+    except BenchError as exc:
+        print(f"presence-core bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("presence-core bench: interrupted; clients and server stopped", file=sys.stderr)
+        return 130
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "wb") as f:
+            f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m presence_core.server.bench [options]``: the same as ``presence-core bench``."""
+    parser = argparse.ArgumentParser(prog="presence-core bench")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
