@@ -57,7 +57,8 @@ START_TIMEOUT = 15.0  # a server answering /health 200
 WAIT = 8.0  # any state to converge, any reply to come
 KEEPALIVE = 0.5  # the Python client's heartbeat here
 SILENT_LEAVE = TTL + 1.5  # a silent connection's presence gone at the others
-REDIS_LEAVE = 12.0  # a SIGKILLed server's presences gone at its peers (9 s liveness + 1 s)
+LIVENESS = 2.0  # serve --liveness-timeout for the servers sharing Valkey
+REDIS_LEAVE = LIVENESS + 2.0  # a SIGKILLed server's presences gone at its peers (+ a check)
 STOP_TIMEOUT = 5.0
 
 State = dict[str, list[dict[str, Any]]]
@@ -677,7 +678,17 @@ def two_servers(valkey: ValkeyServer, tmp_path: Path) -> Iterator[tuple[Serve, S
     started: list[Serve] = []
     try:
         for _ in range(2):
-            started.append(Serve(tmp_path, "--redis", valkey.url, "--prefix", prefix))
+            started.append(
+                Serve(
+                    tmp_path,
+                    "--redis",
+                    valkey.url,
+                    "--prefix",
+                    prefix,
+                    "--liveness-timeout",
+                    str(LIVENESS),
+                )
+            )
         yield started[0], started[1]
     finally:
         for serve in started:

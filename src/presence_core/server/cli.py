@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-cluster", metavar="URL", help="share presence through this Redis Cluster"
     )
     serve.add_argument("--prefix", default="presence", help="Redis key prefix (presence)")
+    serve.add_argument(
+        "--liveness-timeout",
+        type=float,
+        default=9.0,
+        metavar="SECONDS",
+        help="with Redis: a process not heard of for this long is dead, and its presences "
+        "leave everywhere within about this plus a ninth of it (9)",
+    )
     defaults = ServerLimits()
     serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
     serve.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
@@ -143,7 +151,13 @@ async def _serve(args: argparse.Namespace) -> int:
     if url:
         from ..store import RedisStore
 
-        store = RedisStore(tracker, url, prefix=args.prefix, cluster=bool(args.redis_cluster))
+        store = RedisStore(
+            tracker,
+            url,
+            prefix=args.prefix,
+            cluster=bool(args.redis_cluster),
+            liveness_timeout=args.liveness_timeout,
+        )
         await store.start()
     server = PresenceServer(tracker, host=args.host, port=args.port, limits=limits)
     await server.start()
