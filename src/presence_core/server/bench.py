@@ -587,9 +587,9 @@ class _Conn(asyncio.Protocol):
     def can_update(self) -> bool:
         return self.alive and self.ready and not self.switching and not self.update_pending
 
-    def update(self, seq: int) -> None:
+    def update(self, uid: int) -> None:
+        """Update this client's meta; ``uid`` names the update in every diff that carries it."""
         worker = self.worker
-        uid = self.gid * (1 << 20) + seq
         record: list[Any] = [uid, self.topic, 0.0, 0.0]
         worker.updates.append(record)
         self.update_pending = True
@@ -802,28 +802,31 @@ class _Worker:
         try:
             while True:
                 now = time.time()
-                if now >= end:
-                    break
-                while next_update <= now:
+                due = min(now, end)  # a late loop still sends what was due before the end
+                while next_update < due:
                     for _ in range(len(order)):
                         conn = order[turn % len(order)]
                         turn += 1
                         if conn.can_update():
                             seq += 1
-                            conn.update(seq)
+                            conn.update((spec.index << 40) | seq)
                             break
                     else:
                         self.error("update_skipped_no_idle_client")
                     next_update += interval
-                while switches and switches[0][0] <= now:
+                while switches and switches[0][0] < due:
                     at, i = heapq.heappop(switches)
                     conn = order[i]
                     if conn.can_switch(now):
                         conn.switch()
                     elif conn.alive and now + _SPACING < end:
                         heapq.heappush(switches, (now + _SPACING, i))
-                    else:
-                        self.error("switch_skipped")
+                    else:  # busy with an update until the end
+                        self.error("switch_not_done")
+                if now >= end:
+                    if switches:
+                        self.errors["switch_not_done"] += len(switches)
+                    break
                 wake = min(next_update, switches[0][0] if switches else math.inf, end)
                 await asyncio.sleep(max(0.0, wake - time.time()))
             self.measuring = False
@@ -1368,7 +1371,7 @@ def _report(
         },
         "clients_cpu_percent": [r["cpu_percent"] for r in results],
         "heartbeats": _summary([v for r in results for v in r["heartbeat_ms"]]),
-        "errors": dict(sorted(errors.items())),
+        "errors": {k: v for k, v in sorted(errors.items()) if v},
         "error_count": sum(errors.values()),
         "connections_held": sum(r["held"] for r in results),
         "server": server,
