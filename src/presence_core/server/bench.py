@@ -351,6 +351,7 @@ class _Conn(asyncio.Protocol):
         self.switch_started = 0.0
         self.update_pending = False
         self.last_update = -math.inf
+        self.switch_at = math.inf  # when the run's scheduler means it to switch
         self.t_start = 0.0
         self.heartbeat_ref: str | None = None
         self.heartbeat_timer: asyncio.TimerHandle | None = None
@@ -584,8 +585,15 @@ class _Conn(asyncio.Protocol):
 
     # actions of the run
 
-    def can_update(self) -> bool:
-        return self.alive and self.ready and not self.switching and not self.update_pending
+    def can_update(self, now: float) -> bool:
+        """Idle, and not about to switch (an update then would delay the switch)."""
+        return (
+            self.alive
+            and self.ready
+            and not self.switching
+            and not self.update_pending
+            and now < self.switch_at - 2 * _SPACING
+        )
 
     def update(self, uid: int) -> None:
         """Update this client's meta; ``uid`` names the update in every diff that carries it."""
@@ -596,10 +604,18 @@ class _Conn(asyncio.Protocol):
         record[2] = self._track("update", len(worker.updates) - 1, uid)
 
     def can_switch(self, now: float) -> bool:
-        return self.can_update() and now - self.last_update >= _SPACING
+        return (
+            self.alive
+            and self.ready
+            and not self.switching
+            and not self.update_pending
+            and now - self.last_update >= _SPACING
+        )
 
     def switch(self) -> None:
+        """Leave this topic and, right behind, join the next one."""
         old = _topic(self.topic)
+        self.switch_at = math.inf
         self.switching = True
         self.switch_started = time.perf_counter()
         self._push(old, "phx_leave", {}, "leave")
@@ -786,6 +802,7 @@ class _Worker:
             for rank, i in enumerate(rng.sample(range(len(order)), chosen)):
                 at = t0 + spec.duration * (0.05 + 0.9 * (rank + rng.random()) / chosen)
                 switches.append((at, i))
+                order[i].switch_at = at
             heapq.heapify(switches)
         interval = 1.0 / spec.rate if spec.rate > 0 and order else math.inf
         next_update = t0 + rng.random() * min(interval, 1.0)
@@ -807,7 +824,7 @@ class _Worker:
                     for _ in range(len(order)):
                         conn = order[turn % len(order)]
                         turn += 1
-                        if conn.can_update():
+                        if conn.can_update(now):
                             seq += 1
                             conn.update((spec.index << 40) | seq)
                             break
