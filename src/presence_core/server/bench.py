@@ -1273,6 +1273,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             )
         report = _report(cfg, processes, url, results, everything, server_info, warnings)
         report["worker_pids"] = worker_pids
+        report["run_started_at"] = t0  # Unix time: "second" 0 of the per-second table
         return report
     except KeyboardInterrupt:
         bar.done()
