@@ -98,6 +98,10 @@ def test_a_master_killed_under_writes_loses_nothing(valkey_cluster: ValkeyCluste
         b.flush()
 
     async def main() -> None:
+        async with asyncio.timeout(120):  # a hang is a failure with a traceback, not a stall
+            await body()
+
+    async def body() -> None:
         sa, sb = stores(valkey_cluster, prefix, a, b)
         await sa.start()
         await sb.start()

@@ -71,6 +71,7 @@ different shards at the same moment, so they may be seen a few milliseconds apar
 _VERSION: Final = 1
 _RECONCILE_TOPICS: Final = 200  # topics read per round trip
 _POLL: Final = 0.25  # seconds the receiver waits for a message before it checks its flags
+_STOP_TIMEOUT: Final = 2.0  # seconds a stop waits for a task or a subscription to close
 _BURST: Final = 0.002  # seconds of received messages applied before one flush delivers them
 
 Joins: TypeAlias = list[tuple[str, bytes, bytes | None]]
@@ -230,13 +231,9 @@ class PeerSync:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # pragma: no cover - the loops catch their own errors
-                logger.exception("peer task failed")
+        if self._tasks:
+            # Bounded: a task stuck in a library call on a dead server must not hold the stop.
+            await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
         self._tasks = []
         await self._unsubscribe()
 
@@ -652,6 +649,7 @@ def _main_reason(reasons: set[str]) -> str:
 
 async def _close_pubsub(pubsub: Any) -> None:
     try:
-        await pubsub.aclose()
-    except Exception:  # closing a broken subscription may fail the same way
+        async with asyncio.timeout(_STOP_TIMEOUT):
+            await pubsub.aclose()
+    except Exception:  # closing a broken subscription may fail (or hang) the same way
         logger.debug("closing a subscription failed", exc_info=True)

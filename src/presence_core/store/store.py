@@ -666,7 +666,8 @@ class RedisStore:
                 if client is None:
                     continue
                 try:
-                    await client.aclose()
+                    async with asyncio.timeout(2.0):  # nor hang on a dead server
+                        await client.aclose()
                 except Exception:  # a broken connection may fail to close the same way
                     logger.debug("closing a control client failed", exc_info=True)
             self._node_clients.clear()
