@@ -20,7 +20,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from presence_core import Limits, Tracker
 from presence_core.server import PresenceServer, Refused, ServerLimits
-from presence_core.server.server import _Rate
 
 T = TypeVar("T")
 
@@ -381,7 +380,26 @@ def test_stop_sends_clients_away_and_their_presences_leave() -> None:
     run(main)
 
 
-def test_rate_bucket_allows_a_burst_of_one_second() -> None:
-    rate = _Rate(10.0)
-    assert sum(rate.take(100.0) for _ in range(20)) == 10
-    assert rate.take(100.15)
+def test_joins_and_broadcasts_are_rate_limited_per_socket() -> None:
+    async def main() -> None:
+        limits = ServerLimits(joins_per_second=2.0, broadcasts_per_second=2.0)
+        async with serving(limits=limits) as server, Client.open(server) as a:
+            replies = []
+            for i in range(3):
+                await a.push(f"t{i}", "phx_join", {"config": {}})
+                replies.append((await a.until("phx_reply"))["payload"])
+            assert [r["status"] for r in replies] == ["ok", "ok", "error"]
+            assert "join rate" in replies[2]["response"]["reason"]
+            body = {"type": "broadcast", "event": "e", "payload": {}}
+            statuses = []
+            for _ in range(3):
+                await a.push("t0", "broadcast", body)
+            await a.push("phoenix", "heartbeat", {})
+            while True:
+                msg = await a.until("phx_reply")
+                if msg["topic"] == "phoenix":
+                    break
+                statuses.append(msg["payload"]["status"])
+            assert statuses == ["error"]  # the third; the first two need no ack
+
+    run(main)

@@ -35,6 +35,7 @@ import contextlib
 import http
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable
@@ -49,6 +50,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
+from ..limits import Limits, admit
 from ..metrics import Metrics
 from ..phoenix import (
     EVENT_CLOSE,
@@ -83,24 +85,6 @@ def _audit(event: str, **fields: Any) -> None:
     audit.info(event, extra={"audit": {"event": event, **fields}})
 
 
-class _Rate:
-    """A GCRA bucket: ``rate`` per second with a burst of one second's worth."""
-
-    __slots__ = ("interval", "tat", "tolerance")
-
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate
-        self.tolerance = max(1.0, rate) * self.interval
-        self.tat = 0.0
-
-    def take(self, now: float) -> bool:
-        tat = max(self.tat, now) + self.interval
-        if tat - now > self.tolerance:
-            return False
-        self.tat = tat
-        return True
-
-
 @dataclass(slots=True)
 class _Channel:
     join_ref: str | None
@@ -117,8 +101,8 @@ class _Client:
     version: Version
     token: str | None
     channels: dict[str, _Channel] = field(default_factory=dict)
-    joins: _Rate | None = None
-    broadcasts: _Rate | None = None
+    joins_tat: float = -math.inf  # token buckets (`limits.admit`): theoretical arrival times
+    broadcasts_tat: float = -math.inf
 
 
 def _flag(value: object, default: bool) -> bool:
@@ -157,6 +141,10 @@ class PresenceServer:
         self.port = port
         self.limits = limits if limits is not None else ServerLimits()
         self.auth = auth
+        # The project's token bucket, a second's worth of burst (see `ServerLimits`).
+        joins, casts = self.limits.joins_per_second, self.limits.broadcasts_per_second
+        self._join_rate = Limits(rate_per_second=joins, burst=max(1, round(joins)))
+        self._broadcast_rate = Limits(rate_per_second=casts, burst=max(1, round(casts)))
         self._clients: dict[int, _Client] = {}
         self._members: dict[str, dict[int, _Client]] = {}  # topic -> members
         self._unsubscribe: dict[str, Any] = {}
@@ -288,8 +276,6 @@ class PresenceServer:
             _audit("token_refused", conn=client.id)
             await ws.close(1008, "unauthorized")
             return
-        client.joins = _Rate(self.limits.joins_per_second)
-        client.broadcasts = _Rate(self.limits.broadcasts_per_second)
         self._clients[client.id] = client
         self.tracker.connect(client.id)
         try:
@@ -362,8 +348,9 @@ class PresenceServer:
         payload = msg.payload if isinstance(msg.payload, dict) else {}
         config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
         assert config is not None
-        assert client.joins is not None
-        if not client.joins.take(time.monotonic()):
+        try:
+            client.joins_tat = admit(self._join_rate, client.joins_tat, time.monotonic(), client.id)
+        except RateLimited:
             _audit("limit_hit", conn=client.id, topic=topic, limit="joins_per_second")
             await self._reply(client, msg, "error", {"reason": "join rate limit exceeded"})
             return
@@ -443,8 +430,11 @@ class PresenceServer:
 
     async def _broadcast(self, client: _Client, msg: Message, payload: dict[str, Any]) -> None:
         channel = client.channels[msg.topic]
-        assert client.broadcasts is not None
-        if not client.broadcasts.take(time.monotonic()):
+        try:
+            client.broadcasts_tat = admit(
+                self._broadcast_rate, client.broadcasts_tat, time.monotonic(), client.id
+            )
+        except RateLimited:
             _audit("limit_hit", conn=client.id, topic=msg.topic, limit="broadcasts_per_second")
             await self._reply(client, msg, "error", {"reason": "broadcast rate limit exceeded"})
             return
