@@ -68,6 +68,9 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from .loop import run as run_loop
+from .loop import uvloop_installed
+
 __all__ = [
     "BenchConfig",
     "BenchError",
@@ -931,17 +934,11 @@ def _worker_entry(spec: _WorkerSpec, pipe: Pipe) -> None:
     """A worker process: its descriptors raised, Ctrl-C left to the coordinator."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_nofile()
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        runner: Callable[[Any], Any] = asyncio.run
-    else:  # pragma: no cover - uvloop is optional
-        runner = uvloop.run
 
-    async def go() -> None:
+    async def go() -> None:  # the worker is built on the running loop
         await _Worker(spec, pipe).main()
 
-    runner(go())
+    run_loop(go())
     pipe.close()
 
 
@@ -1353,7 +1350,7 @@ def _report(
             "websockets": websockets.version.version,
             "cpus": os.cpu_count(),
             "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-            "uvloop": _has_uvloop(),
+            "uvloop": uvloop_installed(),
         },
         "warnings": warnings,
         "connect": {
@@ -1394,14 +1391,6 @@ def _report(
         "connections_held": sum(r["held"] for r in results),
         "server": server,
     }
-
-
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True  # pragma: no cover
 
 
 # -- the text report -------------------------------------------------------------------------------

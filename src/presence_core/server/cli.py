@@ -24,6 +24,7 @@ from ..limits import Limits
 from ..tracker import Tracker
 from . import bench
 from .config import ServerLimits
+from .loop import run
 from .server import PresenceServer
 
 __all__ = ["main"]
@@ -116,13 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
     # One line per health check or refused handshake is noise; the audit log has what matters.
     logging.getLogger("websockets.server").setLevel(logging.WARNING)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        runner: Any = asyncio.run
-    else:
-        runner = uvloop.run
-    return int(runner(_serve(args)))
+    return run(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:
