@@ -58,7 +58,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 import websockets.version
@@ -364,8 +364,7 @@ class _Conn(asyncio.Protocol):
     # transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.alive = True
         self.ws.send_request(self.ws.connect())
         self._flush()
@@ -675,6 +674,8 @@ class _Worker:
         self.errors[kind] += 1
 
     def send(self, *message: Any) -> None:
+        # uvloop makes a descriptor it watches non-blocking; a large result would be cut short.
+        os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send(message)
 
     # control

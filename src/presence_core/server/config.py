@@ -19,7 +19,9 @@ class Refused(Exception):
 AuthHook: TypeAlias = Callable[[str | None, str | None], Awaitable[bool] | bool]
 """``hook(token, topic)``: the ``apikey`` / ``access_token`` the client sent (or None) and the
 topic it joins (None for the connection itself).  Return True to allow; False or `Refused`
-refuses (a refused connection gets HTTP 401, a refused topic an error reply)."""
+refuses: a refused connection is closed with code 1008, a refused topic gets the error reply
+``{"reason": "Unauthorized"}``.  It may be a coroutine function: the connection's later frames
+wait for its verdict, in order; a hook that raises anything else refuses (and is logged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,9 @@ class ServerLimits:
         max_topics_per_connection: Channels one socket may join ("Too many channels").
         joins_per_second: Joins per connection per second.
         broadcasts_per_second: Broadcasts per connection per second.
+        max_buffered_bytes: Bytes written to a connection that its client has not read yet;
+            beyond it the client reads slower than its topics change and is disconnected
+            (its presences leave, and it reconnects and gets the state afresh).
 
     Presence calls (their rate, burst and meta size) are the Tracker's to limit: see
     `presence_core.Limits`, which `presence-core serve` sets from its own options.
@@ -43,6 +48,7 @@ class ServerLimits:
     max_topics_per_connection: int = 100
     joins_per_second: float = 10.0
     broadcasts_per_second: float = 100.0
+    max_buffered_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         check_int(self.max_frame_bytes, "max_frame_bytes", low=64)
@@ -50,3 +56,4 @@ class ServerLimits:
         check_int(self.max_topics_per_connection, "max_topics_per_connection", low=1)
         check_seconds(self.joins_per_second, "joins_per_second")
         check_seconds(self.broadcasts_per_second, "broadcasts_per_second")
+        check_int(self.max_buffered_bytes, "max_buffered_bytes", low=1 << 16)

@@ -14,16 +14,17 @@ T = TypeVar("T")
 def uvloop_installed() -> bool:
     """Whether `run` uses uvloop."""
     try:
-        import uvloop  # type: ignore[import-not-found]  # noqa: F401
+        import uvloop  # noqa: F401
     except ImportError:
         return False
-    return True  # pragma: no cover
+    return True
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)``, on uvloop when it is installed (an optional dependency)."""
+    """``asyncio.run(main)``, on uvloop when it is installed (a dependency except on Windows,
+    where asyncio's own loop runs)."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run(main)
-    return uvloop.run(main)  # type: ignore[no-any-return]  # pragma: no cover
+    return uvloop.run(main)

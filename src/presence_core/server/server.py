@@ -6,11 +6,14 @@ client) and v2 (JSON arrays, the JS clients, plus realtime-js's binary broadcast
 serves WebSockets at any path ending in ``/websocket`` and, on the same port, ``GET /health``
 and ``GET /metrics``.
 
-The data path: a frame from a client becomes a Tracker call (`track`, `untrack`,
-`heartbeat`...); every ``tick`` (10 ms) the Tracker expires silent connections and flushes;
-each topic's diff reaches this server once, as the Tracker's JSON bytes, and is written to
-every member of the topic with `websockets.broadcast`: the frame is built once per protocol
-version, never decoded or re-encoded per subscriber.
+The data path: a frame from a client (see `Connection`) becomes a Tracker call (`track`,
+`untrack`, `heartbeat`...); every tick the Tracker expires silent connections and flushes;
+each topic's diff reaches this server once, as the Tracker's JSON bytes, is wrapped once per
+protocol version into a complete WebSocket frame and written as is to every member's socket:
+never decoded, re-encoded or re-framed per subscriber.  A tick comes 10 ms after the previous
+one ended, or as long after it as that tick took: under a burst (a reconnect storm), fan-out
+takes at most half the loop, and each topic's changes coalesce over the longer window into
+fewer, larger diffs instead of a queue of small ones.
 
 Protocol notes (checked against the three clients):
 
@@ -31,22 +34,18 @@ Protocol notes (checked against the three clients):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http
 import itertools
 import logging
-import math
 import secrets
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
@@ -68,16 +67,16 @@ from ..phoenix import (
 )
 from ..tracker import Tracker
 from .config import AuthHook, Refused, ServerLimits
+from .connection import CLOSE_TIMEOUT, Connection, text_frame
 
 __all__ = ["PresenceServer"]
 
 logger = logging.getLogger("presence_core.server")
 audit = logging.getLogger("presence_core.audit")
 
-Version = Literal[1, 2]
-
 _dumps = orjson.dumps
-_TICK = 0.01  # seconds between two Tracker ticks (expiry and flush)
+_TICK = 0.01  # seconds between two Tracker ticks (expiry and flush), at the least
+_BACKLOG = 4096  # pending TCP accepts: a reconnect storm arrives all at once
 
 
 def _audit(event: str, **fields: Any) -> None:
@@ -86,7 +85,9 @@ def _audit(event: str, **fields: Any) -> None:
 
 
 @dataclass(slots=True)
-class _Channel:
+class Channel:
+    """One topic a connection has joined."""
+
     join_ref: str | None
     key: str
     presence: bool
@@ -94,15 +95,16 @@ class _Channel:
     ack_broadcast: bool
 
 
-@dataclass(slots=True)
-class _Client:
-    id: int
-    ws: ServerConnection
-    version: Version
-    token: str | None
-    channels: dict[str, _Channel] = field(default_factory=dict)
-    joins_tat: float = -math.inf  # token buckets (`limits.admit`): theoretical arrival times
-    broadcasts_tat: float = -math.inf
+class _Topic:
+    """The connections in one topic: all of them (broadcasts), and those that get presence,
+    by protocol version (diffs), so a fan-out walks a ready list."""
+
+    __slots__ = ("members", "listeners", "unsubscribe")
+
+    def __init__(self, unsubscribe: Callable[[], None]) -> None:
+        self.members: dict[int, Connection] = {}
+        self.listeners: tuple[dict[int, Connection], dict[int, Connection]] = ({}, {})
+        self.unsubscribe = unsubscribe
 
 
 def _flag(value: object, default: bool) -> bool:
@@ -145,32 +147,30 @@ class PresenceServer:
         joins, casts = self.limits.joins_per_second, self.limits.broadcasts_per_second
         self._join_rate = Limits(rate_per_second=joins, burst=max(1, round(joins)))
         self._broadcast_rate = Limits(rate_per_second=casts, burst=max(1, round(casts)))
-        self._clients: dict[int, _Client] = {}
-        self._members: dict[str, dict[int, _Client]] = {}  # topic -> members
-        self._unsubscribe: dict[str, Any] = {}
+        self._conns: dict[int, Connection] = {}  # open and registered with the Tracker
+        self._sockets: set[Connection] = set()  # every socket past its handshake, until it ends
+        self._topics: dict[str, _Topic] = {}
         self._ids = itertools.count(1)
-        self._server: Server | None = None
+        self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # auth hooks under way
         self._accepting = False
-        self._closing: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._handle,
+        loop = asyncio.get_running_loop()
+        max_size = self.limits.max_frame_bytes
+        self._server = await loop.create_server(
+            lambda: Connection(self, next(self._ids), max_size),
             self.host,
             self.port,
-            process_request=self._process_request,
-            max_size=self.limits.max_frame_bytes,
-            compression=None,
-            ping_interval=20.0,
-            ping_timeout=20.0,
+            backlog=_BACKLOG,
         )
         for sock in self._server.sockets:  # port 0: the port it got
             self.port = sock.getsockname()[1]
             break
-        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="presence-tick")
+        self._ticker = loop.create_task(self._tick(), name="presence-tick")
         self._accepting = True
         _audit(
             "server_started",
@@ -183,23 +183,30 @@ class PresenceServer:
     async def stop(self) -> None:
         """Send every client away and remove their presences (they leave for everyone)."""
         self._accepting = False
-        server = self._server
-        if server is not None:
-            server.close(close_connections=False)
-        clients = list(self._clients.values())
-        for client in clients:
-            self._drop(client)  # presences leave now, whatever the closing handshakes do
-        closing = [client.ws.close(1001, "server stopping") for client in clients]
-        if closing:
-            # All at once, and bounded: 20,000 sequential closing handshakes would take long.
-            await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=5.0)
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        conns = list(self._conns.values())
+        for conn in conns:
+            self._drop(conn)  # presences leave now, whatever the closing handshakes do
+        for conn in conns:
+            conn.close(1001, "server stopping")
+        # Each socket is cut CLOSE_TIMEOUT after its close frame at the latest.
+        deadline = time.monotonic() + CLOSE_TIMEOUT + 0.5
+        while self._sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._sockets):
+            conn.abort()
         if self._ticker is not None:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._ticker
+            except asyncio.CancelledError:
+                pass
         self.tracker.flush()
-        if server is not None:
-            await server.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def __aenter__(self) -> PresenceServer:
         await self.start()
@@ -215,36 +222,41 @@ class PresenceServer:
 
     @property
     def connections(self) -> int:
-        return len(self._clients)
+        return len(self._conns)
 
     async def _tick(self) -> None:
         tracker = self.tracker
+        clock = time.perf_counter
+        delay = _TICK
         while True:
-            await asyncio.sleep(_TICK)
+            await asyncio.sleep(delay)
+            started = clock()
             try:
                 expired = tracker.tick()
             except Exception:  # pragma: no cover - tick logs hook failures itself
                 logger.exception("tracker tick failed")
-                continue
-            for conn in expired:
-                client = self._clients.get(conn)  # type: ignore[arg-type]
-                if client is not None:
-                    _audit("disconnected", conn=client.id, reason="silent past its ttl")
-                    self._drop(client)
-                    task = asyncio.ensure_future(client.ws.close(1011, "no heartbeat"))
-                    self._closing.add(task)  # a task nobody holds may be collected mid-way
-                    task.add_done_callback(self._closing.discard)
+                expired = []
+            for conn_id in expired:
+                conn = self._conns.get(conn_id)  # type: ignore[arg-type]  # our ids are ints
+                if conn is not None:
+                    _audit("disconnected", conn=conn.id, reason="silent past its ttl")
+                    self._drop(conn)
+                    conn.close(1011, "no heartbeat")
+            # Fan-out gets at most half the loop (see the module's docstring).
+            delay = max(_TICK, clock() - started)
 
-    # -- HTTP: health, metrics, and who may open a WebSocket ---------------------------------
+    # -- connections (called by `Connection`) -----------------------------------------------
 
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+    def _handshake(self, conn: Connection, request: Request) -> Response:
+        """The answer to an HTTP request: health, metrics, or a WebSocket upgrade."""
+        url = urlsplit(request.path)
+        path = url.path
         if path == "/health":
             status = http.HTTPStatus.OK if self._accepting else http.HTTPStatus.SERVICE_UNAVAILABLE
             body = {
                 "status": "ok" if self._accepting else "starting",
                 "node": self.tracker.node,
-                "connections": len(self._clients),
+                "connections": len(self._conns),
                 "presences": self.tracker.totals().presences,
             }
             return _response(status, _dumps(body), "application/json")
@@ -258,185 +270,248 @@ class PresenceServer:
             )
         if not path.endswith("/websocket"):
             return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
-        if len(self._clients) >= self.limits.max_connections:
+        if not self._accepting:
+            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"stopping\n")
+        if len(self._conns) >= self.limits.max_connections:
             _audit("limit_hit", limit="max_connections", value=self.limits.max_connections)
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
-        return None
+        response = conn.ws.accept(request)
+        if response.status_code == 101:
+            query = parse_qs(url.query)
+            vsn = (query.get("vsn") or ["1.0.0"])[0]
+            conn.version = 2 if vsn.startswith("2") else 1
+            tokens = query.get("apikey") or query.get("token")
+            conn.token = tokens[0] if tokens else None
+        return response
 
-    # -- one WebSocket -----------------------------------------------------------------------
+    def _opened(self, conn: Connection) -> None:
+        assert conn.transport is not None
+        # A client that reads slower than its topics change is sent away (see `_slow`).
+        conn.transport.set_write_buffer_limits(high=self.limits.max_buffered_bytes)
+        self._sockets.add(conn)
+        self._conns[conn.id] = conn
+        self.tracker.connect(conn.id)
+        if self.auth is not None:
+            verdict = self._verdict(conn.token, None)
+            if isinstance(verdict, bool):
+                self._authenticated(conn, verdict)
+            else:
+                self._defer(conn, verdict, lambda ok: self._authenticated(conn, ok))
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        query = parse_qs(urlsplit(ws.request.path if ws.request else "").query)
-        vsn = (query.get("vsn") or ["1.0.0"])[0]
-        version: Version = 2 if vsn.startswith("2") else 1
-        tokens = query.get("apikey") or query.get("token")
-        token = tokens[0] if tokens else None
-        client = _Client(next(self._ids), ws, version, token)
-        if self.auth is not None and not await self._allowed(token, None):
-            _audit("token_refused", conn=client.id)
-            await ws.close(1008, "unauthorized")
+    def _authenticated(self, conn: Connection, ok: bool) -> None:
+        if not ok:
+            _audit("token_refused", conn=conn.id)
+            self._drop(conn)
+            conn.close(1008, "unauthorized")
+
+    def _closed(self, conn: Connection) -> None:
+        self._sockets.discard(conn)
+        self._drop(conn)
+
+    def _slow(self, conn: Connection) -> None:
+        _audit("disconnected", conn=conn.id, reason="reads too slowly", limit="max_buffered_bytes")
+        self._drop(conn)
+        conn.abort()
+
+    def _drop(self, conn: Connection) -> None:
+        if self._conns.pop(conn.id, None) is None:
             return
-        self._clients[client.id] = client
-        self.tracker.connect(client.id)
-        try:
-            async for frame in ws:
-                self.tracker.heartbeat(client.id)
-                try:
-                    await self._frame(client, frame)
-                except (ProtocolError, ValueError, TypeError) as exc:
-                    # A malformed frame harms nobody: it is logged and dropped.
-                    logger.debug("connection %d sent a bad frame: %s", client.id, exc)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._drop(client)
+        for topic in list(conn.channels):
+            self._leave_members(conn, topic)
+        self.tracker.disconnect(conn.id)
 
-    async def _allowed(self, token: str | None, topic: str | None) -> bool:
+    # -- auth --------------------------------------------------------------------------------
+
+    def _verdict(self, token: str | None, topic: str | None) -> bool | Awaitable[Any]:
         assert self.auth is not None
         try:
             verdict = self.auth(token, topic)
-            if isinstance(verdict, Awaitable):
-                verdict = await verdict
-            return bool(verdict)
         except Refused:
             return False
+        if isinstance(verdict, Awaitable):
+            return verdict
+        return bool(verdict)
 
-    def _drop(self, client: _Client) -> None:
-        if self._clients.pop(client.id, None) is None:
-            return
-        for topic in list(client.channels):
-            self._leave_members(client, topic)
-        self.tracker.disconnect(client.id)
+    def _defer(
+        self, conn: Connection, verdict: Awaitable[Any], then: Callable[[bool], None]
+    ) -> None:
+        """Wait for an async auth hook; the connection's later frames wait, in order."""
+        conn.backlog = []
+
+        async def settle() -> None:
+            try:
+                ok = bool(await verdict)
+            except Refused:
+                ok = False
+            except Exception:
+                logger.exception("the auth hook failed; refusing")
+                ok = False
+            backlog, conn.backlog = conn.backlog or [], None
+            if conn.open:
+                then(ok)
+            for at, (data, binary) in enumerate(backlog):
+                if not conn.open:
+                    break
+                if conn.backlog is not None:  # waiting for the hook again
+                    conn.backlog.extend(backlog[at:])
+                    break
+                self._received(conn, data, binary)
+
+        task = asyncio.ensure_future(settle())
+        self._tasks.add(task)  # a task nobody holds may be collected mid-way
+        task.add_done_callback(self._tasks.discard)
 
     # -- frames --------------------------------------------------------------------------------
 
-    async def _frame(self, client: _Client, frame: str | bytes) -> None:
-        if isinstance(frame, bytes):
-            await self._binary_broadcast(client, frame)
-            return
-        msg = decode(frame, client.version)
+    def _received(self, conn: Connection, data: bytes, binary: bool) -> None:
+        """One message from a client; a malformed one is logged and dropped, harming nobody."""
+        self.tracker.heartbeat(conn.id)
+        try:
+            if binary:
+                self._binary_broadcast(conn, data)
+            else:
+                self._message(conn, decode(data, conn.version))
+        except (ProtocolError, ValueError, TypeError) as exc:
+            logger.debug("connection %d sent a bad frame: %s", conn.id, exc)
+
+    def _message(self, conn: Connection, msg: Message) -> None:
         if msg.topic == PHOENIX_TOPIC:
             if msg.event == EVENT_HEARTBEAT:
-                await self._reply(client, msg, "ok", {})
+                self._reply(conn, msg, "ok", {})
             return
         event = msg.event
         if event == EVENT_JOIN:
-            await self._join(client, msg)
-        elif msg.topic not in client.channels:
+            self._join(conn, msg)
+        elif msg.topic not in conn.channels:
             # Not joined: the clients expect the channel closed (phx_close) on a stray push.
-            await self._reply(client, msg, "error", {"reason": "unmatched topic"})
+            self._reply(conn, msg, "error", {"reason": "unmatched topic"})
         elif event == EVENT_PRESENCE:
-            await self._presence(client, msg)
+            self._presence(conn, msg)
         elif event == "broadcast":
             payload = msg.payload if isinstance(msg.payload, dict) else {}
-            await self._broadcast(client, msg, payload)
+            self._broadcast(conn, msg, payload)
         elif event == EVENT_LEAVE:
-            await self._reply(client, msg, "ok", {})
-            self._leave_members(client, msg.topic)
-            self.tracker.untrack(client.id, msg.topic)
-            await self._send(client, Message(msg.topic, EVENT_CLOSE, {}, msg.ref, msg.join_ref))
+            self._reply(conn, msg, "ok", {})
+            self._leave_members(conn, msg.topic)
+            self.tracker.untrack(conn.id, msg.topic)
+            self._send(conn, Message(msg.topic, EVENT_CLOSE, {}, msg.ref, msg.join_ref))
         elif event == "access_token":
             payload = msg.payload if isinstance(msg.payload, dict) else {}
             token = payload.get("access_token")
-            client.token = token if isinstance(token, str) else client.token
-            await self._reply(client, msg, "ok", {})
+            conn.token = token if isinstance(token, str) else conn.token
+            self._reply(conn, msg, "ok", {})
         else:
-            await self._reply(client, msg, "ok", {})
+            self._reply(conn, msg, "ok", {})
 
-    async def _join(self, client: _Client, msg: Message) -> None:
+    def _join(self, conn: Connection, msg: Message) -> None:
         topic = msg.topic
         payload = msg.payload if isinstance(msg.payload, dict) else {}
-        config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
-        assert config is not None
         try:
-            client.joins_tat = admit(self._join_rate, client.joins_tat, time.monotonic(), client.id)
+            conn.joins_tat = admit(self._join_rate, conn.joins_tat, time.monotonic(), conn.id)
         except RateLimited:
-            _audit("limit_hit", conn=client.id, topic=topic, limit="joins_per_second")
-            await self._reply(client, msg, "error", {"reason": "join rate limit exceeded"})
+            _audit("limit_hit", conn=conn.id, topic=topic, limit="joins_per_second")
+            self._reply(conn, msg, "error", {"reason": "join rate limit exceeded"})
             return
-        old = client.channels.get(topic)
-        if old is None and len(client.channels) >= self.limits.max_topics_per_connection:
-            _audit("limit_hit", conn=client.id, topic=topic, limit="max_topics_per_connection")
-            await self._reply(
-                client, msg, "error", {"reason": "ChannelRateLimitReached: Too many channels"}
-            )
+        if topic not in conn.channels and (
+            len(conn.channels) >= self.limits.max_topics_per_connection
+        ):
+            _audit("limit_hit", conn=conn.id, topic=topic, limit="max_topics_per_connection")
+            reason = "ChannelRateLimitReached: Too many channels"
+            self._reply(conn, msg, "error", {"reason": reason})
             return
-        if self.auth is not None:
-            token = payload.get("access_token")
-            token = token if isinstance(token, str) else client.token
-            if not await self._allowed(token, topic):
-                _audit("token_refused", conn=client.id, topic=topic)
-                await self._reply(client, msg, "error", {"reason": "Unauthorized"})
-                return
-        presence_cfg = config.get("presence") if isinstance(config.get("presence"), dict) else {}
-        broadcast_cfg = config.get("broadcast") if isinstance(config.get("broadcast"), dict) else {}
-        assert presence_cfg is not None and broadcast_cfg is not None
+        if self.auth is None:
+            self._join_allowed(conn, msg, payload)
+            return
+        token = payload.get("access_token")
+        verdict = self._verdict(token if isinstance(token, str) else conn.token, topic)
+        if isinstance(verdict, bool):
+            self._join_authorised(conn, msg, payload, verdict)
+        else:
+            self._defer(conn, verdict, lambda ok: self._join_authorised(conn, msg, payload, ok))
+
+    def _join_authorised(
+        self, conn: Connection, msg: Message, payload: dict[str, Any], ok: bool
+    ) -> None:
+        if ok:
+            self._join_allowed(conn, msg, payload)
+        else:
+            _audit("token_refused", conn=conn.id, topic=msg.topic)
+            self._reply(conn, msg, "error", {"reason": "Unauthorized"})
+
+    def _join_allowed(self, conn: Connection, msg: Message, payload: dict[str, Any]) -> None:
+        topic = msg.topic
+        config = payload.get("config")
+        config = config if isinstance(config, dict) else {}
+        presence_cfg = config.get("presence")
+        presence_cfg = presence_cfg if isinstance(presence_cfg, dict) else {}
+        broadcast_cfg = config.get("broadcast")
+        broadcast_cfg = broadcast_cfg if isinstance(broadcast_cfg, dict) else {}
         key = presence_key_from_join(payload) or secrets.token_hex(8)
+        old = conn.channels.get(topic)
         if old is not None:
             # A second join of a joined topic replaces the first: close it under its join_ref.
-            await self._send(client, Message(topic, EVENT_CLOSE, {}, old.join_ref, old.join_ref))
-            self._leave_members(client, topic)
-            self.tracker.untrack(client.id, topic)
-        channel = _Channel(
+            self._send(conn, Message(topic, EVENT_CLOSE, {}, old.join_ref, old.join_ref))
+            self._leave_members(conn, topic)
+            self.tracker.untrack(conn.id, topic)
+        channel = Channel(
             join_ref=msg.join_ref if msg.join_ref is not None else msg.ref,
             key=key,
             presence=_flag(presence_cfg.get("enabled"), True),
             self_broadcast=_flag(broadcast_cfg.get("self"), False),
             ack_broadcast=_flag(broadcast_cfg.get("ack"), False),
         )
-        client.channels[topic] = channel
-        members = self._members.get(topic)
-        if members is None:
-            members = self._members[topic] = {}
-            self._unsubscribe[topic] = self.tracker.subscribe(
-                topic, self._fan_out, send_state=False, raw=True
-            )
-        members[client.id] = client
+        conn.channels[topic] = channel
+        t = self._topics.get(topic)
+        if t is None:
+            unsubscribe = self.tracker.subscribe(topic, self._fan_out, send_state=False, raw=True)
+            t = self._topics[topic] = _Topic(unsubscribe)
+        t.members[conn.id] = conn
+        if channel.presence:
+            t.listeners[conn.version - 1][conn.id] = conn
         # The join's reply carries the join's ref as both ref and join_ref.
         join = Message(topic, msg.event, None, msg.ref, channel.join_ref)
-        await self._reply(client, join, "ok", {"postgres_changes": []})
+        self._reply(conn, join, "ok", {"postgres_changes": []})
         if channel.presence:
             state = self.tracker.initial_state_json(topic)
-            await self._send_raw(client, topic, "presence_state", state, channel.join_ref)
+            self._send_raw(conn, topic, "presence_state", state, channel.join_ref)
 
-    def _leave_members(self, client: _Client, topic: str) -> None:
-        client.channels.pop(topic, None)
-        members = self._members.get(topic)
-        if members is None:
+    def _leave_members(self, conn: Connection, topic: str) -> None:
+        conn.channels.pop(topic, None)
+        t = self._topics.get(topic)
+        if t is None:
             return
-        members.pop(client.id, None)
-        if not members:
-            del self._members[topic]
-            unsubscribe = self._unsubscribe.pop(topic, None)
-            if unsubscribe is not None:
-                unsubscribe()
+        t.members.pop(conn.id, None)
+        t.listeners[conn.version - 1].pop(conn.id, None)
+        if not t.members:
+            del self._topics[topic]
+            t.unsubscribe()
 
-    async def _presence(self, client: _Client, msg: Message) -> None:
-        channel = client.channels[msg.topic]
+    def _presence(self, conn: Connection, msg: Message) -> None:
+        channel = conn.channels[msg.topic]
         action = parse_client_presence(msg)
         try:
             if action.kind == "track":
-                self.tracker.track(client.id, msg.topic, channel.key, action.meta)
+                self.tracker.track(conn.id, msg.topic, channel.key, action.meta)
             else:
-                self.tracker.untrack(client.id, msg.topic)
+                self.tracker.untrack(conn.id, msg.topic)
         except (QuotaExceeded, RateLimited) as exc:
-            _audit("limit_hit", conn=client.id, topic=msg.topic, limit=type(exc).__name__)
-            await self._close_channel(client, msg, "Client presence rate limit exceeded")
+            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit=type(exc).__name__)
+            self._close_channel(conn, msg, "Client presence rate limit exceeded")
             return
         except PresenceError as exc:
-            await self._reply(client, msg, "error", {"reason": str(exc)})
+            self._reply(conn, msg, "error", {"reason": str(exc)})
             return
-        await self._reply(client, msg, "ok", {})
+        self._reply(conn, msg, "ok", {})
 
-    async def _broadcast(self, client: _Client, msg: Message, payload: dict[str, Any]) -> None:
-        channel = client.channels[msg.topic]
+    def _broadcast(self, conn: Connection, msg: Message, payload: dict[str, Any]) -> None:
+        channel = conn.channels[msg.topic]
         try:
-            client.broadcasts_tat = admit(
-                self._broadcast_rate, client.broadcasts_tat, time.monotonic(), client.id
+            conn.broadcasts_tat = admit(
+                self._broadcast_rate, conn.broadcasts_tat, time.monotonic(), conn.id
             )
         except RateLimited:
-            _audit("limit_hit", conn=client.id, topic=msg.topic, limit="broadcasts_per_second")
-            await self._reply(client, msg, "error", {"reason": "broadcast rate limit exceeded"})
+            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit="broadcasts_per_second")
+            self._reply(conn, msg, "error", {"reason": "broadcast rate limit exceeded"})
             return
         body = {
             "type": "broadcast",
@@ -444,13 +519,14 @@ class PresenceServer:
             "payload": payload.get("payload"),
         }
         raw = _dumps(body)
-        members = self._members.get(msg.topic, {})
-        targets = [m for m in members.values() if m is not client or channel.self_broadcast]
-        self._write(msg.topic, "broadcast", raw, targets)
+        t = self._topics.get(msg.topic)
+        if t is not None:
+            others = (m for m in t.members.values() if m is not conn or channel.self_broadcast)
+            self._write(msg.topic, "broadcast", raw, others)
         if channel.ack_broadcast:
-            await self._reply(client, msg, "ok", {})
+            self._reply(conn, msg, "ok", {})
 
-    async def _binary_broadcast(self, client: _Client, data: bytes) -> None:
+    def _binary_broadcast(self, conn: Connection, data: bytes) -> None:
         """realtime-js v2's user broadcast push (kind 3), relayed as a text broadcast."""
         if len(data) < 7 or data[0] != 3:
             raise ProtocolError("unknown binary frame")
@@ -465,61 +541,69 @@ class PresenceServer:
         body = data[at:]
         payload = orjson.loads(body) if encoding == 1 else list(body)
         msg = Message(topic, "broadcast", None, ref or None, join_ref or None)
-        if topic not in client.channels:
-            await self._reply(client, msg, "error", {"reason": "unmatched topic"})
+        if topic not in conn.channels:
+            self._reply(conn, msg, "error", {"reason": "unmatched topic"})
             return
-        await self._broadcast(client, msg, {"event": event, "payload": payload})
+        self._broadcast(conn, msg, {"event": event, "payload": payload})
 
-    async def _close_channel(self, client: _Client, msg: Message, reason: str) -> None:
+    def _close_channel(self, conn: Connection, msg: Message, reason: str) -> None:
         """End one channel the way Supabase does: a ``system`` error, then ``phx_close``."""
         topic = msg.topic
         system = {"message": reason, "status": "error", "extension": "system", "channel": topic}
-        await self._send(client, Message(topic, "system", system, None, msg.join_ref))
-        join_ref = client.channels[topic].join_ref if topic in client.channels else msg.join_ref
-        self._leave_members(client, topic)
-        self.tracker.untrack(client.id, topic)
-        await self._send(client, Message(topic, EVENT_CLOSE, {}, join_ref, join_ref))
+        self._send(conn, Message(topic, "system", system, None, msg.join_ref))
+        join_ref = conn.channels[topic].join_ref if topic in conn.channels else msg.join_ref
+        self._leave_members(conn, topic)
+        self.tracker.untrack(conn.id, topic)
+        self._send(conn, Message(topic, EVENT_CLOSE, {}, join_ref, join_ref))
 
     # -- writing -------------------------------------------------------------------------------
 
-    async def _reply(self, client: _Client, msg: Message, status: str, response: Any) -> None:
+    def _reply(self, conn: Connection, msg: Message, status: str, response: Any) -> None:
         payload = {"status": status, "response": response}
-        await self._send(client, Message(msg.topic, EVENT_REPLY, payload, msg.ref, msg.join_ref))
+        self._send(conn, Message(msg.topic, EVENT_REPLY, payload, msg.ref, msg.join_ref))
 
-    async def _send(self, client: _Client, msg: Message) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await client.ws.send(encode(msg, client.version).decode("utf-8"))
+    def _send(self, conn: Connection, msg: Message) -> None:
+        conn.send(encode(msg, conn.version))
 
-    async def _send_raw(
-        self, client: _Client, topic: str, event: str, raw: bytes, join_ref: str | None
+    def _send_raw(
+        self, conn: Connection, topic: str, event: str, raw: bytes, join_ref: str | None
     ) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await client.ws.send(_frame(client.version, topic, event, raw, join_ref))
+        conn.send(_wire(conn.version, topic, event, raw, join_ref))
 
     def _fan_out(self, topic: str, event: str, payload: Any) -> None:
         """The Tracker's raw hook: one diff, as JSON bytes, to every member of the topic."""
-        members = self._members.get(topic)
-        if members:
-            targets = [m for m in members.values() if m.channels[topic].presence]
-            self._write(topic, event, payload, targets)
-
-    def _write(self, topic: str, event: str, raw: bytes, targets: list[_Client]) -> None:
-        """Write one event to many clients, the frame built once per protocol version."""
-        v1 = [c.ws for c in targets if c.version == 1]
-        v2 = [c.ws for c in targets if c.version == 2]
+        t = self._topics.get(topic)
+        if t is None:
+            return
+        v1, v2 = t.listeners
         if v1:
-            broadcast(v1, _frame(1, topic, event, raw, None))
+            frame = text_frame(_wire(1, topic, event, payload, None))
+            for conn in v1.values():
+                conn.write(frame)
         if v2:
-            broadcast(v2, _frame(2, topic, event, raw, None))
+            frame = text_frame(_wire(2, topic, event, payload, None))
+            for conn in v2.values():
+                conn.write(frame)
+
+    def _write(self, topic: str, event: str, raw: bytes, targets: Iterable[Connection]) -> None:
+        """Write one event to many clients, the frame built once per protocol version."""
+        frames: list[bytes | None] = [None, None]
+        for conn in targets:
+            frame = frames[conn.version - 1]
+            if frame is None:
+                frame = frames[conn.version - 1] = text_frame(
+                    _wire(conn.version, topic, event, raw, None)
+                )
+            conn.write(frame)
 
 
-def _frame(version: Version, topic: str, event: str, raw: bytes, join_ref: str | None) -> str:
-    """A server push as text, around a payload already encoded as JSON."""
+def _wire(version: int, topic: str, event: str, raw: bytes, join_ref: str | None) -> bytes:
+    """A server push as JSON, around a payload already encoded as JSON."""
     if version == 2:
         head = [b"[", _dumps(join_ref), b",null,", _dumps(topic), b",", _dumps(event), b","]
-        return (b"".join(head) + raw + b"]").decode("utf-8")
+        return b"".join(head) + raw + b"]"
     head = [b'{"ref":null,"topic":', _dumps(topic), b',"event":', _dumps(event), b',"payload":']
-    return (b"".join(head) + raw + b"}").decode("utf-8")
+    return b"".join(head) + raw + b"}"
 
 
 def _response(status: http.HTTPStatus, body: bytes, content_type: str = "text/plain") -> Response:
