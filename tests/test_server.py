@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,10 +17,13 @@ from typing import Any, TypeVar
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.uri import parse_uri
 
 from presence_core import Limits, Tracker
 from presence_core.server import PresenceServer, Refused, ServerLimits
+from presence_core.server import connection as connection_module
 
 T = TypeVar("T")
 
@@ -401,5 +405,105 @@ def test_joins_and_broadcasts_are_rate_limited_per_socket() -> None:
                     break
                 statuses.append(msg["payload"]["status"])
             assert statuses == ["error"]  # the third; the first two need no ack
+
+    run(main)
+
+
+def test_an_async_auth_hook_keeps_the_frames_that_follow_in_order() -> None:
+    async def auth(token: str | None, topic: str | None) -> bool:
+        await asyncio.sleep(0.05)  # the track below arrives while the join is being decided
+        return True
+
+    async def main() -> None:
+        async with serving(auth=auth) as server, Client.open(server) as a:
+            jr = await a.push("room", "phx_join", {"config": {"presence": {"key": "a"}}})
+            await a.push("room", "presence", {"event": "track", "payload": {"n": 1}}, jr)
+            assert (await a.until("phx_reply"))["payload"]["status"] == "ok"  # the join
+            track = await a.until("phx_reply")
+            assert track["payload"] == {"status": "ok", "response": {}}
+            diff = await a.until("presence_diff")
+            assert diff["payload"]["joins"]["a"]["metas"][0]["n"] == 1
+
+    run(main)
+
+
+def test_a_fragmented_message_is_put_back_together() -> None:
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as a:
+            frame = json.dumps(
+                ["1", "1", "room", "phx_join", {"config": {"presence": {"key": "f"}}}]
+            )
+            third = len(frame) // 3
+            await a.ws.send([frame[:third], frame[third : 2 * third], frame[2 * third :]])
+            reply = await a.until("phx_reply")
+            assert reply["ref"] == "1" and reply["payload"]["status"] == "ok"
+
+    run(main)
+
+
+def test_a_client_that_stops_reading_is_cut_and_leaves(caplog: pytest.LogCaptureFixture) -> None:
+    """Past `max_buffered_bytes` of unread frames the socket is cut, and its presence leaves."""
+    caplog.set_level("INFO", logger="presence_core.audit")
+
+    async def main() -> None:
+        limits = ServerLimits(max_buffered_bytes=1 << 16, broadcasts_per_second=100_000.0)
+        async with serving(limits=limits) as server, Client.open(server) as talker:
+            await talker.join("room", "talker")
+            await talker.until("presence_state")
+            # A raw socket with a tiny receive buffer that joins, tracks, and then reads nothing.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            url = f"ws://127.0.0.1:{server.port}/socket/websocket?vsn=2.0.0"
+            protocol = ClientProtocol(parse_uri(url))
+            protocol.send_request(protocol.connect())
+            for chunk in protocol.data_to_send():
+                writer.write(chunk)
+            protocol.receive_data(await reader.read(4096))  # the 101
+            for push in (
+                ["1", "1", "room", "phx_join", {"config": {"presence": {"key": "sleeper"}}}],
+                ["1", "2", "room", "presence", {"event": "track", "payload": {}}],
+            ):
+                protocol.send_text(json.dumps(push).encode())
+            for chunk in protocol.data_to_send():
+                writer.write(chunk)
+            await writer.drain()
+            for _ in range(100):
+                if server.tracker.count("room") == 1 and "sleeper" in server.tracker.list("room"):
+                    break
+                await asyncio.sleep(0.02)
+            assert "sleeper" in server.tracker.list("room")
+            body = {"type": "broadcast", "event": "blob", "payload": {"x": "y" * 60_000}}
+            for _ in range(600):  # 36 MB: far past what the kernel's buffers hold
+                await talker.push("room", "broadcast", body)
+                if "sleeper" not in server.tracker.list("room"):
+                    break
+                await asyncio.sleep(0)
+            for _ in range(100):
+                if "sleeper" not in server.tracker.list("room"):
+                    break
+                await asyncio.sleep(0.02)
+            assert list(server.tracker.list("room")) == []  # talker never tracked
+            assert server.connections == 1
+            cut = [r for r in caplog.records if r.getMessage() == "disconnected"]
+            assert [r.audit["reason"] for r in cut] == ["reads too slowly"]  # type: ignore[attr-defined]
+            writer.close()
+
+    run(main)
+
+
+def test_a_socket_that_never_finishes_its_handshake_is_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection_module, "OPEN_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        async with serving() as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /socket/websocket HTTP/1.1\r\nHost: x\r\n")  # never finished
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 2.0) == b""  # cut: EOF or reset
+            writer.close()
 
     run(main)

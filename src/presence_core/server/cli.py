@@ -120,6 +120,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(_serve(args))
 
 
+async def _freeze_connections(server: PresenceServer) -> None:
+    """Keep settled connections out of full garbage collections.
+
+    Each connection is about 22 objects that the collector tracks, so at 20,000 connections a
+    full collection walks some 440,000 objects and stops the loop for 0.2 s (measured), which
+    every diff then waits for.  A connection holds no reference cycle (checked: a closed one
+    is freed by reference counting alone, frozen or not), so once connections have grown by
+    a tenth, a young collection clears the cyclic garbage of the moment and `gc.freeze` moves
+    what is left out of the collector's walk.  The cost: cyclic garbage that forms later among
+    frozen objects stays until the process ends, which a connection does not produce.
+    """
+    frozen_at = 0
+    while True:
+        await asyncio.sleep(1.0)
+        count = server.connections
+        frozen_at = min(frozen_at, count)  # those that left are freed, frozen or not
+        if count > frozen_at * 1.1 + 100:
+            gc.collect(1)
+            gc.freeze()
+            frozen_at = count
+
+
 async def _serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(
         max_frame_bytes=args.max_frame_bytes,
@@ -160,6 +182,7 @@ async def _serve(args: argparse.Namespace) -> int:
     # full collection (they would walk some 40,000 objects for nothing).
     gc.collect()
     gc.freeze()
+    freezer = asyncio.get_running_loop().create_task(_freeze_connections(server))
     logger.info(
         "presence-core serving %s (node %s, %s)",
         server.url,
@@ -173,6 +196,7 @@ async def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     logger.info("presence-core stopping")
+    freezer.cancel()
     await server.stop()
     if store is not None:
         await store.stop()

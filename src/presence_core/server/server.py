@@ -10,10 +10,13 @@ The data path: a frame from a client (see `Connection`) becomes a Tracker call (
 `untrack`, `heartbeat`...); every tick the Tracker expires silent connections and flushes;
 each topic's diff reaches this server once, as the Tracker's JSON bytes, is wrapped once per
 protocol version into a complete WebSocket frame and written as is to every member's socket:
-never decoded, re-encoded or re-framed per subscriber.  A tick comes 10 ms after the previous
-one ended, or as long after it as that tick took: under a burst (a reconnect storm), fan-out
-takes at most half the loop, and each topic's changes coalesce over the longer window into
-fewer, larger diffs instead of a queue of small ones.
+never decoded, re-encoded or re-framed per subscriber.  The flush runs at the end of the
+event-loop iteration that read a change, so the changes of every frame read in one iteration
+coalesce, and a tick every 10 ms expires silent connections and flushes what came from
+elsewhere (peers through Redis).  A flush never starts sooner after the previous one than
+that one took: under a burst (a reconnect storm) fan-out takes at most half the loop, and each
+topic's changes coalesce over the longer window into fewer, larger diffs instead of a queue of
+small ones.
 
 Protocol notes (checked against the three clients):
 
@@ -75,7 +78,7 @@ logger = logging.getLogger("presence_core.server")
 audit = logging.getLogger("presence_core.audit")
 
 _dumps = orjson.dumps
-_TICK = 0.01  # seconds between two Tracker ticks (expiry and flush), at the least
+_TICK = 0.01  # seconds between two Tracker ticks (expiry and flush)
 _BACKLOG = 4096  # pending TCP accepts: a reconnect storm arrives all at once
 
 
@@ -153,6 +156,8 @@ class PresenceServer:
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_after = 0.0  # loop time before which no flush starts (see the module)
         self._tasks: set[asyncio.Task[None]] = set()  # auth hooks under way
         self._accepting = False
 
@@ -198,6 +203,9 @@ class PresenceServer:
             await asyncio.sleep(0.01)
         for conn in list(self._sockets):
             conn.abort()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -226,11 +234,10 @@ class PresenceServer:
 
     async def _tick(self) -> None:
         tracker = self.tracker
-        clock = time.perf_counter
-        delay = _TICK
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(delay)
-            started = clock()
+            await asyncio.sleep(max(_TICK, self._flush_after - loop.time()))
+            started = time.perf_counter()
             try:
                 expired = tracker.tick()
             except Exception:  # pragma: no cover - tick logs hook failures itself
@@ -242,8 +249,22 @@ class PresenceServer:
                     _audit("disconnected", conn=conn.id, reason="silent past its ttl")
                     self._drop(conn)
                     conn.close(1011, "no heartbeat")
-            # Fan-out gets at most half the loop (see the module's docstring).
-            delay = max(_TICK, clock() - started)
+            self._flush_after = loop.time() + (time.perf_counter() - started)
+
+    def _flush_soon(self) -> None:
+        """Flush once this loop iteration's frames are read (see the module's docstring)."""
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            if self._flush_after <= loop.time():
+                self._flush_handle = loop.call_soon(self._flush)
+            else:
+                self._flush_handle = loop.call_at(self._flush_after, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        started = time.perf_counter()
+        self.tracker.flush()
+        self._flush_after = asyncio.get_running_loop().time() + (time.perf_counter() - started)
 
     # -- connections (called by `Connection`) -----------------------------------------------
 
@@ -307,6 +328,8 @@ class PresenceServer:
     def _closed(self, conn: Connection) -> None:
         self._sockets.discard(conn)
         self._drop(conn)
+        if self._accepting:
+            self._flush_soon()
 
     def _slow(self, conn: Connection) -> None:
         _audit("disconnected", conn=conn.id, reason="reads too slowly", limit="max_buffered_bytes")
@@ -373,6 +396,7 @@ class PresenceServer:
                 self._message(conn, decode(data, conn.version))
         except (ProtocolError, ValueError, TypeError) as exc:
             logger.debug("connection %d sent a bad frame: %s", conn.id, exc)
+        self._flush_soon()
 
     def _message(self, conn: Connection, msg: Message) -> None:
         if msg.topic == PHOENIX_TOPIC:
