@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--broadcasts-per-second", type=float, default=defaults.broadcasts_per_second
     )
+    serve.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        default=defaults.max_buffered_bytes,
+        help="unread bytes a client may have waiting before it is cut as too slow",
+    )
     plan = Limits()
     serve.add_argument(
         "--presence-rate", type=float, default=plan.rate_per_second, help="tracks/s per socket"
@@ -149,6 +155,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_topics_per_connection=args.max_topics,
         joins_per_second=args.joins_per_second,
         broadcasts_per_second=args.broadcasts_per_second,
+        max_buffered_bytes=args.max_buffered_bytes,
     )
     plan = Limits(
         rate_per_second=args.presence_rate,
