@@ -11,13 +11,18 @@ import sys
 import time
 from array import array
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from servers import pid_alive
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
+from websockets.utils import accept_key
 
 from presence_core import Tracker
 from presence_core.server import PresenceServer
-from presence_core.server.bench import Membership, account
+from presence_core.server.bench import Membership, _Conn, account
 
 EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
 
@@ -144,3 +149,129 @@ def test_account_counts_missing_diffs_and_in_flight_ones_only_where_delivered() 
     assert tally["delivered"] == 2 + 1 + 1 + 1
     assert tally["expected"] == tally["delivered"] + tally["missing"]
     assert tally["duplicates"] == tally["unexpected"] == 0
+
+
+# -- the bench client's own frame parser -----------------------------------------------------------
+
+
+class _Transport:
+    """What a `_Conn` writes, and whether it closed its socket."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+def _client_frame(data: bytes) -> tuple[int, bytes]:
+    """(opcode, unmasked payload) of one frame the client wrote; it must be masked."""
+    assert data[1] & 0x80, "a client frame must be masked"
+    length, start = data[1] & 0x7F, 2
+    if length == 126:
+        length, start = int.from_bytes(data[2:4], "big"), 4
+    mask = data[start : start + 4]
+    payload = data[start + 4 : start + 4 + length]
+    return data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return Frame(Opcode(opcode), payload, fin).serialize(mask=False, extensions=[])
+
+
+def _open_conn() -> tuple[_Conn, _Transport, list[bytes], asyncio.AbstractEventLoop]:
+    """A `_Conn` past its handshake, its texts collected instead of read as Phoenix frames."""
+    loop = asyncio.new_event_loop()
+    worker = SimpleNamespace(
+        wsuri=parse_uri("ws://127.0.0.1:1/socket/websocket?vsn=2.0.0"),
+        loop=loop,
+        connect_ms=[],
+        spec=SimpleNamespace(heartbeat=3600.0),
+    )
+    conn = _Conn(worker, 7, 0)  # type: ignore[arg-type]
+    texts: list[bytes] = []
+    conn._text = lambda data: texts.append(bytes(data))  # type: ignore[method-assign]
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    request = transport.written[0].decode()
+    key = next(
+        line.split(":", 1)[1].strip()
+        for line in request.split("\r\n")
+        if line.lower().startswith("sec-websocket-key:")
+    )
+    response = (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n"
+    ).encode()
+    # the response and the first frame in one segment: the frame is parsed by the bench
+    conn.data_received(response + _server_frame(1, b'"first"'))
+    assert conn.framing and texts == [b'"first"']
+    transport.written.clear()  # the request and the join
+    return conn, transport, texts, loop
+
+
+def test_the_client_parses_server_frames_however_they_are_split() -> None:
+    conn, transport, texts, loop = _open_conn()
+    try:
+        medium, large = b"m" * 300, b"L" * 70_000  # 2- and 8-byte extended lengths
+        stream = (
+            _server_frame(1, b"a")
+            + _server_frame(1, medium)
+            + _server_frame(2, b"binary is ignored")
+            + _server_frame(1, b"frag", fin=False)
+            + _server_frame(9, b"ping!")  # a control frame between fragments
+            + _server_frame(0, b"ment", fin=False)
+            + _server_frame(0, b"ed", fin=True)
+            + _server_frame(10, b"unsolicited pong")
+            + _server_frame(1, large)
+        )
+        expected = [b'"first"', b"a", medium, b"fragmented", large]
+        conn.data_received(stream)  # at once
+        assert texts == expected
+        for size in (1, 3, 7, 1000):  # and in pieces
+            del texts[1:]
+            for i in range(0, len(stream), size):
+                conn.data_received(stream[i : i + size])
+            assert texts == expected, size
+            assert not conn.buffer
+        pongs = [_client_frame(w) for w in transport.written]
+        assert pongs == [(0xA, b"ping!")] * 5
+        assert not transport.closed
+        assert conn.ws.state is State.OPEN
+    finally:
+        loop.close()
+
+
+def test_the_client_answers_a_close_and_a_protocol_error() -> None:
+    conn, transport, texts, loop = _open_conn()
+    try:
+        close = _server_frame(8, (4001).to_bytes(2, "big") + b"bye")
+        conn.data_received(close + _server_frame(1, b"after the close"))
+        assert [_client_frame(w) for w in transport.written] == [(8, close[2:])]  # echoed
+        assert transport.closed and conn.close_code == 4001
+        assert texts == [b'"first"']  # nothing read after the close
+    finally:
+        loop.close()
+    conn, transport, texts, loop = _open_conn()
+    try:
+        masked = Frame(Opcode.TEXT, b"masked").serialize(mask=True, extensions=[])
+        conn.data_received(masked)
+        opcode, payload = _client_frame(transport.written[0])
+        assert opcode == 8 and int.from_bytes(payload[:2], "big") == 1002
+        assert transport.closed and conn.close_code is None  # counted as connection_lost
+        assert texts == [b'"first"']
+    finally:
+        loop.close()
