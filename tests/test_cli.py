@@ -11,12 +11,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers import ValkeyServer, free_port, pid_alive, wait_until
-from websockets.asyncio.client import connect
+from servers import ValkeyCluster, ValkeyServer, free_port, pid_alive, wait_until
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
@@ -110,3 +110,48 @@ def test_serve_with_redis_shares_presence_between_two_processes(
         await ws_b.close()
 
     asyncio.run(main())
+
+
+def test_serve_with_redis_cluster_shares_presence_between_two_processes(
+    serve: object, valkey_cluster: ValkeyCluster
+) -> None:
+    proc_a, port_a, _ = serve("--redis-cluster", valkey_cluster.url)  # type: ignore[operator]
+    proc_b, port_b, _ = serve("--redis-cluster", valkey_cluster.url)  # type: ignore[operator]
+
+    async def until(
+        ws: ClientConnection, done: Callable[[dict[str, object], set[str]], bool]
+    ) -> None:
+        """Read frames until ``done(present, left)`` holds, within 10 s."""
+        present: dict[str, object] = {}
+        left: set[str] = set()
+        async with asyncio.timeout(10):
+            while not done(present, left):
+                frame = json.loads(await ws.recv())
+                if frame[3] == "presence_state":
+                    present.update(frame[4])
+                elif frame[3] == "presence_diff":
+                    present.update(frame[4]["joins"])
+                    left.update(frame[4]["leaves"])
+
+    async def join(port: int, key: str) -> ClientConnection:
+        """Join and track, leaving every frame to `until` (the state may list the other)."""
+        ws = await connect(f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0")
+        config = {"config": {"presence": {"key": key}}}
+        await ws.send(json.dumps(["1", "1", "room", "phx_join", config]))
+        track = {"event": "track", "payload": {"key": key}}
+        await ws.send(json.dumps(["1", "2", "room", "presence", track]))
+        return ws
+
+    async def main() -> None:
+        ws_a = await join(port_a, "alice")
+        ws_b = await join(port_b, "bob")
+        await until(ws_b, lambda present, left: "alice" in present)  # B has A's member
+        await until(ws_a, lambda present, left: "bob" in present)  # and A has B's
+        await ws_a.close()
+        await until(ws_b, lambda present, left: "alice" in left)  # A's leave crossed too
+        await ws_b.close()
+
+    asyncio.run(main())
+    for proc in (proc_a, proc_b):  # graceful stops, by PID
+        os.kill(proc.pid, signal.SIGTERM)
+    assert proc_a.wait(15) == 0 and proc_b.wait(15) == 0
