@@ -14,7 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from servers import pid_alive
+import pytest
+from servers import ValkeyCluster, ValkeyServer, pid_alive
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
@@ -23,6 +24,7 @@ from websockets.utils import accept_key
 from presence_core import Tracker
 from presence_core.server import PresenceServer
 from presence_core.server.bench import Membership, _Conn, account
+from presence_core.store import RedisStore
 
 EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
 
@@ -51,9 +53,17 @@ def _check(report: dict[str, Any], clients: int) -> None:
     _sane(report["switch"]["leave_to_state_ms"])
     assert report["ops"]["updates_per_second"] > 0
     assert report["connections_held"] == clients
-    server = report["server"]
-    assert isinstance(server["cpu_percent_run"], float) and server["cpu_percent_run"] >= 0
-    assert isinstance(server["rss_bytes"], int) and server["rss_bytes"] > 0
+    assert report["server"] == report["servers"][0]
+    for server in report["servers"]:
+        assert isinstance(server["cpu_percent_run"], float) and server["cpu_percent_run"] >= 0
+        assert isinstance(server["rss_bytes"], int) and server["rss_bytes"] > 0
+    saturation = report["saturation"]
+    assert saturation["cpus"] == os.cpu_count()
+    names = [p["name"] for p in saturation["processes"]]
+    assert "bench workers" in names and len(names) == len(report["servers"]) + 1
+    cpus = [p["cpu_percent"] for p in saturation["processes"]]
+    assert cpus == sorted(cpus, reverse=True)  # the busiest first
+    assert saturation["used_percent"] == pytest.approx(sum(cpus), abs=0.2)
     for pid in report["worker_pids"]:
         assert not pid_alive(pid), f"worker {pid} still running"
 
@@ -80,6 +90,8 @@ def test_bench_runs_its_own_server(tmp_path: Path) -> None:
     assert not pid_alive(report["server"]["pid"]), "the server it started is still running"
     assert "100 % of diffs delivered" in done.stdout
     assert "connect-to-joined" in done.stdout
+    assert "\nsaturation  box: " in done.stdout
+    assert "from other servers" not in done.stdout  # one server
 
 
 def test_bench_against_a_running_server(tmp_path: Path) -> None:
@@ -123,6 +135,103 @@ def test_bench_against_a_running_server(tmp_path: Path) -> None:
     _check(report, 40)
 
 
+def _across_servers(report: dict[str, Any], servers: int) -> None:
+    """Clients on every server, diffs crossing between them, every server stopped."""
+    assert report["parameters"]["servers"] == servers
+    assert len(report["servers"]) == len(set(report["parameters"]["urls"])) == servers
+    assert sum(s["clients"] for s in report["servers"]) == report["parameters"]["clients"]
+    assert all(s["clients"] > 0 for s in report["servers"])
+    diffs = report["diffs"]
+    assert diffs["from_other_servers"] > 0  # members of one topic sat on different servers
+    _sane(diffs["latency_from_other_servers_ms"])
+    total = report["servers_total"]
+    assert total["known"] == servers
+    assert total["rss_bytes"] == sum(s["rss_bytes"] for s in report["servers"])
+
+
+def test_bench_starts_two_servers_sharing_a_redis_cluster(
+    tmp_path: Path, valkey_cluster: ValkeyCluster
+) -> None:
+    out = tmp_path / "report.json"
+    args = ["--clients", "60", "--topics", "3", "--rate", "30", "--duration", "3"]
+    args += ["--servers", "2", "--redis-cluster", valkey_cluster.url]
+    done = subprocess.run(
+        [EXE, "bench", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["server"]["started_here"] is True
+    _check(report, 60)
+    _across_servers(report, 2)
+    for server in report["servers"]:
+        assert not pid_alive(server["pid"]), f"server {server['pid']} still running"
+        assert "--redis-cluster" in server["command"]
+    assert len({s["node"] for s in report["servers"]}) == 2
+    text = done.stdout
+    assert "servers: 2 started here, sharing redis cluster " in text
+    assert "\n  server 2  ws://127.0.0.1:" in text
+    assert "\nserver 2    CPU " in text and "\nservers     CPU " in text
+    assert "\nsaturation  box: " in text and "server 2: " in text
+    assert "busiest server CPU <= 1 core" in text
+    assert "100 % of diffs delivered" in text
+
+
+def test_bench_spreads_its_clients_over_running_servers_sharing_redis(
+    tmp_path: Path, valkey: ValkeyServer
+) -> None:
+    out = tmp_path / "report.json"
+    prefix = f"bench-test-{os.getpid()}"
+
+    async def main() -> None:
+        a, b = Tracker(clock=time.time), Tracker(clock=time.time)
+        async with (
+            RedisStore(a, valkey.url, prefix=prefix),
+            RedisStore(b, valkey.url, prefix=prefix),
+            PresenceServer(a, port=0) as server_a,
+            PresenceServer(b, port=0) as server_b,
+        ):
+            pid = str(os.getpid())  # both in this process: each reports its CPU
+            proc = await asyncio.create_subprocess_exec(
+                EXE,
+                "bench",
+                *("--url", server_a.url, "--url", server_b.url),
+                *("--server-pid", pid, "--server-pid", pid),
+                *("--clients", "40", "--topics", "2", "--rate", "20", "--duration", "2"),
+                *("--no-progress", "--json", str(out)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, stderr.decode()
+
+    asyncio.run(main())
+    report = json.loads(out.read_text())
+    assert report["server"]["started_here"] is False
+    _check(report, 40)
+    _across_servers(report, 2)
+
+
+def test_bench_refuses_servers_it_cannot_share() -> None:
+    cases = [
+        (["--servers", "2"], "--redis"),
+        (["--url", "ws://127.0.0.1:9/socket", "--servers", "2"], "--url once per server"),
+        (["--url", "ws://127.0.0.1:9/socket", "--redis", "redis://x"], "not --url"),
+        (
+            ["--url", "ws://127.0.0.1:9/s", "--url", "ws://127.0.0.1:8/s", "--server-pid", "1"],
+            "once per --url",
+        ),
+    ]
+    for args, reason in cases:
+        done = subprocess.run([EXE, "bench", *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, (args, done.stderr)
+        assert reason in done.stderr, (args, done.stderr)
+
+
 def test_bench_says_when_the_machine_cannot_hold_the_clients() -> None:
     done = subprocess.run(
         [EXE, "bench", "--clients", "1000000", "--processes", "1"],
@@ -149,6 +258,22 @@ def test_account_counts_missing_diffs_and_in_flight_ones_only_where_delivered() 
     assert tally["delivered"] == 2 + 1 + 1 + 1
     assert tally["expected"] == tally["delivered"] + tally["missing"]
     assert tally["duplicates"] == tally["unexpected"] == 0
+
+
+def test_account_across_servers_trusts_only_a_later_diff_from_the_same_server() -> None:
+    # update 2 was sent through server 0; the members below sit on server 1 and left at 30
+    updates = [(1, 0, 10.0, 10.1, 1), (2, 0, 20.0, 20.1, 0)]
+    # a later diff came from server 1's clients only: update 2 may still have been crossing
+    # through Redis when the member left, so it is not expected
+    own_only = Membership(0, start=5.0, end=30.0, max_stamp=25.0, received=array("q", [1]))
+    own_only.max_stamp_from = {1: 25.0, 0: 9.0}
+    # a later diff from server 0 arrived: update 2's came before it, so it was lost
+    lost = Membership(0, start=5.0, end=30.0, max_stamp=25.0, received=array("q", [1]))
+    lost.max_stamp_from = {1: 12.0, 0: 25.0}
+    tally = account([own_only, lost], updates)
+    assert tally["delivered"] == 1 + 1
+    assert tally["expected"] == 1 + 2  # update 1 for both, update 2 for `lost` only
+    assert tally["missing"] == 1
 
 
 # -- the bench client's own frame parser -----------------------------------------------------------
@@ -196,7 +321,8 @@ def _open_conn() -> tuple[_Conn, _Transport, list[bytes], asyncio.AbstractEventL
     """A `_Conn` past its handshake, its texts collected instead of read as Phoenix frames."""
     loop = asyncio.new_event_loop()
     worker = SimpleNamespace(
-        wsuri=parse_uri("ws://127.0.0.1:1/socket/websocket?vsn=2.0.0"),
+        wsuris=[parse_uri("ws://127.0.0.1:1/socket/websocket?vsn=2.0.0")],
+        servers=1,
         loop=loop,
         connect_ms=[],
         spec=SimpleNamespace(heartbeat=3600.0),

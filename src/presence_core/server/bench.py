@@ -7,6 +7,14 @@ their metas at ``--rate`` updates per second in all, and each client once leaves
 the next one (a channel switch).  The server is one started here (``presence-core serve`` as a
 subprocess on a free loopback port, stopped by PID at the end) or the one at ``--url``.
 
+Scale-out: ``--servers N`` with ``--redis URL`` (or ``--redis-cluster URL``) starts N servers
+sharing that Redis, each with a node name of its own (the run has a key prefix of its own), and
+``--url`` given several times names running ones.  The clients of each topic are spread over
+the servers round-robin, so a topic's diffs cross processes through Redis pub/sub; the report
+gives each server's CPU and RSS, their total, the latency of the diffs that crossed, and how
+busy the machine was: the servers' and the bench workers' CPU against its cores, the busiest
+first, "saturated" from 90 %.
+
 What is measured:
 
 * connect (TCP + WebSocket handshake) and connect-to-joined (until both the join's ``ok`` reply
@@ -24,12 +32,18 @@ and go during the run (the switches).  A client counts as a member for an update
 was sent after the client's ``presence_state`` arrived and, if the client left the topic later,
 when it also received a diff sent after the update's reply (so the server flushed the update
 before the leave).  Updates in flight across a join or a leave are counted only where they were
-delivered: ``delivered == expected`` then means that no member missed any diff.
+delivered: ``delivered == expected`` then means that no member missed any diff.  With several
+servers "a diff sent after the update's reply" must come from the update's own server: each
+server publishes a topic's diffs in order on one Redis channel, while a diff from the member's
+own server may overtake one still crossing through Redis (no grace period is needed).
 
 The clients run in ``--processes`` worker processes (``multiprocessing``, spawn), each an
 asyncio loop (uvloop if installed) driving `websockets`' client protocol (``ClientProtocol``,
 its Sans-I/O core) from an `asyncio.Protocol`: no task per connection, so one process drives
-thousands of sockets.  Run as ``python -m presence_core.server.bench`` too.
+thousands of sockets.  After the handshake the server's frames are parsed here rather than by
+websockets' generator-based parser, which cost the workers a quarter of their CPU (they share
+the cores with the server, so their cost is in every latency).  Run as
+``python -m presence_core.server.bench`` too.
 """
 
 from __future__ import annotations
@@ -47,6 +61,7 @@ import os
 import platform
 import random
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -56,7 +71,7 @@ import time
 import urllib.request
 from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, cast
 
@@ -76,6 +91,7 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "Membership",
+    "Update",
     "account",
     "add_parser",
     "format_report",
@@ -111,9 +127,13 @@ class BenchConfig:
     rate: float | None = None  # updates/s across all clients; None: 1 % of clients per second
     duration: float = 30.0
     processes: int | None = None  # None: one per 5,000 clients, at most the CPU count
-    url: str | None = None
+    url: str | None = None  # the first (or only) running server; the others are in urls
     redis: str | None = None
-    server_pid: int | None = None
+    server_pid: int | None = None  # the first server's, when known
+    servers: int = 1  # servers started here (several need redis or redis_cluster)
+    redis_cluster: str | None = None
+    urls: list[str] = field(default_factory=list)  # every running server, in order
+    server_pids: list[int] = field(default_factory=list)  # their PIDs, in the same order
     heartbeat: float = _HEARTBEAT
     concurrency: int = 100
     timeout: float = 30.0
@@ -124,6 +144,16 @@ class BenchConfig:
 
     def updates_per_second(self) -> float:
         return self.rate if self.rate is not None else self.clients / 100.0
+
+    def running_urls(self) -> list[str]:
+        """The running servers to bench (none: start them here)."""
+        return list(self.urls) or ([self.url] if self.url else [])
+
+    def running_pids(self) -> list[int]:
+        return list(self.server_pids) or ([self.server_pid] if self.server_pid else [])
+
+    def server_count(self) -> int:
+        return len(self.running_urls()) or max(1, self.servers)
 
     def process_count(self) -> int:
         if self.processes is not None:
@@ -136,7 +166,7 @@ class BenchConfig:
 @dataclass(slots=True)
 class _WorkerSpec:
     index: int
-    url: str
+    urls: list[str]  # the servers; a client's is _server_of(its index)
     first: int  # global index of its first client
     count: int
     topics: int
@@ -152,6 +182,21 @@ class _WorkerSpec:
 
 def _topic(index: int) -> str:
     return f"realtime:bench-{index}"
+
+
+def _server_of(gid: int, topics: int, servers: int) -> int:
+    """The server of client ``gid``: round-robin over each topic's members (client ``gid`` is
+    in topic ``gid % topics`` first), so every topic has members on every server and its diffs
+    cross processes; a plain ``gid % servers`` would put a whole topic on one server whenever
+    the server count divides the topic count."""
+    return (gid // topics) % servers
+
+
+def _clients_per_server(clients: int, topics: int, servers: int) -> list[int]:
+    counts = [0] * servers
+    for gid in range(clients):
+        counts[_server_of(gid, topics, servers)] += 1
+    return counts
 
 
 # -- descriptors, ports and the server's /proc -----------------------------------------------------
@@ -200,6 +245,23 @@ def _cpu_seconds(pid: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _box_cpu_seconds() -> float | None:
+    """CPU seconds every process of the machine used, summed over its CPUs (/proc/stat's
+    user, nice, system, irq and softirq); None when /proc/stat does not count as many CPUs as
+    os.cpu_count() (in some containers it counts the host's)."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        fields = lines[0].split()
+        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        if fields[0] != "cpu" or cpus != os.cpu_count():
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    except (OSError, IndexError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def _memory(pid: int) -> tuple[int | None, int | None]:
     """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
     rss = peak = None
@@ -217,6 +279,9 @@ def _memory(pid: int) -> tuple[int | None, int | None]:
 
 def _check_limits(cfg: BenchConfig, processes: int, start_server: bool) -> list[str]:
     """Refuse a run the machine cannot hold, with the reason; returns warnings."""
+    servers = cfg.server_count()
+    per_server = _clients_per_server(cfg.clients, cfg.topics, servers)
+    most = max(per_server)
     warnings: list[str] = []
     soft, hard = raise_nofile()
     per_worker = math.ceil(cfg.clients / processes)
@@ -228,27 +293,29 @@ def _check_limits(cfg: BenchConfig, processes: int, start_server: bool) -> list[
             f"{soft:,} (hard limit {hard:,}): use --processes {need} or more, or raise the "
             "hard limit (ulimit -Hn, as root)"
         )
-    if start_server and cfg.clients + _FD_MARGIN > soft:
+    if start_server and most + _FD_MARGIN > soft:
+        which = "the server" if servers == 1 else "each server"
         raise BenchError(
-            f"the server started here would hold {cfg.clients:,} sockets and needs about "
-            f"{cfg.clients + _FD_MARGIN:,} descriptors, but RLIMIT_NOFILE's hard limit is "
-            f"{hard:,}: at most {max(0, soft - _FD_MARGIN):,} clients here; raise the hard "
-            "limit (ulimit -Hn, as root) or bench a server elsewhere with --url"
+            f"{which} started here would hold {most:,} sockets and needs about "
+            f"{most + _FD_MARGIN:,} descriptors, but RLIMIT_NOFILE's hard limit is "
+            f"{hard:,}: at most {max(0, soft - _FD_MARGIN):,} clients per server here; raise "
+            "the hard limit (ulimit -Hn, as root), start more --servers, or bench a server "
+            "elsewhere with --url"
         )
-    if cfg.server_pid is not None:
-        limit = _pid_nofile(cfg.server_pid)
-        if limit is not None and cfg.clients + _FD_MARGIN > limit:
+    for pid, count in zip(cfg.running_pids(), per_server, strict=False):
+        limit = _pid_nofile(pid)
+        if limit is not None and count + _FD_MARGIN > limit:
             warnings.append(
-                f"the server (pid {cfg.server_pid}) may open only {limit:,} descriptors: "
-                f"{cfg.clients:,} clients will not all connect"
+                f"the server (pid {pid}) may open only {limit:,} descriptors: "
+                f"{count:,} clients will not all connect"
             )
     ports = _port_range()
-    if ports is not None and cfg.clients > ports - 100:
+    if ports is not None and most > ports - 100:
         raise BenchError(
-            f"{cfg.clients:,} connections from one address to one server port need as many "
+            f"{most:,} connections from one address to one server port need as many "
             f"ephemeral ports, but net.ipv4.ip_local_port_range has {ports:,}"
         )
-    if cfg.url is None and cfg.clients > 20_000:
+    if start_server and most > 20_000:
         warnings.append("the server is started with --max-connections raised to fit")
     return warnings
 
@@ -287,26 +354,38 @@ class Membership:
     end: float | None = None  # wall time the leave was confirmed (or the socket lost)
     max_stamp: float = -math.inf  # newest stamp among the diffs received in it
     received: array[int] = field(default_factory=lambda: array("q"))
+    # with several servers: the newest stamp received from each server's clients
+    max_stamp_from: dict[int, float] = field(default_factory=dict)
 
 
-def account(
-    windows: Sequence[Membership], updates: Sequence[tuple[int, int, float, float]]
-) -> dict[str, int]:
+Update = tuple[int, int, float, float] | tuple[int, int, float, float, int]
+"""``(uid, topic, sent, replied)``, and with several servers the sender's server last."""
+
+
+def account(windows: Sequence[Membership], updates: Sequence[Update]) -> dict[str, int]:
     """Diffs delivered against those expected, over memberships and the run's updates.
 
     ``updates`` are ``(uid, topic, sent, replied)`` (wall times; ``replied`` 0 when the update
-    was not acknowledged).  A member expects an update when it was sent after the member's
-    ``presence_state`` arrived and, for a membership that ended (a leave, a lost socket), when
-    the member also received a diff sent after the update's reply: the server then flushed
-    the update while the member was still in.  Updates in flight across a join or a leave
-    count where they were delivered, so ``missing`` counts only diffs a member surely lost.
+    was not acknowledged), with the sender's server as a fifth item when there are several.
+    A member expects an update when it was sent after the member's ``presence_state`` arrived
+    and, for a membership that ended (a leave, a lost socket), when the member also received a
+    diff sent after the update's reply: the server then flushed the update while the member
+    was still in.  Updates in flight across a join or a leave count where they were
+    delivered, so ``missing`` counts only diffs a member surely lost.
+
+    With several servers, that later diff must come from a client of the update's own server
+    (``Membership.max_stamp_from``): a server publishes its diffs of a topic in order on one
+    Redis channel, so a later one received means the update's came before it, whereas a
+    diff of the member's own server says nothing of one still crossing through Redis.
     """
-    by_topic: dict[int, list[tuple[float, float, int]]] = {}
+    by_topic: dict[int, list[tuple[float, float, int, int]]] = {}
     topic_of: dict[int, int] = {}
-    for uid, topic, sent, replied in updates:
+    for update in updates:
+        uid, topic, sent, replied = update[0], update[1], update[2], update[3]
         topic_of[uid] = topic
         if replied > 0:
-            by_topic.setdefault(topic, []).append((sent, replied, uid))
+            origin = update[4] if len(update) > 4 else 0
+            by_topic.setdefault(topic, []).append((sent, replied, uid, origin))
     for ups in by_topic.values():
         ups.sort()
     sends = {t: [u[0] for u in ups] for t, ups in by_topic.items()}
@@ -314,8 +393,18 @@ def account(
     for w in windows:
         ups = by_topic.get(w.topic, [])
         first = bisect.bisect_right(sends.get(w.topic, []), w.start)
-        limit = math.inf if w.end is None else w.max_stamp
-        certain = {uid for _sent, replied, uid in ups[first:] if replied < limit}
+        if w.end is None:
+            certain = {uid for _sent, _replied, uid, _origin in ups[first:]}
+        elif w.max_stamp_from:
+            newest = w.max_stamp_from
+            certain = {
+                uid
+                for _sent, replied, uid, origin in ups[first:]
+                if replied < newest.get(origin, -math.inf)
+            }
+        else:
+            limit = w.max_stamp
+            certain = {uid for _sent, replied, uid, _origin in ups[first:] if replied < limit}
         got = set(w.received)
         duplicates += len(w.received) - len(got)
         valid = {uid for uid in got if topic_of.get(uid) == w.topic}
@@ -333,14 +422,16 @@ def account(
 
 
 class _Conn(asyncio.Protocol):
-    """One WebSocket client: websockets' Sans-I/O protocol fed by an asyncio transport."""
+    """One WebSocket client on an asyncio transport: websockets' Sans-I/O protocol does the
+    handshake and frames what it sends; the server's frames are parsed here (`_frames`)."""
 
-    def __init__(self, worker: _Worker, gid: int, topic: int) -> None:
+    def __init__(self, worker: _Worker, gid: int, topic: int, server: int = 0) -> None:
         self.worker = worker
         self.gid = gid
         self.key = f"c{gid}"
         self.topic = topic
-        self.ws = ClientProtocol(worker.wsuri, max_size=None)
+        self.server = server  # which of the servers it talks to
+        self.ws = ClientProtocol(worker.wsuris[server], max_size=None)
         self.transport: asyncio.Transport | None = None
         self.refs = 0
         self.join_ref = ""
@@ -625,19 +716,30 @@ class _Conn(asyncio.Protocol):
                 return
             now = time.time()
             t0 = worker.t0
-            for entry in payload["joins"].values():
+            servers = worker.servers
+            for key, entry in payload["joins"].items():
+                origin = self.server
+                if servers > 1:
+                    try:  # the server of the client whose presence key this is ("c<gid>")
+                        origin = _server_of(int(key[1:]), worker.spec.topics, servers)
+                    except ValueError:
+                        origin = -1
                 for meta in entry["metas"]:
                     stamp = meta.get("t")
                     if stamp is None:
                         continue
                     if stamp > window.max_stamp:
                         window.max_stamp = stamp
+                    if servers > 1 and stamp > window.max_stamp_from.get(origin, -math.inf):
+                        window.max_stamp_from[origin] = stamp
                     uid = meta.get("u")
                     if uid is not None:
                         window.received.append(uid)
                     if t0 is not None and now >= t0:
                         worker.lat_ms.append((now - stamp) * 1000.0)
                         worker.lat_sec.append(int(now - t0))
+                        if origin != self.server:
+                            worker.lat_across_ms.append((now - stamp) * 1000.0)
             if t0 is not None:
                 worker.diffs += 1
             worker.last_diff = now
@@ -730,6 +832,8 @@ class _Conn(asyncio.Protocol):
         """Update this client's meta; ``uid`` names the update in every diff that carries it."""
         worker = self.worker
         record: list[Any] = [uid, self.topic, 0.0, 0.0]
+        if worker.servers > 1:
+            record.append(self.server)
         worker.updates.append(record)
         self.update_pending = True
         record[2] = self._track("update", len(worker.updates) - 1, uid)
@@ -773,7 +877,8 @@ class _Worker:
         self.spec = spec
         self.pipe = pipe
         self.loop = asyncio.get_running_loop()
-        self.wsuri = parse_uri(spec.url)
+        self.wsuris = [parse_uri(url) for url in spec.urls]
+        self.servers = len(spec.urls)
         self.conns: list[_Conn] = []
         self.errors: Counter[str] = Counter()
         self.ops: Counter[str] = Counter()
@@ -783,7 +888,9 @@ class _Worker:
         self.heartbeat_ms: list[float] = []
         self.lat_ms: array[float] = array("d")
         self.lat_sec: array[int] = array("i")
-        self.updates: list[list[Any]] = []  # [uid, topic, sent (wall), replied (wall) or 0]
+        self.lat_across_ms: array[float] = array("d")  # of diffs from another server's client
+        # [uid, topic, sent (wall), replied (wall) or 0] (+ the sender's server, if several)
+        self.updates: list[list[Any]] = []
         self.windows: list[Membership] = []  # closed memberships
         self.t0: float | None = None
         self.measuring = False
@@ -881,12 +988,10 @@ class _Worker:
     async def _connect_all(self) -> None:
         spec = self.spec
         self.conns = [
-            _Conn(self, gid, gid % spec.topics)
+            _Conn(self, gid, gid % spec.topics, _server_of(gid, spec.topics, self.servers))
             for gid in range(spec.first, spec.first + spec.count)
         ]
         slots = asyncio.Semaphore(max(1, spec.concurrency))
-        host = self.wsuri.host
-        port = self.wsuri.port
         stop = asyncio.Event()
         reporter = self.loop.create_task(self._report_progress(stop))
 
@@ -896,7 +1001,8 @@ class _Worker:
                 self.first_start = min(self.first_start, time.time())
                 try:
                     async with asyncio.timeout(spec.timeout):
-                        await self.loop.create_connection(lambda: conn, host, port)
+                        wsuri = self.wsuris[conn.server]
+                        await self.loop.create_connection(lambda: conn, wsuri.host, wsuri.port)
                         if not await conn.joined:
                             self.failed += 1  # the reason was counted where it happened
                 except TimeoutError:
@@ -1007,7 +1113,7 @@ class _Worker:
             await asyncio.sleep(0.05)
         self.error("drain_cap_reached")
 
-    def _result(self, everything: list[tuple[int, int, float, float]]) -> dict[str, Any]:
+    def _result(self, everything: list[Update]) -> dict[str, Any]:
         """Accounting of the diffs against every update of the run, and the raw samples."""
         windows = list(self.windows)
         for conn in self.conns:
@@ -1033,6 +1139,7 @@ class _Worker:
             "heartbeat_ms": self.heartbeat_ms,
             "lat_ms": self.lat_ms.tobytes(),
             "lat_sec": self.lat_sec.tobytes(),
+            "lat_across_ms": self.lat_across_ms.tobytes(),
             "diff_frames": self.diffs,
             "delivered": delivered,
             "expected": expected,
@@ -1091,10 +1198,26 @@ def _healthy(port: int) -> bool:
 
 
 class _LocalServer:
-    """``presence-core serve`` as a subprocess on a free loopback port, stopped by PID."""
+    """``presence-core serve`` as a subprocess on a free loopback port, stopped by PID.
 
-    def __init__(self, clients: int, redis: str | None) -> None:
+    The constructor starts it; `wait_healthy` waits for its ``/health`` (servers start side by
+    side, then are waited for in turn).
+    """
+
+    def __init__(
+        self,
+        clients: int,
+        redis: str | None,
+        *,
+        cluster: bool = False,
+        node: str | None = None,
+        prefix: str | None = None,
+        taken: Collection[int] = (),
+    ) -> None:
         self.port = _free_port()
+        while self.port in taken:  # two servers on one port: the second would not start
+            self.port = _free_port()
+        self.node = node
         self.log: IO[bytes] = tempfile.TemporaryFile()
         command = [
             sys.executable,
@@ -1111,7 +1234,11 @@ class _LocalServer:
             "warning",
         ]
         if redis:
-            command += ["--redis", redis]
+            command += ["--redis-cluster" if cluster else "--redis", redis]
+        if node:
+            command += ["--node", node]
+        if prefix:
+            command += ["--prefix", prefix]
         self.command = command
         # Its RLIMIT_NOFILE is this process's, raised to the hard limit before it starts.
         self.proc = subprocess.Popen(
@@ -1121,12 +1248,12 @@ class _LocalServer:
             stderr=self.log,
             start_new_session=True,  # Ctrl-C is ours to handle: we stop it after the clients
         )
-        deadline = time.monotonic() + 20.0
-        while not _healthy(self.port):
+
+    def wait_healthy(self, deadline: float) -> None:
+        """Until ``/health`` answers; `BenchError` (with its log's tail) if it exits first."""
+        while not (_healthy(self.port) and self.proc.poll() is None):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise BenchError(f"presence-core serve did not start:\n{tail}")
+                raise BenchError(f"presence-core serve did not start:\n{self.log_tail()}")
             time.sleep(0.05)
 
     @property
@@ -1141,19 +1268,68 @@ class _LocalServer:
         self.log.seek(0)
         return self.log.read()[-2000:].decode("utf-8", "replace")
 
-    def stop(self) -> int | None:
-        """SIGTERM (a graceful stop), then SIGKILL after 15 s; returns its exit status."""
+    def terminate(self) -> None:
+        """SIGTERM: a graceful stop begins."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+
+    def stop(self, deadline: float | None = None) -> int | None:
+        """SIGTERM (a graceful stop), then SIGKILL after 15 s (or at ``deadline``); returns
+        its exit status."""
+        self.terminate()
+        if deadline is None:
+            deadline = time.monotonic() + 15.0
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
         self.log.close()
         return self.proc.returncode
+
+
+def _start_servers(cfg: BenchConfig) -> list[_LocalServer]:
+    """``cfg.servers`` servers sharing ``cfg.redis`` (or ``cfg.redis_cluster``), healthy.
+
+    With Redis each has a node name of its own and the run a key prefix of its own, so a run
+    neither meets an earlier one's leftovers nor touches anyone's presence in that Redis.
+    """
+    count = cfg.server_count()
+    redis = cfg.redis or cfg.redis_cluster
+    run_id = f"bench-{os.getpid()}-{secrets.token_hex(2)}"
+    per_server = _clients_per_server(cfg.clients, cfg.topics, count)
+    servers: list[_LocalServer] = []
+    try:
+        for index in range(count):
+            servers.append(
+                _LocalServer(
+                    per_server[index],
+                    redis,
+                    cluster=cfg.redis_cluster is not None,
+                    node=f"{run_id}-{index + 1}" if redis else None,
+                    prefix=run_id if redis else None,
+                    taken=[s.port for s in servers],
+                )
+            )
+        deadline = time.monotonic() + 20.0 + 5.0 * count
+        for server in servers:
+            server.wait_healthy(deadline)
+    except BaseException:
+        _stop_servers(servers)
+        raise
+    return servers
+
+
+def _stop_servers(servers: Sequence[_LocalServer]) -> None:
+    """Every server told to stop at once (each says its goodbyes to Redis), then waited for;
+    SIGKILL for any still running after 15 s."""
+    for server in servers:
+        server.terminate()
+    deadline = time.monotonic() + 15.0
+    for server in servers:
+        server.stop(deadline)
 
 
 # -- progress on stderr ----------------------------------------------------------------------------
@@ -1266,7 +1442,7 @@ class _Workers:
             pipe.close()
 
 
-def _split(cfg: BenchConfig, url: str, processes: int) -> list[_WorkerSpec]:
+def _split(cfg: BenchConfig, urls: list[str], processes: int) -> list[_WorkerSpec]:
     specs = []
     rate = cfg.updates_per_second()
     first = 0
@@ -1276,7 +1452,7 @@ def _split(cfg: BenchConfig, url: str, processes: int) -> list[_WorkerSpec]:
         specs.append(
             _WorkerSpec(
                 index=index,
-                url=url,
+                urls=urls,
                 first=first,
                 count=count,
                 topics=cfg.topics,
@@ -1308,23 +1484,28 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark and return the report (the JSON document)."""
     if cfg.clients < 1 or cfg.topics < 1 or cfg.duration <= 0:
         raise BenchError("--clients, --topics and --duration must be positive")
+    if not cfg.running_urls() and cfg.servers > 1 and not (cfg.redis or cfg.redis_cluster):
+        raise BenchError("several --servers share presence through --redis or --redis-cluster")
     processes = cfg.process_count()
-    warnings = _check_limits(cfg, processes, start_server=cfg.url is None)
+    warnings = _check_limits(cfg, processes, start_server=not cfg.running_urls())
     bar = _Bar(cfg.progress)
     for warning in warnings:
         print(f"presence-core bench: warning: {warning}", file=sys.stderr)
-    server: _LocalServer | None = None
+    started: list[_LocalServer] = []
     workers: _Workers | None = None
     graceful = False
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    pid: int | None
+    pids: list[int | None]
     try:
-        if cfg.url is None:
-            server = _LocalServer(cfg.clients, cfg.redis)
-            url, pid = server.url, server.pid
+        if not cfg.running_urls():
+            started = _start_servers(cfg)
+            urls = [server.url for server in started]
+            pids = [server.pid for server in started]
         else:
-            url, pid = _with_vsn(cfg.url), cfg.server_pid
-        specs = _split(cfg, url, processes)
+            urls = [_with_vsn(url) for url in cfg.running_urls()]
+            known = cfg.running_pids()
+            pids = [known[i] if i < len(known) else None for i in range(len(urls))]
+        specs = _split(cfg, urls, processes)
         workers = _Workers(specs)
         worker_pids = workers.gather("hello", lambda i, p: None, 60.0)
 
@@ -1340,7 +1521,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             )
             bar.show("connect", joined + failed, cfg.clients, extra)
 
-        cpu_a = _cpu_seconds(pid) if pid else None
+        cpu_a = _cpu_all(pids)
         wall_a = time.monotonic()
         workers.broadcast("connect")
         workers.gather(
@@ -1349,7 +1530,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         connecting(-1, {})
         bar.show("connect", 1, 1, f"{sum(x['joined'] for x in progress.values()):,} joined", True)
         bar.done()
-        cpu_b = _cpu_seconds(pid) if pid else None
+        cpu_b = _cpu_all(pids)
         wall_b = time.monotonic()
 
         t0 = time.time() + 0.2
@@ -1358,14 +1539,19 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         sampled: dict[str, Any] = {}
         progress.clear()
 
+        def sample() -> None:
+            """The servers' and the machine's CPU and the servers' memory, as the run ends."""
+            sampled["cpu"] = _cpu_all(pids)
+            sampled["box"] = _box_cpu_seconds()
+            sampled["wall"] = time.monotonic()
+            sampled["memory"] = [_memory(pid) if pid else (None, None) for pid in pids]
+
         def running(index: int, p: dict[str, int]) -> None:
             if index >= 0:
                 progress[index] = p
             now = time.time()
-            if now >= end and "cpu" not in sampled and pid:
-                sampled["cpu"] = _cpu_seconds(pid)
-                sampled["wall"] = time.monotonic()
-                sampled["memory"] = _memory(pid)
+            if now >= end and "cpu" not in sampled:
+                sample()
             ups = sum(x["updates"] for x in progress.values())
             diffs = sum(x["diffs"] for x in progress.values())
             errs = sum(x["errors"] for x in progress.values())
@@ -1373,32 +1559,40 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             extra += f"  diff frames {diffs:,}"
             bar.show("run", now - t0, cfg.duration, extra + (f"  errors {errs:,}" if errs else ""))
 
-        cpu_c = _cpu_seconds(pid) if pid else None
+        cpu_c = _cpu_all(pids)
+        box_c = _box_cpu_seconds()
         wall_c = time.monotonic()
         sent = workers.gather("sent", running, cfg.duration + 60.0)
         running(-1, {})
-        if "cpu" not in sampled and pid:  # the run ended between two progress reports
-            sampled["cpu"] = _cpu_seconds(pid)
-            sampled["wall"] = time.monotonic()
-            sampled["memory"] = _memory(pid)
+        if "cpu" not in sampled:  # the run ended between two progress reports
+            sample()
         bar.show("run", 1, 1, "draining", True)
         bar.done()
         everything = [u for part in sent for u in part]
         workers.broadcast("finish", everything)
         results = workers.gather("result", lambda i, p: None, _DRAIN_CAP + 120.0)
         graceful = True
-        server_info: dict[str, Any] = {"pid": pid, "started_here": server is not None}
-        if server is not None:
-            server_info["command"] = server.command
-        if pid:
-            rss, peak = sampled.get("memory", (None, None))
-            server_info["rss_bytes"] = rss
-            server_info["rss_peak_bytes"] = peak
-            server_info["cpu_percent_connect"] = _percent(cpu_a, cpu_b, wall_b - wall_a)
-            server_info["cpu_percent_run"] = _percent(
-                cpu_c, sampled.get("cpu"), sampled.get("wall", wall_c) - wall_c
-            )
-        report = _report(cfg, processes, url, results, everything, server_info, warnings)
+        per_server = _clients_per_server(cfg.clients, cfg.topics, len(urls))
+        servers: list[dict[str, Any]] = []
+        for i, pid in enumerate(pids):
+            info: dict[str, Any] = {"pid": pid, "started_here": bool(started)}
+            if started:
+                info["command"] = started[i].command
+            if pid:
+                rss, peak = sampled["memory"][i]
+                info["rss_bytes"] = rss
+                info["rss_peak_bytes"] = peak
+                info["cpu_percent_connect"] = _percent(cpu_a[i], cpu_b[i], wall_b - wall_a)
+                info["cpu_percent_run"] = _percent(
+                    cpu_c[i], sampled["cpu"][i], sampled["wall"] - wall_c
+                )
+            info["url"] = urls[i]
+            info["clients"] = per_server[i]
+            if started and started[i].node:
+                info["node"] = started[i].node
+            servers.append(info)
+        box = _percent(box_c, sampled["box"], sampled["wall"] - wall_c)
+        report = _report(cfg, processes, urls, results, everything, servers, box, warnings)
         report["worker_pids"] = worker_pids
         report["run_started_at"] = t0  # Unix time: "second" 0 of the per-second table
         return report
@@ -1409,8 +1603,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, previous)
         if workers is not None:
             workers.stop(graceful)
-        if server is not None:
-            server.stop()
+        _stop_servers(started)
+
+
+def _cpu_all(pids: Sequence[int | None]) -> list[float | None]:
+    return [_cpu_seconds(pid) if pid else None for pid in pids]
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -1426,17 +1623,20 @@ def _percent(before: float | None, after: float | None, wall: float) -> float | 
 def _report(
     cfg: BenchConfig,
     processes: int,
-    url: str,
+    urls: list[str],
     results: list[dict[str, Any]],
-    updates: list[tuple[int, int, float, float]],
-    server: dict[str, Any],
+    updates: list[Update],
+    servers: list[dict[str, Any]],
+    box: float | None,
     warnings: list[str],
 ) -> dict[str, Any]:
     lat: array[float] = array("d")
     sec: array[int] = array("i")
+    across: array[float] = array("d")
     for r in results:
         lat.frombytes(r["lat_ms"])
         sec.frombytes(r["lat_sec"])
+        across.frombytes(r["lat_across_ms"])
     per_second: dict[int, list[float]] = {}
     for s, v in zip(sec, lat, strict=True):
         per_second.setdefault(s, []).append(v)
@@ -1455,7 +1655,8 @@ def _report(
     warnings = list(warnings)
     cpus = [r["cpu_percent"] for r in results if r["cpu_percent"] is not None]
     busiest = max(cpus, default=0.0)
-    used = sum(cpus) + (server.get("cpu_percent_run") or 0.0)
+    total = _servers_total(servers)
+    used = sum(cpus) + (total["cpu_percent_run"] or 0.0)
     available = 100.0 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     if busiest >= 90.0:
         warnings.append(
@@ -1468,12 +1669,14 @@ def _report(
             "was saturated, so the latencies include waiting for a CPU"
         )
     presence_ops = sum(ops[k] for k in ("update", "switch", "join", "leave", "track"))
-    return {
+    report: dict[str, Any] = {
         "parameters": {
             **{k: v for k, v in asdict(cfg).items() if k != "progress"},
             "rate": cfg.updates_per_second(),
             "processes": processes,
-            "url": url,
+            "url": urls[0],
+            "urls": urls,
+            "servers": len(urls),
         },
         "environment": {
             "python": platform.python_version(),
@@ -1519,7 +1722,65 @@ def _report(
         "errors": {k: v for k, v in sorted(errors.items()) if v},
         "error_count": sum(errors.values()),
         "connections_held": sum(r["held"] for r in results),
-        "server": server,
+        "server": servers[0],
+        "servers": servers,
+        "servers_total": total,
+        "saturation": _saturation(servers, cpus if len(cpus) == len(results) else None, box),
+    }
+    if len(servers) > 1:
+        report["diffs"]["from_other_servers"] = len(across)
+        report["diffs"]["latency_from_other_servers_ms"] = _summary(across)
+    return report
+
+
+def _servers_total(servers: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPU and memory of the servers in all (None when none is known; partial sums when only
+    some are)."""
+    out: dict[str, Any] = {}
+    for key in ("cpu_percent_run", "cpu_percent_connect", "rss_bytes", "rss_peak_bytes"):
+        known = [s[key] for s in servers if s.get(key) is not None]
+        if not known:
+            out[key] = None
+        elif key.startswith("cpu"):
+            out[key] = round(sum(known), 1)
+        else:
+            out[key] = sum(known)
+    out["known"] = sum(1 for s in servers if s.get("cpu_percent_run") is not None)
+    out["servers"] = len(servers)
+    return out
+
+
+_SATURATED = 0.9  # of the machine's cores
+
+
+def _saturation(
+    servers: list[dict[str, Any]], workers: list[float] | None, box: float | None
+) -> dict[str, Any]:
+    """The servers' and the bench workers' CPU during the run against the machine's cores.
+
+    ``box`` is what every process used (/proc/stat), so what the others used (Redis, other
+    work on the machine) shows too; it counts toward saturation.
+    """
+    cores = os.cpu_count() or 1
+    parts: list[tuple[str, float]] = []
+    for i, server in enumerate(servers):
+        cpu = server.get("cpu_percent_run")
+        if cpu is not None:
+            parts.append((f"server {i + 1}" if len(servers) > 1 else "server", cpu))
+    if workers is not None:
+        parts.append(("bench workers", round(sum(workers), 1)))
+    used = round(sum(cpu for _name, cpu in parts), 1)
+    other = None if box is None else round(max(0.0, box - used), 1)
+    capacity = 100.0 * cores
+    return {
+        "cpus": cores,
+        "capacity_percent": capacity,
+        "used_percent": used,
+        "other_percent": other,
+        "processes": [
+            {"name": name, "cpu_percent": cpu} for name, cpu in sorted(parts, key=lambda p: -p[1])
+        ],
+        "saturated": used + (other or 0.0) >= _SATURATED * capacity,
     }
 
 
@@ -1552,13 +1813,36 @@ def format_report(report: dict[str, Any]) -> str:
         report["ops"],
         report["server"],
     )
+    servers: list[dict[str, Any]] = report.get("servers", [srv])
+    shared = (f" redis {p['redis']}" if p.get("redis") else "") + (
+        f" redis cluster {p['redis_cluster']}" if p.get("redis_cluster") else ""
+    )
     lines = [
         f"presence-core bench: {p['clients']:,} clients, {p['topics']:,} topics, "
         f"{p['rate']:g} updates/s, {p['duration']:g} s, {p['processes']} process(es), "
         f"heartbeat {p['heartbeat']:g} s, switch {'on' if p['switch'] else 'off'}",
-        f"server: {p['url']}"
-        + (f" (started here, pid {srv['pid']})" if srv.get("started_here") else "")
-        + (f" redis {p['redis']}" if p.get("redis") else ""),
+    ]
+    if len(servers) == 1:
+        lines.append(
+            f"server: {p['url']}"
+            + (f" (started here, pid {srv['pid']})" if srv.get("started_here") else "")
+            + shared
+        )
+    else:
+        lines.append(
+            f"servers: {len(servers)}"
+            + (" started here" if srv.get("started_here") else " running")
+            + (f", sharing{shared}" if shared else "")
+            + "; clients spread round-robin over each topic's members"
+        )
+        for i, server in enumerate(servers):
+            lines.append(
+                f"  server {i + 1}  {server.get('url', '')}"
+                + (f", pid {server['pid']}" if server.get("pid") else "")
+                + (f", node {server['node']}" if server.get("node") else "")
+                + (f", {server['clients']:,} clients" if "clients" in server else "")
+            )
+    lines += [
         "",
         f"connect     {c['joined']:,}/{c['clients']:,} joined"
         + (f", {c['failed']:,} failed" if c["failed"] else "")
@@ -1570,6 +1854,15 @@ def format_report(report: dict[str, Any]) -> str:
         + (f", {d['missing']:,} missing" if d["missing"] else "")
         + f"; {d['frames_received']:,} frames",
         f"  propagation        {_stats(d['latency_ms'])}  ({d['latency_ms']['count']:,} joins)",
+    ]
+    if "latency_from_other_servers_ms" in d:
+        across = d["latency_from_other_servers_ms"]
+        lines.append(
+            f"  from other servers {_stats(across)}  ({across['count']:,} joins)"
+            if across["count"]
+            else "  from other servers none: no diff crossed between the servers"
+        )
+    lines += [
         f"channel     {sw['switched']:,}/{sw['clients']:,} switched",
         f"  leave-to-state     {_stats(sw['leave_to_state_ms'])}",
         f"ops         {ops['updates_acknowledged']:,} updates ({ops['updates_per_second']:g}/s), "
@@ -1587,15 +1880,27 @@ def format_report(report: dict[str, Any]) -> str:
         + ", ".join(_pct_text(v) for v in report["clients_cpu_percent"])
         + " of one core per worker process during the run",
     ]
-    if srv.get("pid"):
-        rss, peak = srv.get("rss_bytes"), srv.get("rss_peak_bytes")
-        cpu_run, cpu_conn = srv.get("cpu_percent_run"), srv.get("cpu_percent_connect")
+    for i, server in enumerate(servers):
+        label = "server" if len(servers) == 1 else f"server {i + 1}"
+        if server.get("pid"):
+            rss, peak = server.get("rss_bytes"), server.get("rss_peak_bytes")
+            cpu_run, cpu_conn = server.get("cpu_percent_run"), server.get("cpu_percent_connect")
+            lines.append(
+                f"{label:<11} CPU {_pct_text(cpu_run)} of one core during the run, "
+                f"{_pct_text(cpu_conn)} while connecting; RSS {_mib(rss)} (peak {_mib(peak)})"
+            )
+        else:
+            lines.append(f"{label:<11} CPU and RSS unknown (give --server-pid)")
+    total = report.get("servers_total")
+    if len(servers) > 1 and total and total["known"]:
+        some = "" if total["known"] == total["servers"] else f" ({total['known']} known)"
         lines.append(
-            f"server      CPU {_pct_text(cpu_run)} of one core during the run, "
-            f"{_pct_text(cpu_conn)} while connecting; RSS {_mib(rss)} (peak {_mib(peak)})"
+            f"servers     CPU {_pct_text(total['cpu_percent_run'])} in all during the run, "
+            f"{_pct_text(total['cpu_percent_connect'])} while connecting; "
+            f"RSS {_mib(total['rss_bytes'])} in all{some}"
         )
-    else:
-        lines.append("server      CPU and RSS unknown (give --server-pid)")
+    if "saturation" in report:
+        lines.append("saturation  " + _saturation_text(report["saturation"]))
     per = d["per_second"]
     if per:
         lines.append("")
@@ -1611,6 +1916,9 @@ def format_report(report: dict[str, Any]) -> str:
         value: Any = report
         for part in path:
             value = value.get(part) if isinstance(value, dict) else None
+        if path[0] == "server" and len(servers) > 1:  # every server within one core
+            known = [s["cpu_percent_run"] for s in servers if s.get("cpu_percent_run") is not None]
+            name, value = f"busiest {name}", max(known, default=None)
         verdict = "-" if value is None else ("ok" if value <= limit else "MISSED")
         shown = "-" if value is None else f"{value:.1f} {unit}"
         lines.append(f"  {name:<34} {shown:>12}  {verdict}")
@@ -1624,6 +1932,18 @@ def format_report(report: dict[str, Any]) -> str:
     for warning in report.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def _saturation_text(sat: dict[str, Any]) -> str:
+    """``box: 187 % of 200 % (server 1: 61 %, ...) — saturated``, the busiest first."""
+    parts = ", ".join(f"{x['name']}: {x['cpu_percent']:.0f} %" for x in sat["processes"])
+    other = sat.get("other_percent")
+    return (
+        f"box: {sat['used_percent']:.0f} % of {sat['capacity_percent']:.0f} % "
+        f"({parts or 'CPU unknown'})"
+        + (f" + other processes {other:.0f} %" if other is not None and other >= 5.0 else "")
+        + (" — saturated" if sat["saturated"] else " — not saturated")
+    )
 
 
 def _pct_text(value: float | None) -> str:
@@ -1671,12 +1991,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--url",
+        action="append",
         default=None,
-        help="ws:// URL of a running server (default: start presence-core serve here)",
+        help="ws:// URL of a running server, once per server: the clients spread over them "
+        "(default: start presence-core serve here)",
     )
-    parser.add_argument("--redis", metavar="URL", help="the started server shares through Redis")
     parser.add_argument(
-        "--server-pid", type=int, default=None, help="PID of the --url server, for CPU and RSS"
+        "--servers",
+        type=int,
+        default=1,
+        help="servers started here, sharing --redis or --redis-cluster (1)",
+    )
+    shared = parser.add_mutually_exclusive_group()
+    shared.add_argument("--redis", metavar="URL", help="the started servers share through Redis")
+    shared.add_argument(
+        "--redis-cluster", metavar="URL", help="the started servers share through Redis Cluster"
+    )
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        default=None,
+        help="PID of the --url server, for CPU and RSS (once per --url, in the same order)",
     )
     parser.add_argument(
         "--heartbeat", type=float, default=_HEARTBEAT, help="heartbeat interval (25 s)"
@@ -1706,15 +2042,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``presence-core bench`` with parsed arguments; returns the exit status."""
+    urls: list[str] = args.url or []
+    pids: list[int] = args.server_pid or []
     cfg = BenchConfig(
         clients=args.clients,
         topics=args.topics,
         rate=args.rate,
         duration=args.duration,
         processes=args.processes,
-        url=args.url,
+        url=urls[0] if urls else None,
         redis=args.redis,
-        server_pid=args.server_pid,
+        server_pid=pids[0] if pids else None,
+        servers=args.servers,
+        redis_cluster=args.redis_cluster,
+        urls=urls,
+        server_pids=pids,
         heartbeat=args.heartbeat,
         concurrency=args.concurrency,
         timeout=args.timeout,
@@ -1723,11 +2065,19 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    if cfg.url is not None and cfg.redis is not None:
-        print(
-            "presence-core bench: --redis applies to the server started here, not --url",
-            file=sys.stderr,
-        )
+    problem = None
+    if urls and (cfg.redis or cfg.redis_cluster):
+        problem = "--redis and --redis-cluster apply to the servers started here, not --url"
+    elif urls and args.servers != 1:
+        problem = "--servers starts servers here; with --url, give --url once per server"
+    elif urls and pids and len(pids) != len(urls):
+        problem = "give --server-pid once per --url, in the same order"
+    elif args.servers < 1:
+        problem = "--servers must be positive"
+    elif args.servers > 1 and not (cfg.redis or cfg.redis_cluster):
+        problem = "several --servers share presence through --redis URL or --redis-cluster URL"
+    if problem is not None:
+        print(f"presence-core bench: {problem}", file=sys.stderr)
         return 2
     try:
         report = run_bench(cfg)
