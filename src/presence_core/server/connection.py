@@ -104,7 +104,9 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than its topics change: it would hold ever more memory here.
-        self.server._slow(self)
+        # (Before the handshake this is a large HTTP answer, /metrics say: it drains, then ends.)
+        if self.open:
+            self.server._slow(self)
 
     # -- reading ------------------------------------------------------------------------------
 
