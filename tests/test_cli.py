@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -155,3 +156,91 @@ def test_serve_with_redis_cluster_shares_presence_between_two_processes(
     for proc in (proc_a, proc_b):  # graceful stops, by PID
         os.kill(proc.pid, signal.SIGTERM)
     assert proc_a.wait(15) == 0 and proc_b.wait(15) == 0
+
+
+class _Watcher:
+    """A v2 client that keeps the set of keys it sees present (state and diffs applied)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.present: set[str] = set()
+        self.replies = 0
+        self.task = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def join(cls, port: int, topic: str, key: str, track: bool = True) -> _Watcher:
+        ws = await connect(f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0")
+        join = {"config": {"presence": {"key": key}}}
+        await ws.send(json.dumps(["1", "1", topic, "phx_join", join]))
+        if track:
+            await ws.send(
+                json.dumps(["1", "2", topic, "presence", {"event": "track", "payload": {}}])
+            )
+        return cls(ws)
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in self.ws:
+                _, _, _, event, payload = json.loads(raw)
+                if event == "presence_state":
+                    self.present = set(payload)
+                elif event == "presence_diff":
+                    self.present -= set(payload["leaves"]) - set(payload["joins"])
+                    self.present |= set(payload["joins"])
+                elif event == "phx_reply":
+                    self.replies += 1
+
+    async def until(self, keys: set[str], timeout: float) -> float:
+        """Seconds until exactly ``keys`` are present; fails after ``timeout``."""
+        started = time.monotonic()
+        while self.present != keys:
+            assert time.monotonic() - started < timeout, f"saw {self.present}, want {keys}"
+            await asyncio.sleep(0.02)
+        return time.monotonic() - started
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.task
+
+
+def test_serve_keeps_serving_while_redis_is_down_and_converges_after(
+    serve: object, valkey_factory: Callable[..., ValkeyServer]
+) -> None:
+    """Redis SIGKILLed under two `serve --redis`: each keeps serving its own clients at once
+    (joins, tracks, diffs, heartbeats never wait on Redis), and once Redis is back, empty,
+    both processes see everyone again."""
+    redis = valkey_factory()
+    _, port_a, _ = serve("--redis", redis.url, "--liveness-timeout", "2")  # type: ignore[operator]
+    _, port_b, _ = serve("--redis", redis.url, "--liveness-timeout", "2")  # type: ignore[operator]
+
+    async def main() -> None:
+        alice = await _Watcher.join(port_a, "room", "alice")
+        bob = await _Watcher.join(port_b, "room", "bob")
+        await alice.until({"alice", "bob"}, 10)
+        await bob.until({"alice", "bob"}, 10)
+
+        redis.kill()
+        carol = await _Watcher.join(port_a, "room", "carol")  # on A, with Redis gone
+        took = await alice.until({"alice", "bob", "carol"}, 2)
+        print(f"a join on a server without Redis reached its neighbour in {took * 1000:.0f} ms")
+        await carol.until({"alice", "bob", "carol"}, 2)
+        replies = alice.replies
+        await alice.ws.send(json.dumps([None, "9", "phoenix", "heartbeat", {}]))
+        for _ in range(100):
+            if alice.replies > replies:
+                break
+            await asyncio.sleep(0.01)
+        assert alice.replies > replies, "a heartbeat waited on Redis"
+        await asyncio.sleep(3.0)  # past the liveness timeout: no process is declared dead
+        assert bob.present == {"alice", "bob"}
+
+        redis.restart()  # empty, on the same port
+        took = await bob.until({"alice", "bob", "carol"}, 20)
+        print(f"after Redis came back, empty, B saw carol in {took:.2f} s")
+        await alice.until({"alice", "bob", "carol"}, 5)
+        await carol.close()
+        await bob.until({"alice", "bob"}, 10)  # and the leave crosses again
+        for watcher in (alice, bob):
+            await watcher.close()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
