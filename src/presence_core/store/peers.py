@@ -648,8 +648,14 @@ def _main_reason(reasons: set[str]) -> str:
 
 
 async def _close_pubsub(pubsub: Any) -> None:
+    connection = getattr(pubsub, "connection", None)
     try:
         async with asyncio.timeout(_STOP_TIMEOUT):
             await pubsub.aclose()
     except Exception:  # closing a broken subscription may fail (or hang) the same way
         logger.debug("closing a subscription failed", exc_info=True)
+        if connection is not None:  # then its socket is dropped without waiting
+            try:
+                await connection.disconnect(nowait=True)
+            except Exception:
+                logger.debug("dropping a subscription's socket failed", exc_info=True)

@@ -668,6 +668,7 @@ class RedisStore:
                         await client.aclose()
                 except Exception:  # a broken connection may fail to close the same way
                     logger.debug("closing a control client failed", exc_info=True)
+                    await _drop_sockets(client.connection_pool)
             self._node_clients.clear()
             self._publish()
 
@@ -1278,3 +1279,20 @@ class RedisStore:
             self.metrics.set(REDIS_FLUSH_LAG_SECONDS, lag)
         except Exception:
             logger.exception("metrics sink %r failed", self.metrics)
+
+
+async def _drop_sockets(pool: Any) -> None:
+    """Close a redis-py pool's sockets without waiting for the server, which may be gone.
+
+    Used when a bounded close gave up: a socket left open would be closed by the garbage
+    collector later, with a ResourceWarning, after its event loop has ended.
+    """
+    connections = [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]
+    for connection in connections:
+        try:
+            await connection.disconnect(nowait=True)
+        except Exception:  # it is being abandoned; nothing more to do
+            logger.debug("dropping a socket failed", exc_info=True)
