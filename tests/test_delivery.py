@@ -205,6 +205,35 @@ def test_a_client_joining_mid_flush_gets_each_diff_once(tracker: Tracker) -> Non
     assert view.state == tracker.list("b")
 
 
+def test_a_flush_with_a_budget_leaves_topics_queued_and_new_clients_consistent(
+    tracker: Tracker,
+) -> None:
+    router = Router(tracker)
+    tracker.add_transport(router)
+    views = {topic: router.join(topic) for topic in "abc"}
+    for topic in "abc":
+        tracker.track("c1", topic, "alice", {})
+    assert tracker.flush(budget=1e-9) == 1  # one topic always goes; b and c stay queued
+    late = router.join("c")  # a client of a queued topic: the state before its diff
+    assert late.state == {}
+    tracker.track("c2", "a", "bob", {})  # a new change, after the queued batch
+    assert tracker.flush(budget=1e-9) == 1  # b: only the queue is worked through
+    assert tracker.flush(budget=1e-9) == 1  # c, to both of its clients
+    assert list(views["a"].state) == ["alice"]
+    assert tracker.flush(budget=1e-9) == 1  # now the new batch: bob in a
+    assert tracker.flush(budget=1e-9) == 0
+    for topic, view in views.items():
+        assert view.state == tracker.list(topic)
+    assert late.state == tracker.list("c")
+
+
+def test_a_flush_budget_must_be_positive_seconds(tracker: Tracker) -> None:
+    with pytest.raises(ValueError):
+        tracker.flush(budget=0)
+    with pytest.raises(TypeError):
+        tracker.flush(budget="1")  # type: ignore[arg-type]
+
+
 def test_state_for_a_transport_not_yet_called_leaves_out_the_diff_under_way(
     tracker: Tracker,
 ) -> None:

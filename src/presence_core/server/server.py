@@ -21,7 +21,10 @@ kernel time each on loopback: the joins would queue behind their own fan-out for
 minute.  While new sockets arrive faster than 200 a second and 1 % of the connections a second
 (counted over 0.25 s), flushes are 0.5 s apart, so a topic's diff carries every join of that
 half second; the storm ends, and diffs go out every iteration again, within half a second of
-the last burst.  Replies and ``presence_state`` are never held back.
+the last burst.  Replies and ``presence_state`` are never held back.  A flush writes for at most
+20 ms before the loop reads its sockets again (`Tracker.flush`'s ``budget``): the topics left
+go out in the next iterations, in order, and a client joining one of them meanwhile gets the
+state before its diff, then the diff.
 
 Protocol notes (checked against the three clients):
 
@@ -88,6 +91,7 @@ _STORM_SOCKETS = 200.0  # new sockets a second that make a reconnect storm...
 _STORM_SHARE = 0.01  # ...if they are also at least this share of the connections a second
 _STORM_WINDOW = 0.25  # seconds over which new sockets are counted: a storm ends this soon
 _STORM_INTERVAL = 0.5  # seconds between two flushes during a storm
+_FLUSH_SLICE = 0.02  # seconds of fan-out before the loop reads its sockets again
 _BACKLOG = 4096  # pending TCP accepts: a reconnect storm arrives all at once
 
 
@@ -278,13 +282,21 @@ class PresenceServer:
             else:
                 self._flush_handle = loop.call_at(at, self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, more: bool = False) -> None:
         self._flush_handle = None
-        self._flush_started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        if not more:
+            self._flush_started = loop.time()
+        started = time.perf_counter()
         try:
-            self.tracker.flush()
+            self.tracker.flush(budget=_FLUSH_SLICE)
         except Exception:  # pragma: no cover - flush logs hook failures itself
             logger.exception("tracker flush failed")
+        if time.perf_counter() - started >= _FLUSH_SLICE:
+            # Topics may be left: the next slice after this iteration's reads.
+            self._flush_handle = loop.call_soon(self._flush, True)
+        elif more:
+            self._flush_soon()  # the batch is out; what changed meanwhile is next
 
     # -- connections (called by `Connection`) -----------------------------------------------
 

@@ -155,16 +155,25 @@ class Delivery:
         """Presence changes (joins and leaves) that some reader or hook has yet to get."""
         return sum(len(c.joins) + len(c.leaves) for c in self._undelivered())
 
-    def flush(self) -> int:
-        """Finish any interrupted flush, then deliver a new batch; returns topics delivered."""
+    def flush(self, budget: float | None = None) -> int:
+        """Finish any interrupted flush, then deliver a new batch; returns topics delivered.
+
+        With a ``budget`` (seconds), no job starts once it is spent (one always does), the rest
+        stay queued, and a flush that found jobs queued only works through them: the next one
+        takes the new batch.
+        """
         if self._flushing:
             return 0
         self._flushing = True
         try:
             start = _perf_counter()
-            delivered = self._run(start)  # empties the queue, unless it raises out of here
+            deadline = None if budget is None else start + budget
+            queued = bool(self._queue)
+            delivered = self._run(start, deadline)  # empties the queue, unless stopped
+            if deadline is not None and queued:
+                return delivered
             self._enqueue(self._state.feed.take())
-            return delivered + self._run(start)
+            return delivered + self._run(start, deadline)
         finally:
             self._flushing = False
 
@@ -187,10 +196,12 @@ class Delivery:
                 # changes were never encoded, and are simply dropped here.
                 state.prune(t)
 
-    def _run(self, start: float) -> int:
+    def _run(self, start: float, deadline: float | None = None) -> int:
         queue = self._queue
         delivered = 0
         while queue:
+            if deadline is not None and delivered and _perf_counter() >= deadline:
+                break
             job = queue[0]
             if type(job) is _ReadersJob:
                 self._read(job)

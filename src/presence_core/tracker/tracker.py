@@ -1203,7 +1203,7 @@ class Tracker:
         """Topics with changes not delivered yet (waiting for the next `flush`)."""
         return self._delivery.pending()
 
-    def flush(self) -> int:
+    def flush(self, *, budget: float | None = None) -> int:
         """Deliver each changed topic's coalesced ``presence_diff``; returns how many topics.
 
         The feed readers get the whole batch first.  Then every subscriber of the topic and
@@ -1216,9 +1216,16 @@ class Tracker:
         then would hand the hooks not yet called the newer diff before the one under way.  A
         hook removed during the flush is not called after its removal.  The time from this
         call to each topic's last delivery is recorded in ``diff_propagation_seconds``.
+
+        ``budget`` (seconds) lets a host keep reading its sockets through a large flush: once
+        it is spent no further topic starts (at least one does), the others stay queued, and
+        the next call works through them before any new change is taken.  Meanwhile a client
+        that subscribes to a queued topic gets the state before its diff, then the diff.
         """
+        if budget is not None:
+            budget = check_seconds(budget, "budget")
         try:
-            return self._delivery.flush()
+            return self._delivery.flush(budget)
         finally:
             self.sync_metrics()
 
