@@ -23,7 +23,7 @@ from websockets.utils import accept_key
 
 from presence_core import Tracker
 from presence_core.server import PresenceServer
-from presence_core.server.bench import Membership, _Conn, account
+from presence_core.server.bench import Membership, _Conn, account, main
 from presence_core.store import RedisStore
 
 EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
@@ -401,3 +401,51 @@ def test_the_client_answers_a_close_and_a_protocol_error() -> None:
         assert texts == [b'"first"']
     finally:
         loop.close()
+
+
+def test_bench_plots_latency_connections_and_server_cpu_over_time(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.image  # noqa: PLC0415 - optional extra, in the test extra
+
+    out, png = tmp_path / "report.json", tmp_path / "bench.png"
+    args = ["--clients", "200", "--topics", "4", "--duration", "3", "--no-progress"]
+    done = subprocess.run(
+        [EXE, "bench", *args, "--json", str(out), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert 500 <= width <= 2000 and 500 <= height <= 2000, (width, height)
+
+    report = json.loads(out.read_text())
+    _check(report, 200)
+    timeline = report["timeline"]
+    assert 0 < timeline["run_from"] < timeline["run_to"]
+    assert timeline["run_to"] - timeline["run_from"] == pytest.approx(3.0, abs=0.01)
+    latency = timeline["diff_latency_ms"]
+    assert [r["second"] for r in latency] == list(range(len(latency))) and len(latency) >= 3
+    for row in latency:
+        assert timeline["run_from"] < row["t"] < timeline["run_to"] + 1
+        assert 0 <= row["p50"] <= row["p95"] <= row["p99"] <= row["max"]
+    assert sum(r["count"] for r in latency) == report["diffs"]["latency_ms"]["count"]
+    joined = [c[1] for c in timeline["connections"]]
+    assert joined[0] == 0 and joined[-1] == 200 and joined == sorted(joined)
+    times = [c[0] for c in timeline["server_cpu_percent"]]
+    assert len(times) >= 4 and times == sorted(times)
+    assert all(len(c[1]) == 1 and c[1][0] is not None for c in timeline["server_cpu_percent"])
+    assert max(c[1][0] for c in timeline["server_cpu_percent"]) > 0
+
+
+def test_bench_plot_without_matplotlib_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    png = tmp_path / "bench.png"
+    assert main(["--clients", "10", "--duration", "1", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "presence-core[plot]"' in err and "matplotlib" in err
+    assert not png.exists()

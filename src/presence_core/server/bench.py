@@ -84,6 +84,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from . import bench_plot
 from .loop import run as run_loop
 from .loop import uvloop_installed
 
@@ -1483,6 +1484,61 @@ def _with_vsn(url: str) -> str:
     return f"{base}?{query}"
 
 
+class _Timeline:
+    """Connections joined and each server's CPU over the whole run, sampled about once a second
+    from the coordinator's progress callbacks (which come at least every 0.2 s while it waits)."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started  # Unix time: second 0 of the plot
+        self.pids: list[int | None] = []
+        self.joined = 0
+        self.connections: list[list[float]] = []
+        self.cpu: list[list[Any]] = []
+        self._last: float | None = None
+        self._last_cpu: list[float | None] = []
+        self._last_joined = 0.0
+
+    def watch(self, pids: list[int | None]) -> None:
+        self.pids = pids
+        self._last = time.monotonic()
+        self._last_cpu = _cpu_all(pids)
+        self.connections.append([self._now(), 0])
+
+    def _now(self) -> float:
+        return round(time.time() - self.started, 3)
+
+    def tick(self, joined: int | None = None, force: bool = False) -> None:
+        """Record a CPU sample once a second, and the joined count then and (at most four times
+        a second) whenever it changes, so a short connect phase still shows its ramp."""
+        if self._last is None:
+            return
+        mono = time.monotonic()
+        if joined is not None and joined != self.joined:
+            self.joined = joined
+            if mono - self._last_joined >= 0.25:
+                self.connections.append([self._now(), joined])
+                self._last_joined = mono
+        if mono - self._last < 1.0 and not force:
+            return
+        cpu = _cpu_all(self.pids)
+        wall = mono - self._last
+        t = self._now()
+        self.cpu.append(
+            [t, [_percent(a, b, wall) for a, b in zip(self._last_cpu, cpu, strict=True)]]
+        )
+        self.connections.append([t, self.joined])
+        self._last, self._last_cpu, self._last_joined = mono, cpu, mono
+
+    def as_dict(self, t0: float, end: float) -> dict[str, Any]:
+        return {
+            "started_at": self.started,
+            "run_from": round(t0 - self.started, 3),
+            "run_to": round(end - self.started, 3),
+            "connections": self.connections,
+            "server_cpu_percent": self.cpu,
+        }
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark and return the report (the JSON document)."""
     if cfg.clients < 1 or cfg.topics < 1 or cfg.duration <= 0:
@@ -1492,6 +1548,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     processes = cfg.process_count()
     warnings = _check_limits(cfg, processes, start_server=not cfg.running_urls())
     bar = _Bar(cfg.progress)
+    timeline = _Timeline(time.time())
     for warning in warnings:
         print(f"presence-core bench: warning: {warning}", file=sys.stderr)
     started: list[_LocalServer] = []
@@ -1508,9 +1565,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             urls = [_with_vsn(url) for url in cfg.running_urls()]
             known = cfg.running_pids()
             pids = [known[i] if i < len(known) else None for i in range(len(urls))]
+        timeline.watch(pids)
         specs = _split(cfg, urls, processes)
         workers = _Workers(specs)
-        worker_pids = workers.gather("hello", lambda i, p: None, 60.0)
+        worker_pids = workers.gather("hello", lambda i, p: timeline.tick(), 60.0)
 
         progress: dict[int, dict[str, int]] = {}
 
@@ -1519,6 +1577,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 progress[index] = p
             joined = sum(x["joined"] for x in progress.values())
             failed = sum(x["failed"] for x in progress.values())
+            timeline.tick(joined)
             extra = f"{joined:,}/{cfg.clients:,} joined" + (
                 f", {failed:,} failed" if failed else ""
             )
@@ -1555,6 +1614,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             now = time.time()
             if now >= end and "cpu" not in sampled:
                 sample()
+            if progress:
+                timeline.tick(sum(x["joined"] for x in progress.values()))
+            else:
+                timeline.tick()
             ups = sum(x["updates"] for x in progress.values())
             diffs = sum(x["diffs"] for x in progress.values())
             errs = sum(x["errors"] for x in progress.values())
@@ -1573,7 +1636,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         bar.done()
         everything = [u for part in sent for u in part]
         workers.broadcast("finish", everything)
-        results = workers.gather("result", lambda i, p: None, _DRAIN_CAP + 120.0)
+        results = workers.gather("result", lambda i, p: timeline.tick(), _DRAIN_CAP + 120.0)
+        timeline.tick(force=True)
         graceful = True
         per_server = _clients_per_server(cfg.clients, cfg.topics, len(urls))
         servers: list[dict[str, Any]] = []
@@ -1598,6 +1662,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         report = _report(cfg, processes, urls, results, everything, servers, box, warnings)
         report["worker_pids"] = worker_pids
         report["run_started_at"] = t0  # Unix time: "second" 0 of the per-second table
+        report["timeline"] = {**timeline.as_dict(t0, end), **report["timeline"]}
+        for row in report["timeline"]["diff_latency_ms"]:
+            row["t"] = round(t0 - timeline.started + row["second"] + 0.5, 3)
         return report
     except KeyboardInterrupt:
         bar.done()
@@ -1729,6 +1796,12 @@ def _report(
         "servers": servers,
         "servers_total": total,
         "saturation": _saturation(servers, cpus if len(cpus) == len(results) else None, box),
+        # Series over time for --plot; run_bench adds connections and server CPU to it.
+        "timeline": {
+            "diff_latency_ms": [
+                {"second": s, **_summary(per_second[s], (50, 95, 99))} for s in sorted(per_second)
+            ],
+        },
     }
     if len(servers) > 1:
         report["diffs"]["from_other_servers"] = len(across)
@@ -2041,6 +2114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="draw latency percentiles, connections and server CPU over time "
+        '(needs matplotlib: pip install "presence-core[plot]")',
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -2079,6 +2159,8 @@ def run(args: argparse.Namespace) -> int:
         problem = "--servers must be positive"
     elif args.servers > 1 and not (cfg.redis or cfg.redis_cluster):
         problem = "several --servers share presence through --redis URL or --redis-cluster URL"
+    if problem is None and args.plot and not bench_plot.matplotlib_available():
+        problem = bench_plot.MISSING
     if problem is not None:
         print(f"presence-core bench: {problem}", file=sys.stderr)
         return 2
@@ -2094,6 +2176,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "wb") as f:
             f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    if args.plot:
+        bench_plot.plot_report(report, args.plot)
     return 0
 
 
