@@ -45,19 +45,19 @@ def both() -> tuple[Any, Any]:
     return impl("c"), impl("py")
 
 
-# Real Valkey servers (tests/servers.py).  Each fixture stops its servers by PID however the test
-# ends.
+# Real Valkey servers: the same fixtures as users get from the plugin
+# (presence_core.testing.plugin, loaded through its pytest11 entry point).  Each fixture stops
+# its servers by PID however the test ends.
 
 
 @pytest.fixture(scope="session")
-def valkey() -> Iterator[ValkeyServer]:
-    """One valkey-server for the whole session, on a free loopback port.
+def valkey(presence_valkey: ValkeyServer) -> ValkeyServer:
+    """The plugin's `presence_valkey`: one valkey-server for the whole session.
 
     Tests share it: use keys of your own.  A test that calls `kill()` must `restart()` it (empty,
     on the same port) before it ends.
     """
-    with ValkeyServer() as server:
-        yield server
+    return presence_valkey
 
 
 @pytest.fixture
@@ -78,7 +78,6 @@ def valkey_factory() -> Iterator[Callable[..., ValkeyServer]]:
 
 
 @pytest.fixture
-def valkey_cluster() -> Iterator[ValkeyCluster]:
-    """A fresh 3-master, 3-replica cluster, healthy, for one test (about 2 s to build)."""
-    with ValkeyCluster(masters=3) as cluster:
-        yield cluster
+def valkey_cluster(presence_valkey_cluster: ValkeyCluster) -> ValkeyCluster:
+    """The plugin's `presence_valkey_cluster`: a fresh 3-master, 3-replica cluster, healthy."""
+    return presence_valkey_cluster

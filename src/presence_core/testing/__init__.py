@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._validate import check_time
-from .errors import PresenceValueError
-from .phoenix import EVENT_PRESENCE_DIFF, EVENT_PRESENCE_STATE
+from .._validate import check_time
+from ..errors import PresenceValueError
+from ..phoenix import EVENT_PRESENCE_DIFF, EVENT_PRESENCE_STATE
 
 __all__ = ["ClientView", "Event", "ManualClock", "RecordingTransport"]
 
