@@ -39,7 +39,6 @@ import platform
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import websockets.version
 import presence_core
 from presence_core.server.bench import BenchConfig, raise_nofile, run_bench
 from presence_core.server.loop import uvloop_installed
+from presence_core.testing._process import free_port
 
 BENCH = Path(__file__).resolve().parent
 RELAYS = BENCH / "relays"
@@ -100,13 +100,6 @@ def _node_versions() -> str:
 def _die_with_parent() -> None:
     # Between fork and exec: the kernel SIGKILLs the child if this process dies first.
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -194,7 +187,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def _started(name: str) -> Iterator[Server]:
     """One server on a free loopback port, stopped by its PID however the block ends."""
-    port = _free_port() if name == "ours" else 0
+    port = free_port() if name == "ours" else 0
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             _command(name, port),
