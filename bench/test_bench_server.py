@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
 import json
 import os
 import platform
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +54,7 @@ import websockets.version
 import presence_core
 from presence_core.server.bench import BenchConfig, raise_nofile, run_bench
 from presence_core.server.loop import uvloop_installed
-from presence_core.testing._process import free_port
+from presence_core.testing._process import _die_with_parent, _stop_process, free_port
 
 BENCH = Path(__file__).resolve().parent
 RELAYS = BENCH / "relays"
@@ -95,11 +93,6 @@ def _node_versions() -> str:
     node = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10)
     manifest = json.loads((JS_DIR / "node_modules" / "ws" / "package.json").read_text())
     return f"node {node.stdout.strip()}, ws {manifest['version']}"
-
-
-def _die_with_parent() -> None:
-    # Between fork and exec: the kernel SIGKILLs the child if this process dies first.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -171,15 +164,7 @@ def _wait_started(server: Server) -> None:
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM by PID, then SIGKILL if it has not exited in STOP_TIMEOUT seconds."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(STOP_TIMEOUT)
+    _stop_process(proc, STOP_TIMEOUT)
     if proc.stdout is not None:
         proc.stdout.close()
 
