@@ -39,10 +39,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.g
     "PRESENCE_CORE_REQUIRE_EXTENSION", ""
 ) not in ("", "0")
 
-# What the source tree holds that a build needs; build outputs (.c, .so, .html, build/,
-# *.egg-info) are left behind so that nothing stale can leak into an sdist or a wheel.
+# What the source tree holds that a build needs; build outputs (.c, .so, Cython's annotated
+# _fast.html, build/, *.egg-info) are left behind so that nothing stale can leak into an sdist
+# or a wheel.
 TOP_LEVEL_FILES = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"]
-BUILD_OUTPUTS = ("*.c", "*.so", "*.pyd", "*.html", "__pycache__", "*.egg-info")
+BUILD_OUTPUTS = ("*.c", "*.so", "*.pyd", "_fast.html", "__pycache__", "*.egg-info")
 
 FALLBACK_WARNING = "WARNING: presence-core could not build its compiled table"
 
@@ -231,7 +232,11 @@ def _wheel_problems(names: list[str], *, compiled: bool) -> list[str]:
         for p in PACKAGE.rglob("*.pyi")
         if "__pycache__" not in p.parts
     }
-    wanted = source_py | stubs | {"presence_core/py.typed"}
+    static = {
+        "presence_core/" + p.relative_to(PACKAGE).as_posix()
+        for p in (PACKAGE / "server" / "static").iterdir()
+    }
+    wanted = source_py | stubs | static | {"presence_core/py.typed"}
     problems += [f"missing {name}" for name in sorted(wanted - set(names))]
     for name in names:
         top = name.split("/")[0]
@@ -239,7 +244,7 @@ def _wheel_problems(names: list[str], *, compiled: bool) -> list[str]:
             ".dist-info"
         ):
             problems.append(f"unexpected top-level entry {name}")
-        if name.endswith((".pyx", ".pxd", ".c", ".html")):
+        if name.endswith((".pyx", ".pxd", ".c", "_fast.html")):
             problems.append(f"ships a build input or output: {name}")
         if name.startswith(("tests/", "bench/", "presence_core/tests/")):
             problems.append(f"ships tests or benchmarks: {name}")
@@ -268,7 +273,7 @@ def test_sdist_carries_the_sources_not_the_build_outputs(sdist: Path) -> None:
         "src/presence_core/py.typed",
     ]:
         assert needed in names, f"{needed} missing from the sdist: {names}"
-    shipped = [n for n in names if n.endswith((".c", ".so", ".pyd", ".html"))]
+    shipped = [n for n in names if n.endswith((".c", ".so", ".pyd", "_fast.html"))]
     assert not shipped, f"the sdist ships generated files: {shipped}"
 
 

@@ -90,6 +90,8 @@ __all__ = [
     "PEER_RESYNCS",
     "REDIS_RECONNECTS",
     "REDIS_STATUS_READS",
+    "SCALER_DECISIONS",
+    "SCALER_DESIRED_REPLICAS",
     "STATUS_READS",
     "STATUS_READ_HITS",
     "TOPICS",
@@ -303,6 +305,19 @@ PEER_LAPSES: Final = MetricDef(
     "Processes whose liveness key lapsed; their presences left this process's view.",
 )
 
+SCALER_DECISIONS: Final = MetricDef(
+    "scaler_decisions",
+    "counter",
+    "Decisions of the scalers consulted by Tracker.run_scalers, by action: scale_up, "
+    "scale_down or hold.",
+    ("action",),
+)
+SCALER_DESIRED_REPLICAS: Final = MetricDef(
+    "scaler_desired_replicas",
+    "gauge",
+    "Replicas asked for by the latest scaler decisions (the largest, with several scalers).",
+)
+
 CATALOGUE: Final[tuple[MetricDef, ...]] = (
     PRESENCES,
     CONNECTIONS,
@@ -327,6 +342,8 @@ CATALOGUE: Final[tuple[MetricDef, ...]] = (
     PEER_MESSAGES,
     PEER_RESYNCS,
     PEER_LAPSES,
+    SCALER_DECISIONS,
+    SCALER_DESIRED_REPLICAS,
 )
 """Every metric declared above, in the order scrapes and `Metrics.as_dict` list them."""
 
@@ -403,6 +420,26 @@ class Histogram:
         last as the last: the buckets do not know more.
         """
         return _quantile(list(self._counts), _check_q(q))
+
+    def copy(self) -> Histogram:
+        """A snapshot: later observations change this histogram, not the copy."""
+        copy = Histogram()
+        copy._counts = list(self._counts)
+        copy._sum = self._sum
+        return copy
+
+    def since(self, earlier: Histogram) -> Histogram:
+        """The observations made after ``earlier``, a `copy` of this histogram taken before.
+
+        The quantiles of the last second or minute come from two snapshots, with no per-window
+        series kept by the writer.
+        """
+        if not isinstance(earlier, Histogram):
+            raise PresenceTypeError(f"earlier must be a Histogram, not {type_name(earlier)}")
+        delta = Histogram()
+        delta._counts = [max(0, a - b) for a, b in zip(self._counts, earlier._counts, strict=True)]
+        delta._sum = max(0.0, self._sum - earlier._sum)
+        return delta
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations at or below it)`` for every bound, then ``(inf, count)``."""
@@ -661,6 +698,20 @@ class Metrics:
         if histogram is None:
             return 0.0
         return _quantile(list(histogram._counts), q)
+
+    def histogram(self, metric: MetricDef, *labels: str) -> Histogram:
+        """A `Histogram.copy` of the histogram ``metric``, series ``labels`` (empty if unused)."""
+        table = self._table(metric, "histogram", "histogram()")
+        histogram = table.get(_check_arity(metric, labels))
+        return Histogram() if histogram is None else histogram.copy()
+
+    def series(self, metric: MetricDef) -> dict[Labels, float]:
+        """Every series of the counter or gauge ``metric``: label values -> value (a copy)."""
+        if not isinstance(metric, MetricDef) or metric.kind == "histogram":
+            raise PresenceTypeError(
+                f"series() reads a counter or a gauge, not {metric!r}; use histogram()"
+            )
+        return dict(self._table(metric, metric.kind, "series()"))
 
     def rate(self, metric: MetricDef, *, now: float | None = None) -> float:
         """Per-second rate of the counter ``metric`` (all its series together) over the window.

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
+from ..errors import PresenceError
 from ..limits import Limits
+from ..scaling import LOAD_SIGNALS, Threshold, ThresholdScaler
 from ..tracker import Tracker
 from . import bench
 from .config import ServerLimits
@@ -58,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="serve presence to Phoenix / Supabase Realtime clients over WebSockets",
         description="Serve presence to phoenix.js, realtime-js and Supabase's Python client. "
-        "WebSockets at any path ending in /websocket; GET /health and GET /metrics.",
+        "WebSockets at any path ending in /websocket; GET /health, GET /metrics and the "
+        "live dashboard at GET /.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=4000, help="port to listen on (4000)")
@@ -104,6 +107,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--presence-burst", type=int, default=plan.burst)
     serve.add_argument("--max-meta-bytes", type=int, default=plan.max_meta_bytes)
+    serve.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="do not serve the live dashboard at / (like /metrics it is not authenticated)",
+    )
+    serve.add_argument(
+        "--scale",
+        action="append",
+        type=_threshold,
+        default=[],
+        metavar="SIGNAL=DOWN:UP",
+        help="consult a threshold scaler on this signal (repeatable): ask for more replicas "
+        "above UP, allow fewer below DOWN; e.g. connections=5000:20000 or diff_p99_ms=20:75. "
+        f"Signals: {', '.join(LOAD_SIGNALS)}.  Decisions are logged and shown on the "
+        "dashboard, never acted on",
+    )
+    serve.add_argument(
+        "--scale-max-replicas", type=int, default=10, help="the scaler's ceiling (10)"
+    )
+    serve.add_argument("--scale-min-replicas", type=int, default=1, help="its floor (1)")
+    serve.add_argument(
+        "--scale-interval",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between two scaler consultations (15)",
+    )
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     serve.add_argument("--log-level", default="info", help="debug, info, warning... (info)")
     bench.add_parser(commands)
@@ -123,7 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
     # One line per health check or refused handshake is noise; the audit log has what matters.
     logging.getLogger("websockets.server").setLevel(logging.WARNING)
-    return run(_serve(args))
+    try:
+        return run(_serve(args))
+    except PresenceError as exc:  # a bad option value, found when the parts are built
+        print(f"presence-core serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _threshold(text: str) -> Threshold:
+    """``SIGNAL=DOWN:UP`` as a `Threshold` (an argparse type)."""
+    signal_name, _, bounds = text.partition("=")
+    down, _, up = bounds.partition(":")
+    try:
+        return Threshold(signal_name.strip(), float(up), float(down))
+    except (ValueError, PresenceError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIGNAL=DOWN:UP ({exc})") from None
 
 
 async def _freeze_connections(server: PresenceServer) -> None:
@@ -163,7 +207,17 @@ async def _serve(args: argparse.Namespace) -> int:
         max_meta_bytes=args.max_meta_bytes,
         max_topics_per_connection=args.max_topics,
     )
+    scalers = []
+    if args.scale:
+        scalers.append(
+            ThresholdScaler(
+                args.scale,
+                max_replicas=args.scale_max_replicas,
+                min_replicas=args.scale_min_replicas,
+            )
+        )
     tracker = Tracker(
+        scalers=scalers,
         connection_ttl=args.connection_ttl,
         node=args.node,
         clock=time.time,  # last-seen times shared through Redis are Unix time
@@ -183,7 +237,15 @@ async def _serve(args: argparse.Namespace) -> int:
             liveness_timeout=args.liveness_timeout,
         )
         await store.start()
-    server = PresenceServer(tracker, host=args.host, port=args.port, limits=limits)
+    server = PresenceServer(
+        tracker,
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        store=store,
+        dashboard=not args.no_dashboard,
+        scale_interval=args.scale_interval,
+    )
     await server.start()
     # Everything imported and built so far lives as long as the process: keep it out of every
     # full collection (they would walk some 40,000 objects for nothing).

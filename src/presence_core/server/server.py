@@ -3,8 +3,9 @@
 `PresenceServer` speaks the Phoenix channel protocol that phoenix.js, Supabase's realtime-js
 and Supabase's Python client (``realtime``) use, unmodified: v1 (JSON objects, the Python
 client) and v2 (JSON arrays, the JS clients, plus realtime-js's binary broadcast pushes).  It
-serves WebSockets at any path ending in ``/websocket`` and, on the same port, ``GET /health``
-and ``GET /metrics``.
+serves WebSockets at any path ending in ``/websocket`` and, on the same port, ``GET /health``,
+``GET /metrics`` and the live dashboard (``GET /``, its script under ``/static/`` and its one
+JSON endpoint ``GET /api/dashboard``; see `presence_core.server.dashboard`).
 
 The data path: a frame from a client (see `Connection`) becomes a Tracker call (`track`,
 `untrack`, `heartbeat`...); every tick the Tracker expires silent connections and flushes;
@@ -52,16 +53,18 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from .._validate import check_seconds
 from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
 from ..limits import Limits, admit
-from ..metrics import Metrics
+from ..metrics import LIMIT_HITS, Metrics
 from ..phoenix import (
     EVENT_CLOSE,
     EVENT_HEARTBEAT,
@@ -76,9 +79,14 @@ from ..phoenix import (
     parse_client_presence,
     presence_key_from_join,
 )
+from ..scaling import ThresholdScaler
 from ..tracker import Tracker
 from .config import AuthHook, Refused, ServerLimits
 from .connection import CLOSE_TIMEOUT, Connection, text_frame
+from .dashboard import Dashboard
+
+if TYPE_CHECKING:
+    from ..store import RedisStore
 
 __all__ = ["PresenceServer"]
 
@@ -93,6 +101,13 @@ _STORM_WINDOW = 0.25  # seconds over which new sockets are counted: a storm ends
 _STORM_INTERVAL = 0.5  # seconds between two flushes during a storm
 _FLUSH_SLICE = 0.02  # seconds of fan-out before the loop reads its sockets again
 _BACKLOG = 4096  # pending TCP accepts: a reconnect storm arrives all at once
+_SAMPLE_EVERY = 1.0  # seconds between two dashboard samples
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 
 
 def _audit(event: str, **fields: Any) -> None:
@@ -140,6 +155,14 @@ class PresenceServer:
         host, port: Where to listen (port 0: any free port; see `port` once started).
         limits: Per-connection limits (see `ServerLimits`).
         auth: Called with the client's token and each topic it joins (see `AuthHook`).
+        store: The `RedisStore` attached to ``tracker``, if any: the dashboard shows its health
+            and the peers, and a `ThresholdScaler` is told the replica count (this process and
+            its live peers) before each consultation.
+        dashboard: Serve the live dashboard at ``/`` (it needs the built-in `Metrics` sink).
+            Like ``/metrics`` it is not authenticated and shows members' metas: keep the port
+            behind your proxy, or turn it off.
+        scale_interval: Seconds between two `Tracker.run_scalers` calls, when the Tracker has
+            scalers.  Decisions other than hold are logged; the server never acts on them.
 
     ``async with PresenceServer(...) as server`` starts it and stops it: on stop, every
     client is sent away (close 1001) and its presences leave.
@@ -153,8 +176,16 @@ class PresenceServer:
         port: int = 4000,
         limits: ServerLimits | None = None,
         auth: AuthHook | None = None,
+        store: RedisStore | None = None,
+        dashboard: bool = True,
+        scale_interval: float = 15.0,
     ) -> None:
         self.tracker = tracker
+        self.store = store
+        self.scale_interval = check_seconds(scale_interval, "scale_interval")
+        self._dashboard: Dashboard | None = None
+        self._dashboard_wanted = bool(dashboard) and isinstance(tracker.metrics, Metrics)
+        self._static: dict[str, bytes] = {}
         self.host = host
         self.port = port
         self.limits = limits if limits is not None else ServerLimits()
@@ -191,6 +222,12 @@ class PresenceServer:
         for sock in self._server.sockets:  # port 0: the port it got
             self.port = sock.getsockname()[1]
             break
+        if self._dashboard_wanted:
+            self._dashboard = Dashboard(
+                self.tracker,
+                store=self.store,
+                scale_interval=self.scale_interval if self.tracker.scalers else None,
+            )
         self._ticker = loop.create_task(self._tick(), name="presence-tick")
         self._accepting = True
         _audit(
@@ -251,9 +288,19 @@ class PresenceServer:
     async def _tick(self) -> None:
         tracker = self.tracker
         loop = asyncio.get_running_loop()
+        next_sample = loop.time() + _SAMPLE_EVERY
+        next_scale = loop.time() + self.scale_interval
         while True:
             await asyncio.sleep(_TICK)
             now = loop.time()
+            if now >= next_sample:
+                next_sample = now + _SAMPLE_EVERY
+                if self._dashboard is not None:
+                    self._dashboard.sample()
+            if now >= next_scale:
+                next_scale = now + self.scale_interval
+                if tracker.scalers:
+                    self._run_scalers()
             if now - self._window_start >= _STORM_WINDOW:
                 opened, self._window_opened, self._window_start = self._window_opened, 0, now
                 rate = opened / _STORM_WINDOW
@@ -271,6 +318,29 @@ class PresenceServer:
                     self._drop(conn)
                     conn.close(1011, "no heartbeat")
             self._flush_soon()  # what expired, and what came from peers
+
+    def _run_scalers(self) -> None:
+        peers = self.store.peers if self.store is not None else None
+        if peers is not None:
+            replicas = 1 + len(peers.live_peers)
+            for scaler in self.tracker.scalers:
+                if isinstance(scaler, ThresholdScaler):
+                    scaler.set_current(replicas)
+        for decision in self.tracker.run_scalers():
+            if decision.action != "hold":
+                logger.info(
+                    "scaler asks for %d replicas (now %d): %s",
+                    decision.desired,
+                    decision.current,
+                    decision.reason,
+                )
+
+    def _limit_hit(self, limit: str, **fields: Any) -> None:
+        """A server limit refused something: audited, and counted in ``limit_hits``."""
+        _audit("limit_hit", limit=limit, **fields)
+        metrics = self.tracker.metrics
+        if isinstance(metrics, Metrics):
+            metrics.inc(LIMIT_HITS, 1, (limit,))
 
     def _flush_soon(self) -> None:
         """Flush once this loop iteration's frames are read (see the module's docstring)."""
@@ -313,6 +383,8 @@ class PresenceServer:
                 "presences": self.tracker.totals().presences,
             }
             return _response(status, _dumps(body), "application/json")
+        if self._dashboard is not None and (path == "/" or path.startswith(("/static/", "/api/"))):
+            return self._dashboard_response(path, url.query)
         if path == "/metrics":
             metrics = self.tracker.metrics
             if not isinstance(metrics, Metrics):
@@ -326,7 +398,7 @@ class PresenceServer:
         if not self._accepting:
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"stopping\n")
         if len(self._conns) >= self.limits.max_connections:
-            _audit("limit_hit", limit="max_connections", value=self.limits.max_connections)
+            self._limit_hit("max_connections", value=self.limits.max_connections)
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
         response = conn.ws.accept(request)
         if response.status_code == 101:
@@ -336,6 +408,33 @@ class PresenceServer:
             tokens = query.get("apikey") or query.get("token")
             conn.token = tokens[0] if tokens else None
         return response
+
+    def _dashboard_response(self, path: str, query: str) -> Response:
+        assert self._dashboard is not None
+        if path == "/api/dashboard":
+            try:
+                body = self._dashboard.answer(
+                    parse_qs(query, keep_blank_values=True), accepting=self._accepting
+                )
+            except PresenceError as exc:
+                return _response(
+                    http.HTTPStatus.BAD_REQUEST, _dumps({"error": str(exc)}), "application/json"
+                )
+            response = _response(http.HTTPStatus.OK, _dumps(body), "application/json")
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        name = "dashboard.html" if path == "/" else path.removeprefix("/static/")
+        content_type = _STATIC_TYPES.get(name[name.rfind(".") :]) if "." in name else None
+        if content_type is None or "/" in name or name.startswith("."):
+            return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+        data = self._static.get(name)
+        if data is None:
+            try:
+                data = resources.files(__package__).joinpath("static", name).read_bytes()
+            except OSError:
+                return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+            self._static[name] = data
+        return _response(http.HTTPStatus.OK, data, content_type)
 
     def _opened(self, conn: Connection) -> None:
         assert conn.transport is not None
@@ -466,13 +565,13 @@ class PresenceServer:
         try:
             conn.joins_tat = admit(self._join_rate, conn.joins_tat, time.monotonic(), conn.id)
         except RateLimited:
-            _audit("limit_hit", conn=conn.id, topic=topic, limit="joins_per_second")
+            self._limit_hit("joins_per_second", conn=conn.id, topic=topic)
             self._reply(conn, msg, "error", {"reason": "join rate limit exceeded"})
             return
         if topic not in conn.channels and (
             len(conn.channels) >= self.limits.max_topics_per_connection
         ):
-            _audit("limit_hit", conn=conn.id, topic=topic, limit="max_topics_per_connection")
+            self._limit_hit("max_topics_per_connection", conn=conn.id, topic=topic)
             reason = "ChannelRateLimitReached: Too many channels"
             self._reply(conn, msg, "error", {"reason": reason})
             return
@@ -567,7 +666,7 @@ class PresenceServer:
                 self._broadcast_rate, conn.broadcasts_tat, time.monotonic(), conn.id
             )
         except RateLimited:
-            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit="broadcasts_per_second")
+            self._limit_hit("broadcasts_per_second", conn=conn.id, topic=msg.topic)
             self._reply(conn, msg, "error", {"reason": "broadcast rate limit exceeded"})
             return
         body = {

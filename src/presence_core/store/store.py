@@ -380,6 +380,12 @@ class RedisStore:
         return self._pending_count
 
     @property
+    def flush_lag(self) -> float:
+        """Seconds the oldest change not yet written to Redis has waited (0.0 if none)."""
+        oldest = self._oldest
+        return 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
+
+    @property
     def errors(self) -> int:
         """Errors so far: connection failures, error replies and failed feed batches."""
         return self._errors

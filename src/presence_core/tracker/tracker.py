@@ -31,6 +31,7 @@ import math
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import count, islice
@@ -72,6 +73,8 @@ from ..metrics import (
     OPS,
     PENDING_CHANGES,
     PRESENCES,
+    SCALER_DECISIONS,
+    SCALER_DESIRED_REPLICAS,
     STATUS_READ_HITS,
     STATUS_READS,
     TOPICS,
@@ -125,6 +128,7 @@ _FORBIDDEN_KEY: Final = "__proto__"
 
 # users() answers this many keys at most per call: a team view is 10-500.
 _MAX_BULK_KEYS: Final = 10_000
+_DECISIONS_KEPT: Final = 50  # scaler decisions remembered for `Tracker.decisions`
 
 _loads = orjson.loads
 
@@ -283,6 +287,7 @@ class Tracker:
         "_clock",
         "_conns",
         "_counts",
+        "_decisions",
         "_default_limits",
         "_default_plan",
         "_delivery",
@@ -368,6 +373,7 @@ class Tracker:
             check_callable(transport, "a transport")
             self._delivery.transports += (new_hook(transport, False),)
         self._scalers: tuple[Scaler, ...] = ()
+        self._decisions: deque[tuple[datetime, ScaleDecision]] = deque(maxlen=_DECISIONS_KEPT)
         for scaler in scalers:
             check_callable(scaler, "a scaler")
             self._scalers += (scaler,)
@@ -1323,6 +1329,11 @@ class Tracker:
             memory_bytes=memory,
         )
 
+    @property
+    def scalers(self) -> tuple[Scaler, ...]:
+        """The scalers `run_scalers` consults, in order."""
+        return self._scalers
+
     def add_scaler(self, scaler: Scaler) -> None:
         """Consult ``scaler`` in `run_scalers` from now on."""
         check_callable(scaler, "scaler")
@@ -1357,7 +1368,28 @@ class Tracker:
             elif decision is not None:
                 self._counts[_HOOK_ERRORS] += 1
                 logger.error("scaler %r answered %r, not a ScaleDecision", scaler, decision)
+        if decisions:
+            self._record_decisions(sample, decisions)
         return decisions
+
+    def _record_decisions(
+        self, sample: LoadSample, decisions: builtins.list[ScaleDecision]
+    ) -> None:
+        at = sample.wall_time or datetime.now(UTC)
+        self._decisions.extend((at, decision) for decision in decisions)
+        sink = self._metrics
+        try:
+            for decision in decisions:
+                sink.inc(SCALER_DECISIONS, 1, (decision.action,))
+            sink.set(SCALER_DESIRED_REPLICAS, max(decision.desired for decision in decisions))
+        except Exception:
+            self._counts[_HOOK_ERRORS] += 1
+            logger.exception("metrics sink %r failed", sink)
+
+    def decisions(self) -> builtins.list[tuple[datetime, ScaleDecision]]:
+        """The latest scaler decisions `run_scalers` received (up to 50), newest first, each
+        with the wall time of the sample it judged: what a dashboard shows."""
+        return builtins.list(reversed(self._decisions))
 
     def __repr__(self) -> str:
         totals = self.totals()

@@ -1,0 +1,291 @@
+"""The dashboard's server side: ``GET /api/dashboard`` and the static page, on a real server.
+
+The page itself runs in a real Chromium in test_dashboard_browser.py; these tests pin the JSON
+it draws from, against ``/metrics`` and the Tracker, with real WebSocket clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from servers import ValkeyServer
+from test_server import Client, run, serving
+from test_store import fresh_prefix
+from test_store_peers import FAST, until
+
+from presence_core import Tracker
+from presence_core.errors import PresenceTypeError
+from presence_core.metrics import (
+    DIFF_PROPAGATION_SECONDS,
+    OPS,
+    SCALER_DECISIONS,
+    SCALER_DESIRED_REPLICAS,
+    Histogram,
+    Metrics,
+)
+from presence_core.scaling import Threshold, ThresholdScaler
+from presence_core.server import PresenceServer, ServerLimits
+from presence_core.store import RedisStore
+
+
+def get(port: int, path: str) -> tuple[int, bytes, str]:
+    """Status, body and content type of ``GET path``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers["Content-Type"]
+
+
+async def dashboard(server: PresenceServer, query: str = "") -> dict[str, Any]:
+    status, body, kind = await asyncio.to_thread(get, server.port, "/api/dashboard" + query)
+    assert status == 200 and kind == "application/json", body
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+async def scrape(server: PresenceServer) -> dict[str, float]:
+    """``/metrics`` as ``{sample name with labels: value}``."""
+    _, body, _ = await asyncio.to_thread(get, server.port, "/metrics")
+    samples = {}
+    for line in body.decode().splitlines():
+        match = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) (\S+)", line)
+        if match and not line.startswith("#"):
+            samples[match[1]] = float(match[2])
+    return samples
+
+
+def test_the_answer_agrees_with_metrics_and_follows_presence() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            async with Client.open(server) as a, Client.open(server) as b:
+                for client, key in ((a, "ann"), (b, "bo")):
+                    jr = await client.join("room:1", key)
+                    await client.push("room:1", "presence", {"event": "track", "payload": {}}, jr)
+                    await client.until("presence_state")
+                await a.until("presence_diff")
+                await b.until("presence_diff")
+                server._dashboard.sample()  # type: ignore[union-attr]  # as the tick does
+                body = await dashboard(server)
+                metrics = await scrape(server)
+                totals = body["totals"]
+                assert totals["connections"] == metrics["presence_connections"] == 2
+                assert totals["presences"] == metrics["presence_presences"] == 2
+                assert totals["topics"] == metrics["presence_topics"] == 1
+                for kind, op in body["ops"].items():
+                    assert op["total"] == metrics.get(f'presence_ops_total{{kind="{kind}"}}', 0)
+                assert body["ops"]["track"]["total"] == 2
+                assert body["diff"]["count"] >= 2 and body["diff"]["p99_ms"] > 0
+                history = body["history"]
+                assert len(history["t"]) >= 1
+                assert all(len(series) == len(history["t"]) for series in history.values())
+                assert history["connections"][-1] == 2
+                assert body["node"] == server.tracker.node and body["accepting"] is True
+                assert body["redis"] is None and body["peers"] == [] and body["scaler"] is None
+                assert body["limits"] == []
+                assert "topics" not in body and "members" not in body
+            await until(lambda: server.connections == 0, 2.0, "both clients gone")
+            server.tracker.flush()
+            body = await dashboard(server)
+            assert body["totals"]["connections"] == body["totals"]["presences"] == 0
+            assert body["ops"]["disconnect"]["total"] == 2
+
+    run(main)
+
+
+def test_the_page_and_its_script_are_served_and_nothing_else() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            status, body, kind = await asyncio.to_thread(get, server.port, "/")
+            assert status == 200 and kind.startswith("text/html")
+            assert b"/static/dashboard.js" in body
+            status, script, kind = await asyncio.to_thread(get, server.port, "/static/dashboard.js")
+            assert status == 200 and kind.startswith("text/javascript")
+            assert b"/api/dashboard" in script
+            assert b"http://" not in script and b"https://" not in script  # offline: no CDN
+            for path in ("/static/../server.py", "/static/nope.js", "/static/x", "/api/other"):
+                status, _, _ = await asyncio.to_thread(get, server.port, path)
+                assert status == 404, path
+            status, body, _ = await asyncio.to_thread(
+                get, server.port, "/api/dashboard?topics=&topics_offset=-1"
+            )
+            assert status == 400 and b"topics_offset" in body
+
+        async with serving(dashboard=False) as server:
+            for path in ("/", "/api/dashboard", "/static/dashboard.js"):
+                status, _, _ = await asyncio.to_thread(get, server.port, path)
+                assert status == 404, path
+
+    run(main)
+
+
+def test_topic_browser_lists_largest_first_and_pages_members() -> None:
+    async def main() -> None:
+        tracker = Tracker()
+        for i in range(120):  # a big topic, from the Tracker directly: 120 sockets are not needed
+            tracker.track(f"c{i}", "big", f"user-{i:03}", {"n": i})
+        for i in range(3):
+            tracker.track(f"c{i}", "small", f"user-{i:03}", {})
+        for i in range(60):
+            tracker.track(f"d{i}", f"other:{i}", "x", {})
+        tracker.flush()
+        async with serving(tracker=tracker) as server:
+            body = await dashboard(server, "?topics=")
+            topics = body["topics"]
+            assert topics["total"] == 62 and topics["offset"] == 0 and topics["limit"] == 50
+            items = topics["items"]
+            assert len(items) == 50
+            assert items[0] == {"topic": "big", "keys": 120, "metas": 120}
+            assert items[1] == {"topic": "small", "keys": 3, "metas": 3}
+            second = (await dashboard(server, "?topics=&topics_offset=50"))["topics"]["items"]
+            assert len(second) == 12
+            names = [t["topic"] for t in items + second]
+            assert len(set(names)) == 62
+            only = (await dashboard(server, "?topics=sma"))["topics"]
+            assert only["total"] == 1 and only["items"][0]["topic"] == "small"
+
+            seen: list[str] = []
+            cursor = ""
+            while True:
+                query = f"?topic=big&cursor={cursor}" if cursor else "?topic=big"
+                members = (await dashboard(server, query))["members"]
+                assert members["topic"] == "big" and members["keys"] == 120
+                assert len(members["items"]) <= 50
+                seen += [m["key"] for m in members["items"]]
+                first = members["items"][0]
+                assert first["metas"][0]["n"] == int(first["key"][-3:])
+                assert "phx_ref" in first["metas"][0]
+                if members["next"] is None:
+                    break
+                cursor = members["next"]
+            assert seen == [f"user-{i:03}" for i in range(120)]
+            empty = (await dashboard(server, "?topic=nowhere"))["members"]
+            assert empty["items"] == [] and empty["next"] is None and empty["keys"] == 0
+
+    run(main)
+
+
+def test_limit_hits_are_counted_and_shown() -> None:
+    async def main() -> None:
+        limits = ServerLimits(max_connections=1, max_topics_per_connection=1)
+        async with serving(limits=limits) as server, Client.open(server) as a:
+            await a.join("one", "ann")
+            refused = await a.push("two", "phx_join", {"config": {}})
+            reply = await a.until("phx_reply")
+            assert reply["ref"] == refused and reply["payload"]["status"] == "error"
+            status, _, _ = await asyncio.to_thread(get, server.port, "/socket/websocket")
+            assert status == 503  # the second socket: max_connections
+            server._dashboard.sample()  # type: ignore[union-attr]
+            body = await dashboard(server)
+            hits = {row["limit"]: row for row in body["limits"]}
+            assert set(hits) == {"max_connections", "max_topics_per_connection"}
+            metrics = await scrape(server)
+            for limit, row in hits.items():
+                assert row["total"] == 1 == row["last_minute"]
+                assert row["last_at"] == pytest.approx(time.time(), abs=5)
+                assert metrics[f'presence_limit_hits_total{{limit="{limit}"}}'] == 1
+
+    run(main)
+
+
+def test_scaler_decisions_are_consulted_logged_counted_and_shown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        scaler = ThresholdScaler([Threshold("connections", 1, 0.5)], max_replicas=4)
+        tracker = Tracker(scalers=[scaler])
+        assert tracker.scalers == (scaler,)
+        async with serving(tracker=tracker, scale_interval=0.05) as server:
+            async with Client.open(server), Client.open(server):
+                await until(lambda: len(tracker.decisions()) >= 3, 5.0, "three decisions")
+                body = await dashboard(server)
+        scaling = body["scaler"]
+        assert scaling["interval_s"] == 0.05
+        decisions = scaling["decisions"]
+        assert 3 <= len(decisions) <= 20
+        assert [d["at"] for d in decisions] == sorted((d["at"] for d in decisions), reverse=True)
+        up = [d for d in decisions if d["action"] == "scale_up"]
+        assert up and up[-1]["desired"] == 2 and up[-1]["current"] == 1
+        assert "connections 2/replica > scale_up_above 1" in up[-1]["reason"]
+        assert "scaler asks for 2 replicas (now 1)" in caplog.text
+        metrics = tracker.metrics
+        assert isinstance(metrics, Metrics)
+        actions = {labels[0]: n for labels, n in metrics.series(SCALER_DECISIONS).items()}
+        assert actions["scale_up"] == 1 and sum(actions.values()) == len(tracker.decisions())
+        assert metrics.gauge(SCALER_DESIRED_REPLICAS) >= 1
+
+    caplog.set_level("INFO", logger="presence_core.server")
+    run(main)
+
+
+def test_redis_health_and_peers(valkey: ValkeyServer) -> None:
+    async def main() -> None:
+        prefix = fresh_prefix()
+        here = Tracker(node="here", clock=time.time)
+        there = Tracker(node="there", clock=time.time)
+        store_here = RedisStore(here, valkey.url, prefix=prefix, **FAST)
+        store_there = RedisStore(there, valkey.url, prefix=prefix, **FAST)
+        await store_here.start()
+        await store_there.start()
+        try:
+            async with serving(tracker=here, store=store_here) as server:
+                there.track("c1", "room", "ann", {})
+                there.track("c2", "room", "bo", {})
+                there.flush()
+                await until(lambda: here.remote_nodes().get("there") == 2, 5.0, "peer presences")
+                body = await dashboard(server)
+                redis = body["redis"]
+                assert redis["connected"] is True and redis["cluster"] is False
+                assert redis["url"] == f"redis://127.0.0.1:{valkey.port}/0"
+                assert redis["layout"] in ("hash_ttl", "zset")
+                assert redis["errors"] == 0 and redis["flush_lag_s"] >= 0
+                assert body["peers"] == [{"node": "there", "live": True, "presences": 2}]
+        finally:
+            await store_there.stop()
+            await store_here.stop()
+
+    run(main)
+
+
+def test_histogram_windows_and_metric_reads() -> None:
+    metrics = Metrics()
+    metrics.observe(DIFF_PROPAGATION_SECONDS, 0.001)
+    before = metrics.histogram(DIFF_PROPAGATION_SECONDS)
+    for _ in range(99):
+        metrics.observe(DIFF_PROPAGATION_SECONDS, 0.1)
+    after = metrics.histogram(DIFF_PROPAGATION_SECONDS)
+    assert before.count == 1 and after.count == 100  # copies: the first did not move
+    window = after.since(before)
+    assert window.count == 99 and window.sum == pytest.approx(9.9)
+    assert window.quantile(0.01) == pytest.approx(0.1, rel=0.2)
+    assert Histogram().since(Histogram()).count == 0
+    with pytest.raises(PresenceTypeError):
+        after.since([0])  # type: ignore[arg-type]
+    metrics.inc(OPS, 3, ("track",))
+    assert metrics.series(OPS) == {("track",): 3}
+    with pytest.raises(PresenceTypeError, match="histogram"):
+        metrics.series(DIFF_PROPAGATION_SECONDS)
+
+
+def test_serve_options_for_the_scaler_and_the_dashboard(capsys: pytest.CaptureFixture[str]) -> None:
+    from presence_core.server.cli import _parser
+
+    args = _parser().parse_args(
+        ["serve", "--scale", "connections=5000:20000", "--scale", "diff_p99_ms=20:75"]
+    )
+    assert [(t.signal, t.scale_down_below, t.scale_up_above) for t in args.scale] == [
+        ("connections", 5000.0, 20000.0),
+        ("diff_p99_ms", 20.0, 75.0),
+    ]
+    assert args.no_dashboard is False and args.scale_interval == 15.0
+    for bad in ("nope=1:2", "connections=1:x", "connections=5:1", "connections"):
+        with pytest.raises(SystemExit) as exit_info:
+            _parser().parse_args(["serve", "--scale", bad])
+        assert exit_info.value.code == 2
+        assert "is not SIGNAL=DOWN:UP" in capsys.readouterr().err
