@@ -14,7 +14,8 @@ const TOPICS_EVERY_MS = 5000;
 const FETCH_TIMEOUT_MS = 4000;
 const STALE_AFTER_MS = 3500;
 const FILTER_DEBOUNCE_MS = 300;
-const HISTORY_SPAN_S = 300;
+const HISTORY_SPAN_S = 300;  // the widest window a chart shows
+const MIN_SPAN_S = 60;  // and the narrowest, so a fresh server's few points are not squeezed
 const OP_KINDS = ["track", "update", "untrack", "heartbeat", "disconnect"];
 const COLORS = { p50: "#4cc38a", p95: "#f0b541", p99: "#f0605d", ops: "#5fb3f9",
   connections: "#b48cf2", presences: "#5fb3f9" };
@@ -164,7 +165,7 @@ const X_STEPS = [5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600];
  * Draw `series` ([{name, color, values}]) against `times` (unix seconds) on `canvas`.
  * Returns how many time points had at least one value drawn.
  */
-function drawChart(canvas, times, series, { span = HISTORY_SPAN_S, yFormat = fmtInt, unit = "" } = {}) {
+function drawChart(canvas, times, series, { yFormat = fmtInt, unit = "" } = {}) {
   const dpr = window.devicePixelRatio || 1;
   const width = canvas.clientWidth, height = canvas.clientHeight;
   if (width === 0 || height === 0) return 0;
@@ -196,7 +197,10 @@ function drawChart(canvas, times, series, { span = HISTORY_SPAN_S, yFormat = fmt
   const plot = { left: Math.ceil(labelWidth) + 14, right: width - 10, top: 26, bottom: height - 22 };
   const plotW = plot.right - plot.left, plotH = plot.bottom - plot.top;
 
+  // The window ends at the newest point and reaches back over the history held, within bounds.
   const lastT = num(times[times.length - 1]) ?? Date.now() / 1000;
+  const firstT = num(times[0]) ?? lastT;
+  const span = Math.min(HISTORY_SPAN_S, Math.max(MIN_SPAN_S, lastT - firstT));
   const t0 = lastT - span;
   const x = (t) => plot.left + ((t - t0) / span) * plotW;
   const y = (v) => plot.bottom - (v / top) * plotH;
@@ -257,8 +261,8 @@ function drawChart(canvas, times, series, { span = HISTORY_SPAN_S, yFormat = fmt
       const next = i + 1 < times.length ? num(s.values[i + 1]) : null;
       if (!open && next === null) {
         // a lone value between gaps: a dot, since a line needs two points
-        ctx.moveTo(px + 1.8, py);
-        ctx.arc(px, py, 1.8, 0, Math.PI * 2);
+        ctx.moveTo(px + 2.2, py);
+        ctx.arc(px, py, 2.2, 0, Math.PI * 2);
         ctx.fill();
         ctx.beginPath();
         continue;
@@ -472,7 +476,7 @@ function renderCharts(data) {
   ], { yFormat: msFormat, unit: "ms" });
   drawChart($("ops-chart"), times, [
     { name: "ops/s", color: COLORS.ops, values: asArray(history.ops_per_s) },
-  ], { yFormat: fmtRate, unit: "ops/s" });
+  ], { yFormat: fmtRate });
   drawChart($("load-chart"), times, [
     { name: "connections", color: COLORS.connections, values: asArray(history.connections) },
     { name: "presences", color: COLORS.presences, values: asArray(history.presences) },
