@@ -65,6 +65,9 @@ BIG_TOPIC = "realtime:room-big"
 # alice and bob in room-a, one socket per key in room-big: the server takes exactly these.
 MAX_CONNECTIONS = 2 + BIG_KEYS
 
+# A meta value the page must show as text, never as markup (an <img> here would run its onerror).
+MARKUP = "<img src=x onerror=\"window.__errors.push('markup ran')\">"
+
 # Collects uncaught errors and rejections from the first script on, for the end of the test.
 ERROR_COLLECTOR = """
 window.__errors = [];
@@ -258,7 +261,8 @@ def test_dashboard_shows_live_presence_in_a_real_browser(
         for i in range(BIG_KEYS):
             socket = Socket(server.url)
             sockets.append(socket)
-            socket.join_and_track(BIG_TOPIC, f"user-{i:03d}", {"status": "online", "n": i})
+            meta = {"status": "online", "n": i, "note": MARKUP}
+            socket.join_and_track(BIG_TOPIC, f"user-{i:03d}", meta)
             if (i + 1) % (BIG_KEYS // 3) == 0:
                 wait_agreement(driver, server, connections=3 + i, presences=3 + i)
         chart = driver.find_element(By.ID, "diff-chart")
@@ -305,8 +309,9 @@ def test_dashboard_shows_live_presence_in_a_real_browser(
         wait(driver, "members 50-99 again", page_of(50, 50))
         driver.find_element(By.ID, "members-prev").click()
         wait(driver, "the first page again", page_of(0, 50))
-        meta = driver.find_element(By.CSS_SELECTOR, f"{members} code").text
-        assert json.loads(meta)["status"] == "online" and "phx_ref" in json.loads(meta)
+        meta = json.loads(driver.find_element(By.CSS_SELECTOR, f"{members} code").text)
+        assert meta["status"] == "online" and meta["note"] == MARKUP and "phx_ref" in meta
+        assert driver.find_elements(By.CSS_SELECTOR, "#member-list img") == []
 
         # (5) one socket too many is refused, and shows as a limit hit equal to /metrics
         with pytest.raises(InvalidStatus):
