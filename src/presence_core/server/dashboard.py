@@ -176,8 +176,8 @@ class Dashboard:
                 "presences": int(metrics.gauge(PRESENCES)),
                 "topics": int(metrics.gauge(TOPICS)),
                 "pending_changes": int(metrics.gauge(PENDING_CHANGES)),
-                "expiries": metrics.counter(EXPIRIES),
-                "hook_errors": metrics.counter(HOOK_ERRORS),
+                "expiries": int(metrics.counter(EXPIRIES)),
+                "hook_errors": int(metrics.counter(HOOK_ERRORS)),
             },
             "ops": {
                 kind: {
