@@ -112,10 +112,11 @@ def test_the_page_and_its_script_are_served_and_nothing_else() -> None:
             for path in ("/static/../server.py", "/static/nope.js", "/static/x", "/api/other"):
                 status, _, _ = await asyncio.to_thread(get, server.port, path)
                 assert status == 404, path
-            status, body, _ = await asyncio.to_thread(
-                get, server.port, "/api/dashboard?topics=&topics_offset=-1"
-            )
-            assert status == 400 and b"topics_offset" in body
+            for offset in ("-1", "x", "1e3", "%C2%B2", "%D9%A1", "1234567890"):
+                status, body, _ = await asyncio.to_thread(
+                    get, server.port, f"/api/dashboard?topics=&topics_offset={offset}"
+                )
+                assert status == 400 and b"topics_offset" in body, offset
 
         async with serving(dashboard=False) as server:
             for path in ("/", "/api/dashboard", "/static/dashboard.js"):

@@ -297,6 +297,6 @@ def _one(query: Mapping[str, Sequence[str]], name: str) -> str:
 
 def _offset(query: Mapping[str, Sequence[str]]) -> int:
     raw = _one(query, "topics_offset") or "0"
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # "²".isdigit() is True
         raise PresenceValueError(f"topics_offset must be a non-negative integer, got {raw!r}")
     return int(raw)
