@@ -290,3 +290,21 @@ def test_serve_options_for_the_scaler_and_the_dashboard(capsys: pytest.CaptureFi
             _parser().parse_args(["serve", "--scale", bad])
         assert exit_info.value.code == 2
         assert "is not SIGNAL=DOWN:UP" in capsys.readouterr().err
+
+
+def test_a_failing_answer_costs_one_500_not_the_server(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> dict[str, Any]:
+        raise RuntimeError("a bug")
+
+    async def main() -> None:
+        async with serving() as server:
+            monkeypatch.setattr(server._dashboard, "answer", broken)
+            status, body, _ = await asyncio.to_thread(get, server.port, "/api/dashboard")
+            assert status == 500 and body == b"dashboard failed\n"
+            status, _, _ = await asyncio.to_thread(get, server.port, "/health")
+            assert status == 200
+
+    run(main)
+    assert "dashboard answer failed" in caplog.text

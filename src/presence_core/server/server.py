@@ -420,6 +420,9 @@ class PresenceServer:
                 return _response(
                     http.HTTPStatus.BAD_REQUEST, _dumps({"error": str(exc)}), "application/json"
                 )
+            except Exception:  # a bug here must cost one answer, never the server's loop
+                logger.exception("dashboard answer failed")
+                return _response(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"dashboard failed\n")
             response = _response(http.HTTPStatus.OK, _dumps(body), "application/json")
             response.headers["Cache-Control"] = "no-store"
             return response
