@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,18 +21,20 @@ from test_server import Client, run, serving
 from test_store import fresh_prefix
 from test_store_peers import FAST, until
 
-from presence_core import Tracker
-from presence_core.errors import PresenceTypeError
+from presence_core import Limits, Tracker
+from presence_core.errors import MetaTooLarge, PresenceTypeError
 from presence_core.metrics import (
     DIFF_PROPAGATION_SECONDS,
+    LIMIT_HITS,
     OPS,
     SCALER_DECISIONS,
     SCALER_DESIRED_REPLICAS,
     Histogram,
     Metrics,
 )
-from presence_core.scaling import Threshold, ThresholdScaler
+from presence_core.scaling import ScaleDecision, Threshold, ThresholdScaler
 from presence_core.server import PresenceServer, ServerLimits
+from presence_core.server.dashboard import Dashboard
 from presence_core.store import RedisStore
 
 
@@ -308,3 +311,76 @@ def test_a_failing_answer_costs_one_500_not_the_server(
 
     run(main)
     assert "dashboard answer failed" in caplog.text
+
+
+def test_hostile_requests_get_an_answer_and_nothing_breaks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def raw(port: int, path: bytes) -> bytes:
+        """The status line for a request path sent as raw bytes (no client would encode it)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(200).split(b"\r\n")[0]
+
+    async def main() -> None:
+        async with serving() as server:
+            for path, status in (
+                (b"/api/dashboard?topics=\xff", b"200"),
+                (b"/api/dashboard?topics=&topic=room&cursor=\xff", b"200"),
+                (b"/api/dashboard?topic=\xff", b"400"),
+                (b"/static/x\x00.js", b"404"),
+            ):
+                line = await asyncio.to_thread(raw, server.port, path)
+                assert line.startswith(b"HTTP/1.1 " + status), (path, line)
+            status, _, _ = await asyncio.to_thread(get, server.port, "/health")
+            assert status == 200
+
+    run(main)
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
+
+
+def test_a_scaler_reason_that_json_cannot_carry_is_shown_repaired() -> None:
+    def scaler(sample: object) -> ScaleDecision:
+        return ScaleDecision("hold", 1, 1, "lone surrogate \udcff here")
+
+    async def main() -> None:
+        async with serving(tracker=Tracker(scalers=[scaler]), scale_interval=0.02) as server:
+            await until(lambda: bool(server.tracker.decisions()), 2.0, "a decision")
+            body = await dashboard(server)
+            assert body["scaler"]["decisions"][0]["reason"] == "lone surrogate ? here"
+
+    run(main)
+
+
+def test_rates_survive_a_wall_clock_step_and_a_shrunk_topic_list_clamps_the_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracker = Tracker()
+    for i in range(60):
+        tracker.track("c", f"t{i}", "k", {})
+    tracker.flush()
+    board = Dashboard(tracker)
+    for _ in range(10):
+        tracker.heartbeat("c")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 30.0)  # NTP steps the clock back
+    board.sample()
+    answer = board.answer({})
+    assert answer["ops"]["heartbeat"]["per_s"] == 10  # 10 heartbeats, over a second at least
+    assert answer["history"]["ops_per_s"][-1] == 10
+    assert board.answer({"topics": [""], "topics_offset": ["50"]})["topics"]["offset"] == 50
+    clamped = board.answer({"topics": [""], "topics_offset": ["500"]})["topics"]
+    assert clamped["offset"] == 50 and len(clamped["items"]) == 10
+    empty = board.answer({"topics": ["nothing"], "topics_offset": ["50"]})["topics"]
+    assert empty["offset"] == 0 and empty["items"] == [] and empty["total"] == 0
+
+
+def test_a_meta_over_max_meta_bytes_counts_as_a_limit_hit() -> None:
+    tracker = Tracker(plans={"default": Limits(max_meta_bytes=64)})
+    with pytest.raises(MetaTooLarge):
+        tracker.track("c", "room", "k", {"blob": "x" * 100})
+    tracker.flush()
+    metrics = tracker.metrics
+    assert isinstance(metrics, Metrics)
+    assert metrics.counter(LIMIT_HITS, "max_meta_bytes") == 1
+    assert tracker.totals().presences == 0

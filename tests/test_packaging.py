@@ -359,9 +359,11 @@ def test_the_installed_distribution() -> None:
     if direct_url and json.loads(direct_url).get("dir_info", {}).get("editable"):
         pytest.skip("an editable install: its files are the source tree")
     names = list(_installed_files())
-    shipped = [n for n in names if n.endswith((".pyx", ".c", ".html"))]
+    shipped = [n for n in names if n.endswith((".pyx", ".c", "_fast.html"))]
     assert not shipped, shipped
     assert "presence_core/py.typed" in names
+    assert "presence_core/server/static/dashboard.html" in names
+    assert "presence_core/server/static/dashboard.js" in names
     assert "presence_core/table/_fast.pyi" in names
     if IN_CI:
         assert any(n.startswith("presence_core/table/_fast.") and n.endswith(".so") for n in names)

@@ -176,8 +176,10 @@ def test_scale_decision_checks_itself_and_freezes_its_signals() -> None:
         ScaleDecision("hold", 3, 2, "why")
     with pytest.raises(ValueError, match="action must be one of"):
         ScaleDecision("grow", 3, 2, "why")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="between 0 and 2147483647"):
         ScaleDecision("scale_down", -1, 2, "why")
+    with pytest.raises(ValueError, match="desired must be between 0 and 2147483647"):
+        ScaleDecision("scale_up", 2**64, 2, "why")  # no JSON or dashboard could carry it
 
 
 @pytest.mark.parametrize(
@@ -186,7 +188,7 @@ def test_scale_decision_checks_itself_and_freezes_its_signals() -> None:
         (("scale_up", "3", 2, "why"), PresenceTypeError, "desired must be an int"),
         (("scale_up", 3, 2.0, "why"), PresenceTypeError, "current must be an int"),
         (("hold", True, True, "why"), PresenceTypeError, "desired must be an int"),
-        (("scale_down", 1, -2, "why"), PresenceValueError, "current must be >= 0"),
+        (("scale_down", 1, -2, "why"), PresenceValueError, "current must be between 0 and"),
         (("hold", 2, 2, None), PresenceTypeError, "reason must be a str"),
         (("hold", 2, 2, "why", [("x", 1.0)]), PresenceTypeError, "signals must be a mapping"),
         (("hold", 2, 2, "why", {1: 1.0}), PresenceTypeError, "signal names must be str"),

@@ -241,8 +241,8 @@ class ScaleDecision:
     def __post_init__(self) -> None:
         if self.action not in _ACTIONS:
             raise PresenceValueError(f"action must be one of {_ACTIONS}, got {self.action!r}")
-        check_int(self.desired, "desired", low=0)
-        check_int(self.current, "current", low=0)
+        check_int(self.desired, "desired", low=0, high=REPLICA_LIMIT)
+        check_int(self.current, "current", low=0, high=REPLICA_LIMIT)
         if not isinstance(self.reason, str):
             raise PresenceTypeError(f"reason must be a str, not {type_name(self.reason)}")
         if self.action == "scale_up":

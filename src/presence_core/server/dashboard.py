@@ -26,7 +26,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ..errors import PresenceValueError
 from ..metrics import (
@@ -55,6 +55,22 @@ WINDOW: Final = 60  # seconds of the "last minute" figures
 RATE_WINDOW: Final = 5  # seconds over which ops per second are averaged
 PAGE: Final = 50  # topics or members per page
 DECISIONS: Final = 20  # scaler decisions shown
+_MIN_ELAPSED: Final = 1.0  # seconds: a rate over less (just after the start) would be noise
+
+
+class _Snapshot(NamedTuple):
+    """What the windows are computed from, taken at each sample."""
+
+    at: float  # time.monotonic(): rates must not jump when the wall clock is stepped
+    histogram: Histogram
+    ops: dict[str, float]  # by kind
+    hits: dict[str, float]  # by limit
+
+
+def _text(value: str) -> str:
+    """``value`` made encodable as JSON: a lone surrogate (from undecodable bytes in a query,
+    or a scaler's reason) would make the whole answer fail."""
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def _ms(histogram: Histogram, q: float) -> float | None:
@@ -89,10 +105,8 @@ class Dashboard:
         # One point a second: (unix time, p50, p95, p99, ops/s, connections, presences).
         self._points: deque[tuple[float, float | None, float | None, float | None, float, int, int]]
         self._points = deque(maxlen=HISTORY)
-        # The snapshots the windows are computed from: (unix time, histogram, ops total,
-        # ops by kind, limit hits by limit), newest last, a minute and a second of them.
-        self._snapshots: deque[tuple[float, Histogram, float, dict[str, float], dict[str, float]]]
-        self._snapshots = deque(maxlen=WINDOW + 1)
+        # Newest last, a minute and a second of them.
+        self._snapshots: deque[_Snapshot] = deque(maxlen=WINDOW + 1)
         self._last_hit: dict[str, float] = {}  # limit -> unix time its count last grew
         self.sample()
 
@@ -100,20 +114,19 @@ class Dashboard:
 
     def sample(self) -> None:
         """Take this second's point (the server's tick calls it once a second)."""
-        now = time.time()
+        now, at = time.time(), time.monotonic()
         tracker, metrics = self.tracker, self.metrics
         tracker.sync_metrics()
         histogram = metrics.histogram(DIFF_PROPAGATION_SECONDS)
         ops = {labels[0]: value for labels, value in metrics.series(OPS).items()}
         hits = {labels[0]: value for labels, value in metrics.series(LIMIT_HITS).items()}
-        total_ops = sum(ops.values())
         snapshots = self._snapshots
         if snapshots:
-            then, before, before_ops, _, before_hits = snapshots[-1]
-            second = histogram.since(before)
-            elapsed = max(now - then, 1e-3)
+            before = snapshots[-1]
+            second = histogram.since(before.histogram)
+            elapsed = max(at - before.at, _MIN_ELAPSED)
             for limit, count in hits.items():
-                if count > before_hits.get(limit, 0.0):
+                if count > before.hits.get(limit, 0.0):
                     self._last_hit[limit] = now
             self._points.append(
                 (
@@ -121,12 +134,12 @@ class Dashboard:
                     _ms(second, 0.50),
                     _ms(second, 0.95),
                     _ms(second, 0.99),
-                    round((total_ops - before_ops) / elapsed, 3),
+                    round((sum(ops.values()) - sum(before.ops.values())) / elapsed, 3),
                     int(metrics.gauge(CONNECTIONS)),
                     int(metrics.gauge(PRESENCES)),
                 )
             )
-        snapshots.append((now, histogram, total_ops, ops, hits))
+        snapshots.append(_Snapshot(at, histogram, ops, hits))
 
     # -- on request -------------------------------------------------------------------------
 
@@ -159,11 +172,10 @@ class Dashboard:
         ops = {labels[0]: value for labels, value in metrics.series(OPS).items()}
         hits = {labels[0]: value for labels, value in metrics.series(LIMIT_HITS).items()}
         snapshots = self._snapshots
-        histogram = snapshots[-1][1]
         first = snapshots[0]
         recent = snapshots[max(0, len(snapshots) - 1 - RATE_WINDOW)]
-        elapsed = max(now - recent[0], 1e-3)
-        minute = histogram.since(first[1])
+        elapsed = max(time.monotonic() - recent.at, _MIN_ELAPSED)
+        minute = snapshots[-1].histogram.since(first.histogram)
         points = list(self._points)
         body: dict[str, Any] = {
             "node": tracker.node,
@@ -182,7 +194,7 @@ class Dashboard:
             "ops": {
                 kind: {
                     "total": int(ops.get(kind, 0)),
-                    "per_s": round((ops.get(kind, 0) - recent[3].get(kind, 0)) / elapsed, 3),
+                    "per_s": round((ops.get(kind, 0) - recent.ops.get(kind, 0)) / elapsed, 3),
                 }
                 for kind in OPS_KINDS
             },
@@ -204,7 +216,7 @@ class Dashboard:
                 {
                     "limit": limit,
                     "total": int(count),
-                    "last_minute": int(count - first[4].get(limit, 0)),
+                    "last_minute": int(count - first.hits.get(limit, 0)),
                     "last_at": self._last_hit.get(limit),
                 }
                 for limit, count in sorted(hits.items())
@@ -257,7 +269,7 @@ class Dashboard:
                     "action": decision.action,
                     "desired": decision.desired,
                     "current": decision.current,
-                    "reason": decision.reason,
+                    "reason": _text(decision.reason),
                 }
                 for at, decision in self.tracker.decisions()[:DECISIONS]
             ],
@@ -266,10 +278,12 @@ class Dashboard:
     def _topics(self, needle: str, offset: int) -> dict[str, Any]:
         tracker = self.tracker
         names = [name for name in tracker.topics() if needle in name]
+        if offset >= len(names):  # the list shrank under a later page: show its last page
+            offset = max(0, (len(names) - 1) // PAGE * PAGE)
         count = tracker.count
         largest = heapq.nlargest(offset + PAGE, names, key=lambda name: (count(name), name))
         return {
-            "filter": needle,
+            "filter": _text(needle),
             "offset": offset,
             "limit": PAGE,
             "total": len(names),
@@ -283,7 +297,7 @@ class Dashboard:
         state, after = self.tracker.page(topic, cursor, limit=PAGE)
         return {
             "topic": topic,
-            "cursor": cursor,
+            "cursor": None if cursor is None else _text(cursor),
             "next": after,
             "keys": self.tracker.count(topic),
             "items": [{"key": key, "metas": entry["metas"]} for key, entry in state.items()],

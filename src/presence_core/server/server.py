@@ -413,8 +413,10 @@ class PresenceServer:
         assert self._dashboard is not None
         if path == "/api/dashboard":
             try:
-                body = self._dashboard.answer(
-                    parse_qs(query, keep_blank_values=True), accepting=self._accepting
+                body = _dumps(
+                    self._dashboard.answer(
+                        parse_qs(query, keep_blank_values=True), accepting=self._accepting
+                    )
                 )
             except PresenceError as exc:
                 return _response(
@@ -423,18 +425,18 @@ class PresenceServer:
             except Exception:  # a bug here must cost one answer, never the server's loop
                 logger.exception("dashboard answer failed")
                 return _response(http.HTTPStatus.INTERNAL_SERVER_ERROR, b"dashboard failed\n")
-            response = _response(http.HTTPStatus.OK, _dumps(body), "application/json")
+            response = _response(http.HTTPStatus.OK, body, "application/json")
             response.headers["Cache-Control"] = "no-store"
             return response
         name = "dashboard.html" if path == "/" else path.removeprefix("/static/")
         content_type = _STATIC_TYPES.get(name[name.rfind(".") :]) if "." in name else None
-        if content_type is None or "/" in name or name.startswith("."):
+        if content_type is None or "/" in name or "\0" in name or name.startswith("."):
             return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
         data = self._static.get(name)
         if data is None:
             try:
                 data = resources.files(__package__).joinpath("static", name).read_bytes()
-            except OSError:
+            except (OSError, ValueError):
                 return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
             self._static[name] = data
         return _response(http.HTTPStatus.OK, data, content_type)

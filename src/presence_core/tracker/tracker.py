@@ -53,6 +53,7 @@ from .._validate import (
     type_name,
 )
 from ..errors import (
+    MetaTooLarge,
     NotTracked,
     PresenceTypeError,
     PresenceValueError,
@@ -714,7 +715,11 @@ class Tracker:
             or key == _FORBIDDEN_KEY
         ):
             _check_key(key, limits.max_key_length)
-        return now_s, rec, limits, encode_meta(meta, limits)
+        try:
+            return now_s, rec, limits, encode_meta(meta, limits)
+        except MetaTooLarge:
+            self._limit_hit("max_meta_bytes")
+            raise
 
     def update(
         self, conn: ConnId, topic: str, key: str, meta: dict[str, Any], *, now: float | None = None
