@@ -249,3 +249,47 @@ def test_bad_input_and_a_refused_join() -> None:
                     await asyncio.wait_for(c.close(), WAIT)
 
     run(refused)
+
+
+def test_a_diff_in_a_big_channel_rereads_only_the_keys_it_touched() -> None:
+    big = 3_000
+
+    def metas(tracker: Tracker, topic: str) -> dict[str, list[dict[str, Any]]]:
+        return {
+            key: [{k: v for k, v in m.items() if k != "phx_ref"} for m in entry["metas"]]
+            for key, entry in tracker.list(topic).items()
+        }
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            source = server.tracker
+            for i in range(big):
+                source.track(f"c{i}", "realtime:big", f"user-{i}", {"n": i})
+            source.flush()
+            tracker, client = Tracker(), client_for(server.port)
+            try:
+                async with SupabaseBridge(tracker, client, ["big"]) as bridge:
+                    await until(lambda: tracker.count("big") == big, "the whole channel")
+                    assert metas(tracker, "big") == metas(source, "realtime:big")
+                    reads: list[str] = []
+                    wanted = bridge._wanted
+
+                    def counted(key: str, held: Any) -> dict[str, tuple[str, Any]]:
+                        reads.append(key)
+                        return wanted(key, held)
+
+                    bridge._wanted = counted  # type: ignore[method-assign]
+                    source.update("c1", "realtime:big", "user-1", {"n": -1})
+                    source.untrack("c2", "realtime:big", "user-2")
+                    source.track("c-new", "realtime:big", "user-new", {"n": "new"})
+                    source.flush()
+                    await until(lambda: "user-new" in tracker.list("big"), "the diff")
+                    await until(lambda: tracker.count("big") == big, "the leave")
+                    assert sorted(reads) == ["user-1", "user-2", "user-new"]
+                    assert metas(tracker, "big") == metas(source, "realtime:big")
+                    assert tracker.remote_nodes() == {bridge.node_of("big"): big}
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+
+    run(main)

@@ -5,10 +5,13 @@ presence both ways:
 
 * **In (the mirror).**  Every presence in the channel is mirrored into the Tracker as a *remote*
   presence (`Tracker.apply_remote`), so `Tracker.list`, `count`, `user`, diffs, metrics and a
-  Redis store's peers see it like presence the Tracker holds.  The mirror is rebuilt from the
-  client's whole ``presence_state()`` at every presence sync (after each ``presence_state`` and
-  each ``presence_diff``), so a resync after a reconnect replaces the mirrored set: whoever is
-  no longer in the channel leaves, whoever joined while the socket was down joins.  Each
+  Redis store's peers see it like presence the Tracker holds.  The mirror is incremental: the
+  client reports each key whose presences changed (its join and leave callbacks, which it also
+  calls for every difference a full ``presence_state`` brings), and at the presence sync that
+  follows the bridge re-reads those keys only, so a diff costs the keys it touched, whatever
+  the size of the channel.  A resync after a reconnect thus replaces the mirrored set: whoever
+  is no longer in the channel leaves, whoever joined while the socket was down joins.  While
+  the socket is down the mirror keeps the last state the client knew.  Each
   channel's mirrored presences belong to their own node, `SupabaseBridge.node_of`
   (``sb-<16 hex>``), so `Tracker.remote_nodes` tells them apart and `stop` drops them.
 * **Out (the published presence).**  A channel holds one presence per client socket, so the
@@ -81,7 +84,9 @@ class _Channel:
         "node",
         "published",
         "publisher",
+        "sources",
         "topic",
+        "touched",
     )
 
     def __init__(self, name: str, topic: str, node: str) -> None:
@@ -91,6 +96,10 @@ class _Channel:
         self.channel: AsyncRealtimeChannel | None = None
         # channel presence id -> (ref in the Tracker, key, meta)
         self.mirror: dict[str, tuple[bytes, str, dict[str, Any]]] = {}
+        # channel presence key -> the ids mirrored from it (one per meta, or per listed
+        # presence of another bridge)
+        self.sources: dict[str, set[str]] = {}
+        self.touched: set[str] = set()  # channel keys changed since the last sync
         self.next_ref = 0
         self.published: dict[str, Any] | None = None  # what the channel holds from us
         self.dirty = asyncio.Event()
@@ -238,6 +247,8 @@ class SupabaseBridge:
                     await asyncio.wait_for(self.client.remove_channel(channel), self.timeout)
             ch.published = None
             ch.mirror.clear()
+            ch.sources.clear()
+            ch.touched.clear()
             self.tracker.drop_remote(ch.node)
         if self.flush:
             self.tracker.flush()
@@ -269,6 +280,8 @@ class SupabaseBridge:
         }
         channel = self.client.channel(ch.name, params)
         ch.channel = channel
+        channel.on_presence_join(lambda key, *_: ch.touched.add(key))
+        channel.on_presence_leave(lambda key, *_: ch.touched.add(key))
         channel.on_presence_sync(lambda: self._mirror(ch))
 
         def on_state(state: RealtimeSubscribeStates, error: Exception | None) -> None:
@@ -295,51 +308,57 @@ class SupabaseBridge:
 
     # -- in: the mirror -------------------------------------------------------------------
 
-    def _wanted(self, ch: _Channel) -> dict[str, tuple[str, dict[str, Any]]]:
-        """The channel's presences to mirror now, by a stable id: ``{id: (key, meta)}``."""
-        channel = ch.channel
-        wanted: dict[str, tuple[str, dict[str, Any]]] = {}
-        if channel is None:
-            return wanted
-        for key, metas in channel.presence_state().items():
-            for i, raw in enumerate(metas):
-                meta = {k: v for k, v in raw.items() if k not in _DROPPED_FIELDS}
-                pid = str(raw.get("presence_ref") or f"{key}#{i}")
-                owner = meta.get(BRIDGE_FIELD)
-                if owner is None:
-                    wanted[pid] = (key, meta)
-                elif owner != self.bridge_id:
-                    # Another bridge: mirror the presences it lists, not the bridge itself.
-                    listed = meta.get("keys")
-                    if isinstance(listed, dict):
-                        for k, ms in listed.items():
-                            if isinstance(ms, list):
-                                for j, m in enumerate(ms):
-                                    if isinstance(m, dict):
-                                        wanted[f"{pid}/{j}/{k}"] = (str(k), m)
+    def _wanted(self, key: str, metas: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, Any]]:
+        """What channel key ``key`` holding ``metas`` mirrors, by a stable id: ``{id: (key,
+        meta)}``; a key of another bridge mirrors the presences it lists."""
+        wanted: dict[str, tuple[str, Any]] = {}
+        for i, raw in enumerate(metas):
+            meta = {k: v for k, v in raw.items() if k not in _DROPPED_FIELDS}
+            pid = str(raw.get("presence_ref") or f"{key}#{i}")
+            owner = meta.get(BRIDGE_FIELD)
+            if owner is None:
+                wanted[pid] = (key, meta)
+            elif owner != self.bridge_id:
+                listed = meta.get("keys")
+                if isinstance(listed, dict):
+                    for k, ms in listed.items():
+                        if isinstance(ms, list):
+                            for j, m in enumerate(ms):
+                                if isinstance(m, dict):
+                                    wanted[f"{pid}/{j}/{k}"] = (str(k), m)
         return wanted
 
     def _mirror(self, ch: _Channel) -> None:
-        """Make the mirror of ``ch`` equal to the channel's presence now (a sync callback)."""
-        if not self._started:
+        """Bring the mirror of the keys touched since the last sync up to the channel's
+        presence now (a sync callback)."""
+        channel = ch.channel
+        if not self._started or channel is None or not ch.touched:
             return
-        wanted = self._wanted(ch)
-        mirror = ch.mirror
+        touched, ch.touched = ch.touched, set()
+        state = channel.presence_state()
+        mirror, sources = ch.mirror, ch.sources
         leaves: list[bytes] = []
-        for pid, (ref, key, meta) in list(mirror.items()):
-            if wanted.get(pid) != (key, meta):
-                leaves.append(ref)
-                del mirror[pid]
         joins: list[tuple[str, bytes, bytes | None]] = []
-        pending: list[tuple[str, bytes, str, dict[str, Any]]] = []
-        for pid, (key, meta) in wanted.items():
-            if pid in mirror:
-                continue
-            ch.next_ref += 1
-            ref = f"{ch.node}.{ch.next_ref:x}".encode()
-            data = orjson.dumps({"phx_ref": ref.decode(), **meta})
-            joins.append((key, data, None))
-            pending.append((pid, ref, key, meta))
+        pending: list[tuple[str, str, bytes, str, dict[str, Any]]] = []
+        for source in touched:
+            wanted = self._wanted(source, state.get(source, ()))
+            had = sources.get(source)
+            if had:
+                for pid in list(had):
+                    _, key, meta = mirror[pid]
+                    if wanted.get(pid) != (key, meta):
+                        leaves.append(mirror.pop(pid)[0])
+                        had.discard(pid)
+                if not had:
+                    del sources[source]
+            for pid, (key, meta) in wanted.items():
+                if pid in mirror:
+                    continue
+                ch.next_ref += 1
+                ref = f"{ch.node}.{ch.next_ref:x}".encode()
+                data = orjson.dumps({"phx_ref": ref.decode(), **meta})
+                joins.append((key, data, None))
+                pending.append((source, pid, ref, key, meta))
         if not joins and not leaves:
             return
         tracker = self.tracker
@@ -348,18 +367,20 @@ class SupabaseBridge:
             accepted = pending
         except PresenceError:
             # One presence the Tracker refuses (a key too long, '__proto__'...) must not
-            # keep the rest out: apply one by one and skip the refused.
+            # keep the rest out: apply one by one and skip the refused (it is tried again
+            # when its key changes).
             accepted = []
             tracker.apply_remote(ch.topic, (), leaves)
             for item, join in zip(pending, joins, strict=True):
                 try:
                     tracker.apply_remote(ch.topic, (join,))
                 except PresenceError as exc:
-                    logger.warning("bridge %s: not mirroring %r: %s", ch.name, item[2], exc)
+                    logger.warning("bridge %s: not mirroring %r: %s", ch.name, item[3], exc)
                     continue
                 accepted.append(item)
-        for pid, ref, key, meta in accepted:
+        for source, pid, ref, key, meta in accepted:
             mirror[pid] = (ref, key, meta)
+            sources.setdefault(source, set()).add(pid)
         if self.flush:
             tracker.flush()
 
