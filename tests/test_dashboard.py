@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 from servers import ValkeyServer
 from test_server import Client, run, serving
-from test_store import fresh_prefix
-from test_store_peers import FAST, until
+from test_store_peers import pair, until
 
 from presence_core import Limits, Tracker
 from presence_core.errors import MetaTooLarge, PresenceTypeError
@@ -35,7 +34,6 @@ from presence_core.metrics import (
 from presence_core.scaling import ScaleDecision, Threshold, ThresholdScaler
 from presence_core.server import PresenceServer, ServerLimits
 from presence_core.server.dashboard import Dashboard
-from presence_core.store import RedisStore
 
 
 def get(port: int, path: str) -> tuple[int, bytes, str]:
@@ -230,29 +228,21 @@ def test_scaler_decisions_are_consulted_logged_counted_and_shown(
 
 def test_redis_health_and_peers(valkey: ValkeyServer) -> None:
     async def main() -> None:
-        prefix = fresh_prefix()
-        here = Tracker(node="here", clock=time.time)
-        there = Tracker(node="there", clock=time.time)
-        store_here = RedisStore(here, valkey.url, prefix=prefix, **FAST)
-        store_there = RedisStore(there, valkey.url, prefix=prefix, **FAST)
-        await store_here.start()
-        await store_there.start()
-        try:
-            async with serving(tracker=here, store=store_here) as server:
-                there.track("c1", "room", "ann", {})
-                there.track("c2", "room", "bo", {})
-                there.flush()
-                await until(lambda: here.remote_nodes().get("there") == 2, 5.0, "peer presences")
-                body = await dashboard(server)
-                redis = body["redis"]
-                assert redis["connected"] is True and redis["cluster"] is False
-                assert redis["url"] == f"redis://127.0.0.1:{valkey.port}/0"
-                assert redis["layout"] in ("hash_ttl", "zset")
-                assert redis["errors"] == 0 and redis["flush_lag_s"] >= 0
-                assert body["peers"] == [{"node": "there", "live": True, "presences": 2}]
-        finally:
-            await store_there.stop()
-            await store_here.stop()
+        async with (
+            pair(valkey) as (here, store_here, there, _),
+            serving(tracker=here, store=store_here) as server,
+        ):
+            there.track("c1", "room", "ann", {})
+            there.track("c2", "room", "bo", {})
+            there.flush()
+            await until(lambda: here.remote_nodes().get("node-b") == 2, 5.0, "peer presences")
+            body = await dashboard(server)
+            redis = body["redis"]
+            assert redis["connected"] is True and redis["cluster"] is False
+            assert redis["url"] == f"redis://127.0.0.1:{valkey.port}/0"
+            assert redis["layout"] in ("hash_ttl", "zset")
+            assert redis["errors"] == 0 and redis["flush_lag_s"] >= 0
+            assert body["peers"] == [{"node": "node-b", "live": True, "presences": 2}]
 
     run(main)
 
