@@ -21,7 +21,7 @@ from test_server import Client, run, serving
 from test_store_peers import pair, until
 
 from presence_core import Limits, Tracker
-from presence_core.errors import MetaTooLarge, PresenceTypeError
+from presence_core.errors import MetaTooLarge, PresenceTypeError, PresenceValueError
 from presence_core.metrics import (
     DIFF_PROPAGATION_SECONDS,
     LIMIT_HITS,
@@ -278,6 +278,7 @@ def test_serve_options_for_the_scaler_and_the_dashboard(capsys: pytest.CaptureFi
         ("diff_p99_ms", 20.0, 75.0),
     ]
     assert args.no_dashboard is False and args.scale_interval == 15.0
+    assert args.dashboard_token is None  # PRESENCE_CORE_DASHBOARD_TOKEN is unset here
     for bad in ("nope=1:2", "connections=1:x", "connections=5:1", "connections"):
         with pytest.raises(SystemExit) as exit_info:
             _parser().parse_args(["serve", "--scale", bad])
@@ -374,3 +375,35 @@ def test_a_meta_over_max_meta_bytes_counts_as_a_limit_hit() -> None:
     assert isinstance(metrics, Metrics)
     assert metrics.counter(LIMIT_HITS, "max_meta_bytes") == 1
     assert tracker.totals().presences == 0
+
+
+def test_a_dashboard_token_guards_the_json_not_the_page() -> None:
+    def with_header(port: int, path: str, authorization: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", headers={"Authorization": authorization}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    async def main() -> None:
+        async with serving(dashboard_token="s3cret") as server:
+            for path in ("/api/dashboard", "/api/dashboard?token=wrong", "/api/dashboard?token="):
+                status, body, _ = await asyncio.to_thread(get, server.port, path)
+                assert status == 401 and b"token" in body, path
+            status, _, _ = await asyncio.to_thread(get, server.port, "/api/dashboard?token=s3cret")
+            assert status == 200
+            for authorization, want in (("Bearer s3cret", 200), ("Bearer nope", 401)):
+                status = await asyncio.to_thread(
+                    with_header, server.port, "/api/dashboard", authorization
+                )
+                assert status == want, authorization
+            for path in ("/", "/static/dashboard.js", "/metrics", "/health"):
+                status, _, _ = await asyncio.to_thread(get, server.port, path)
+                assert status == 200, path  # no member data there
+
+    run(main)
+    with pytest.raises(PresenceValueError):
+        PresenceServer(Tracker(), dashboard_token="")

@@ -379,3 +379,24 @@ def test_dashboard_shows_live_presence_in_a_real_browser(
     finally:
         for socket in sockets:
             socket.close()
+
+
+def test_a_dashboard_token_is_sent_by_the_page_and_required_of_everyone_else(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    args = ["--dashboard-token", "s3cret token"]
+    with PresenceServer(args=args, log_path=tmp_path / "serve.log") as running:
+        browser.get(f"{running.http}/?token=s3cret%20token")
+        wait(
+            browser,
+            "the page to get data with its token",
+            lambda: (browser.find_element(By.ID, "link").get_attribute("data-state") == "live", 0),
+        )
+        browser.get(f"{running.http}/")  # no token: the page says why it has no data
+        link = browser.find_element(By.ID, "link")
+        wait(
+            browser,
+            "the page to say it is unauthorized",
+            lambda: ("unauthorized" in (link.get_attribute("title") or ""), link.text),
+        )
+        assert link.get_attribute("data-state") == "offline"

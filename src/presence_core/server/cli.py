@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -111,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dashboard",
         action="store_true",
         help="do not serve the live dashboard at / (like /metrics it is not authenticated)",
+    )
+    serve.add_argument(
+        "--dashboard-token",
+        default=os.environ.get("PRESENCE_CORE_DASHBOARD_TOKEN"),
+        metavar="TOKEN",
+        help="the dashboard's JSON answers only requests carrying this token (open the page "
+        "as /?token=TOKEN); default: $PRESENCE_CORE_DASHBOARD_TOKEN, which keeps it out of ps",
     )
     serve.add_argument(
         "--scale",
@@ -244,6 +252,7 @@ async def _serve(args: argparse.Namespace) -> int:
         limits=limits,
         store=store,
         dashboard=not args.no_dashboard,
+        dashboard_token=args.dashboard_token,
         scale_interval=args.scale_interval,
     )
     await server.start()

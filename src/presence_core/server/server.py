@@ -46,6 +46,7 @@ Protocol notes (checked against the three clients):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import http
 import itertools
 import logging
@@ -61,7 +62,7 @@ import orjson
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .._validate import check_seconds
+from .._validate import check_seconds, check_text
 from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
 from ..limits import Limits, admit
 from ..metrics import LIMIT_HITS, Metrics
@@ -159,8 +160,11 @@ class PresenceServer:
             and the peers, and a `ThresholdScaler` is told the replica count (this process and
             its live peers) before each consultation.
         dashboard: Serve the live dashboard at ``/`` (it needs the built-in `Metrics` sink).
-            Like ``/metrics`` it is not authenticated and shows members' metas: keep the port
-            behind your proxy, or turn it off.
+            Its JSON shows members' metas.
+        dashboard_token: If set, ``/api/dashboard`` answers only requests that carry it
+            (``Authorization: Bearer <token>`` or ``?token=<token>``; the page, opened as
+            ``/?token=<token>``, sends it).  Without one, anyone who reaches the port reads the
+            dashboard, as they read ``/metrics``.
         scale_interval: Seconds between two `Tracker.run_scalers` calls, when the Tracker has
             scalers.  Decisions other than hold are logged; the server never acts on them.
 
@@ -178,6 +182,7 @@ class PresenceServer:
         auth: AuthHook | None = None,
         store: RedisStore | None = None,
         dashboard: bool = True,
+        dashboard_token: str | None = None,
         scale_interval: float = 15.0,
     ) -> None:
         self.tracker = tracker
@@ -186,6 +191,9 @@ class PresenceServer:
         self._dashboard: Dashboard | None = None
         self._dashboard_wanted = bool(dashboard) and isinstance(tracker.metrics, Metrics)
         self._static: dict[str, bytes] = {}
+        if dashboard_token is not None:
+            check_text(dashboard_token, "dashboard_token", 1024)
+        self._dashboard_token = dashboard_token
         self.host = host
         self.port = port
         self.limits = limits if limits is not None else ServerLimits()
@@ -384,7 +392,7 @@ class PresenceServer:
             }
             return _response(status, _dumps(body), "application/json")
         if self._dashboard is not None and (path == "/" or path.startswith(("/static/", "/api/"))):
-            return self._dashboard_response(path, url.query)
+            return self._dashboard_response(path, url.query, request.headers)
         if path == "/metrics":
             metrics = self.tracker.metrics
             if not isinstance(metrics, Metrics):
@@ -409,15 +417,18 @@ class PresenceServer:
             conn.token = tokens[0] if tokens else None
         return response
 
-    def _dashboard_response(self, path: str, query: str) -> Response:
+    def _dashboard_response(self, path: str, query: str, headers: Headers) -> Response:
         assert self._dashboard is not None
         if path == "/api/dashboard":
-            try:
-                body = _dumps(
-                    self._dashboard.answer(
-                        parse_qs(query, keep_blank_values=True), accepting=self._accepting
-                    )
+            params = parse_qs(query, keep_blank_values=True)
+            if not self._dashboard_allowed(params, headers):
+                return _response(
+                    http.HTTPStatus.UNAUTHORIZED,
+                    _dumps({"error": "the dashboard token is missing or wrong"}),
+                    "application/json",
                 )
+            try:
+                body = _dumps(self._dashboard.answer(params, accepting=self._accepting))
             except PresenceError as exc:
                 return _response(
                     http.HTTPStatus.BAD_REQUEST, _dumps({"error": str(exc)}), "application/json"
@@ -440,6 +451,17 @@ class PresenceServer:
                 return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
             self._static[name] = data
         return _response(http.HTTPStatus.OK, data, content_type)
+
+    def _dashboard_allowed(self, params: dict[str, list[str]], headers: Headers) -> bool:
+        token = self._dashboard_token
+        if token is None:
+            return True
+        given = params.get("token", [""])[0]
+        authorization = headers.get("Authorization", "")
+        if authorization.startswith("Bearer "):
+            given = authorization[7:]
+        # Bytes: compare_digest refuses str with non-ASCII characters.
+        return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode())
 
     def _opened(self, conn: Connection) -> None:
         assert conn.transport is not None

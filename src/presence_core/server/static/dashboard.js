@@ -316,6 +316,9 @@ const state = {
   cursors: [],           // the cursors of the pages before it, for prev
 };
 
+// serve --dashboard-token: the page is opened as /?token=..., and every request carries it.
+const TOKEN = new URLSearchParams(location.search).get("token");
+
 function browserOpen() {
   return $("browser").open;
 }
@@ -360,7 +363,9 @@ async function poll() {
   const abort = new AbortController();
   const timeout = setTimeout(() => abort.abort(), FETCH_TIMEOUT_MS);
   try {
-    const response = await fetch(requestUrl(), { cache: "no-store", signal: abort.signal });
+    const headers = TOKEN === null ? {} : { Authorization: `Bearer ${TOKEN}` };
+    const response = await fetch(requestUrl(), { cache: "no-store", signal: abort.signal, headers });
+    if (response.status === 401) throw new Error("unauthorized: open this page as /?token=<the dashboard token>");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
     const current = askedTopics && generation === state.generation;
