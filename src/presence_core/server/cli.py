@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-dashboard",
         action="store_true",
-        help="do not serve the live dashboard at / (like /metrics it is not authenticated)",
+        help="do not serve the live dashboard at / (see --dashboard-token to keep it)",
     )
     serve.add_argument(
         "--dashboard-token",
