@@ -375,6 +375,11 @@ def test_a_meta_over_max_meta_bytes_counts_as_a_limit_hit() -> None:
     assert isinstance(metrics, Metrics)
     assert metrics.counter(LIMIT_HITS, "max_meta_bytes") == 1
     assert tracker.totals().presences == 0
+    tracker.record_limit_hit("max_connections")  # a host's own limit, counted beside them
+    tracker.flush()
+    assert metrics.counter(LIMIT_HITS, "max_connections") == 1
+    with pytest.raises(PresenceValueError):
+        tracker.record_limit_hit("")
 
 
 def test_a_dashboard_token_guards_the_json_not_the_page() -> None:

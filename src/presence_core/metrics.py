@@ -706,12 +706,14 @@ class Metrics:
         return Histogram() if histogram is None else histogram.copy()
 
     def series(self, metric: MetricDef) -> dict[Labels, float]:
-        """Every series of the counter or gauge ``metric``: label values -> value (a copy)."""
+        """Every series of the counter or gauge ``metric``: label values -> value (a copy, as
+        a scrape sees it: an unlabelled metric never written reads as one series at zero)."""
         if not isinstance(metric, MetricDef) or metric.kind == "histogram":
             raise PresenceTypeError(
                 f"series() reads a counter or a gauge, not {metric!r}; use histogram()"
             )
-        return dict(self._table(metric, metric.kind, "series()"))
+        self._table(metric, metric.kind, "series()")  # refuses a metric of another catalogue
+        return self._series(metric)
 
     def rate(self, metric: MetricDef, *, now: float | None = None) -> float:
         """Per-second rate of the counter ``metric`` (all its series together) over the window.

@@ -84,8 +84,8 @@ class Dashboard:
     Args:
         tracker: The Tracker the server serves; its metrics sink must be the built-in `Metrics`.
         store: The `RedisStore` attached to it, if any (Redis health and the peers).
-        scale_interval: Seconds between two `Tracker.run_scalers` calls by the server (shown
-            with the decisions), or None when the server runs no scalers.
+        scale_interval: Seconds between two `Tracker.run_scalers` calls by the host (shown
+            with the decisions of the Tracker's scalers), or None if not known.
     """
 
     def __init__(
@@ -259,7 +259,7 @@ class Dashboard:
         ]
 
     def _scaler(self) -> dict[str, Any] | None:
-        if self.scale_interval is None and not self.tracker.scalers:
+        if not self.tracker.scalers:
             return None
         return {
             "interval_s": self.scale_interval,

@@ -65,7 +65,7 @@ from websockets.http11 import Request, Response
 from .._validate import check_seconds, check_text
 from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
 from ..limits import Limits, admit
-from ..metrics import LIMIT_HITS, Metrics
+from ..metrics import Metrics
 from ..phoenix import (
     EVENT_CLOSE,
     EVENT_HEARTBEAT,
@@ -234,7 +234,7 @@ class PresenceServer:
             self._dashboard = Dashboard(
                 self.tracker,
                 store=self.store,
-                scale_interval=self.scale_interval if self.tracker.scalers else None,
+                scale_interval=self.scale_interval,
             )
         self._ticker = loop.create_task(self._tick(), name="presence-tick")
         self._accepting = True
@@ -346,9 +346,7 @@ class PresenceServer:
     def _limit_hit(self, limit: str, **fields: Any) -> None:
         """A server limit refused something: audited, and counted in ``limit_hits``."""
         _audit("limit_hit", limit=limit, **fields)
-        metrics = self.tracker.metrics
-        if isinstance(metrics, Metrics):
-            metrics.inc(LIMIT_HITS, 1, (limit,))
+        self.tracker.record_limit_hit(limit)
 
     def _flush_soon(self) -> None:
         """Flush once this loop iteration's frames are read (see the module's docstring)."""

@@ -813,6 +813,11 @@ class Tracker:
         self._limit_hit(limit)
         raise QuotaExceeded(conn, limit, value)
 
+    def record_limit_hit(self, limit: str) -> None:
+        """Count a refusal the host made by a limit of its own (a server's connection or join
+        quota) in ``limit_hits``, beside the Tracker's own, published with the next flush."""
+        self._limit_hit(check_text(limit, "limit", 256))
+
     def _limit_hit(self, limit: str) -> None:
         hits = self._limit_hits.get(limit)
         if hits is None:
