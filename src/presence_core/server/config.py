@@ -38,6 +38,14 @@ class ServerLimits:
         max_buffered_bytes: Bytes written to a connection that its client has not read yet;
             beyond it the client reads slower than its topics change and is disconnected
             (its presences leave, and it reconnects and gets the state afresh).
+        max_connections_per_ip: Open WebSockets one client address may hold (None: no such
+            limit).  Off by default: behind a proxy or a NAT every client has the same
+            address.  Beyond it the handshake gets HTTP 429.
+        messages_per_second: Frames a socket may send a second (a second's worth of burst).
+            A socket that sends faster is not read until its rate allows again, so a flood is
+            pushed back on its sender's TCP window instead of stalling everyone else.
+        max_fragments: Frames one fragmented message may span (more closes with 1009): empty
+            continuation frames would otherwise grow a message's fragment list unanswered.
 
     Presence calls (their rate, burst and meta size) are the Tracker's to limit: see
     `presence_core.Limits`, which `presence-core serve` sets from its own options.
@@ -49,6 +57,9 @@ class ServerLimits:
     joins_per_second: float = 10.0
     broadcasts_per_second: float = 100.0
     max_buffered_bytes: int = 16 << 20
+    max_connections_per_ip: int | None = None
+    messages_per_second: float = 200.0
+    max_fragments: int = 64
 
     def __post_init__(self) -> None:
         check_int(self.max_frame_bytes, "max_frame_bytes", low=64)
@@ -57,3 +68,7 @@ class ServerLimits:
         check_seconds(self.joins_per_second, "joins_per_second")
         check_seconds(self.broadcasts_per_second, "broadcasts_per_second")
         check_int(self.max_buffered_bytes, "max_buffered_bytes", low=1 << 16)
+        if self.max_connections_per_ip is not None:
+            check_int(self.max_connections_per_ip, "max_connections_per_ip", low=1)
+        check_seconds(self.messages_per_second, "messages_per_second")
+        check_int(self.max_fragments, "max_fragments", low=1)
