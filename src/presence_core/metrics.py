@@ -72,6 +72,8 @@ __all__ = [
     "CONNECTIONS",
     "CONNECTION_EXPIRIES",
     "DIFF_PROPAGATION_SECONDS",
+    "DISCONNECTS",
+    "DISCONNECT_REASONS",
     "EVICTIONS",
     "EXPIRIES",
     "HOOK_ERRORS",
@@ -239,6 +241,23 @@ LIMIT_HITS: Final = MetricDef(
     "refused them.",
     ("limit",),
 )
+DISCONNECT_REASONS: Final = (
+    "slow_reader",
+    "ttl",
+    "limit",
+    "refused_handshake",
+    "protocol_error",
+    "rate",
+    "shutdown",
+)
+DISCONNECTS: Final = MetricDef(
+    "disconnects",
+    "counter",
+    "Connections the server closed itself, by reason: slow_reader (its send buffer stayed "
+    "full), ttl (it stopped heartbeating), limit (a quota refused it), refused_handshake, "
+    "protocol_error, rate (it sent frames too fast) or shutdown.",
+    ("reason",),
+)
 HOOK_ERRORS: Final = MetricDef(
     "hook_errors",
     "counter",
@@ -328,6 +347,7 @@ CATALOGUE: Final[tuple[MetricDef, ...]] = (
     EVICTIONS,
     LAST_SEEN_EVICTIONS,
     LIMIT_HITS,
+    DISCONNECTS,
     HOOK_ERRORS,
     DIFF_PROPAGATION_SECONDS,
     STATUS_READS,
