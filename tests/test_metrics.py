@@ -284,10 +284,10 @@ def test_bad_calls_raise_our_errors_and_change_nothing(
     # On a fresh instance, where the call would create the series, and on one where every
     # series it could touch exists already: the write path then starts with the plain update.
     for metrics in (Metrics(), busy_series()):
-        before = (metrics.as_dict(), metrics.to_prometheus())
+        before = (metrics.as_dict(), declared_exposition(metrics))
         with pytest.raises(error, match=re.escape(message)):
             call(metrics)
-        assert (metrics.as_dict(), metrics.to_prometheus()) == before
+        assert (metrics.as_dict(), declared_exposition(metrics)) == before
 
 
 # The amount of a counter is checked when the write creates the series; later writes to the
@@ -310,10 +310,10 @@ def test_first_writes_check_the_value(
     call: Callable[[Metrics], object], error: type[Exception], message: str
 ) -> None:
     metrics = Metrics()
-    before = (metrics.as_dict(), metrics.to_prometheus())
+    before = (metrics.as_dict(), declared_exposition(metrics))
     with pytest.raises(error, match=re.escape(message)):
         call(metrics)
-    assert (metrics.as_dict(), metrics.to_prometheus()) == before
+    assert (metrics.as_dict(), declared_exposition(metrics)) == before
 
 
 def test_our_errors_are_also_the_builtin_ones() -> None:
@@ -528,6 +528,25 @@ def parse(text: bytes) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text.decode())}
 
 
+# The families of prometheus-client's process and GC collectors, which every scrape adds.
+RUNTIME = ("process_", "python_gc_")
+
+
+def declared(families: dict[str, Any]) -> list[str]:
+    """The names of ``families`` less the process and GC ones."""
+    return [name for name in families if not name.startswith(RUNTIME)]
+
+
+def declared_exposition(metrics: Metrics) -> list[str]:
+    """`Metrics.to_prometheus` less the process and GC lines, whose values move on their own."""
+    lines = metrics.to_prometheus().decode().splitlines()
+    return [
+        line
+        for line in lines
+        if not line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith(RUNTIME)
+    ]
+
+
 def samples(family: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
 
@@ -556,7 +575,7 @@ def busy_metrics() -> tuple[Metrics, list[float]]:
 def test_prometheus_exposition_shows_every_declaration_and_the_in_memory_values() -> None:
     metrics, values = busy_metrics()
     families = parse(metrics.to_prometheus())
-    assert list(families) == [f"presence_{metric.name}" for metric in CATALOGUE]
+    assert declared(families) == [f"presence_{metric.name}" for metric in CATALOGUE]
     for metric in CATALOGUE:
         family = families[f"presence_{metric.name}"]
         assert family.type == metric.kind
@@ -599,7 +618,7 @@ def test_prometheus_exposition_shows_every_declaration_and_the_in_memory_values(
 
 def test_unwritten_metrics_are_exported_too() -> None:
     families = parse(Metrics().to_prometheus())
-    assert list(families) == [f"presence_{metric.name}" for metric in CATALOGUE]
+    assert declared(families) == [f"presence_{metric.name}" for metric in CATALOGUE]
     assert samples(families["presence_expiries"]) == {("presence_expiries_total", ()): 0.0}
     assert samples(families["presence_presences"]) == {("presence_presences", ()): 0.0}
     assert samples(families["presence_ops"]) == {}  # labelled: no series until written
@@ -607,12 +626,46 @@ def test_unwritten_metrics_are_exported_too() -> None:
     assert histogram[("presence_diff_propagation_seconds_count", ())] == 0.0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process_* reads /proc")
+def test_the_exposition_has_the_process_and_gc_series() -> None:
+    metrics = Metrics()
+    families = parse(metrics.to_prometheus())  # parses: the text is well formed
+    names = [s.name for family in families.values() for s in family.samples]
+    assert names.count("process_resident_memory_bytes") == 1
+    assert "process_open_fds" in names and "process_cpu_seconds_total" in names
+    gc_generations = {
+        s.labels["generation"]
+        for s in families["python_gc_collections"].samples
+        if s.name == "python_gc_collections_total"
+    }
+    assert gc_generations == {"0", "1", "2"}
+    # The declared families come first, then the runtime ones.
+    assert list(families)[: len(CATALOGUE)] == [f"presence_{x.name}" for x in CATALOGUE]
+    # Each Metrics registers its own pair in its own registry: many instances, and a scrape of
+    # each still shows every series once, while the global registry is left as it was.
+    from prometheus_client import REGISTRY
+
+    global_before = [family.name for family in REGISTRY.collect()]
+    others = [Metrics(namespace=f"n{i}") for i in range(3)]
+    for other in others:
+        text = other.to_prometheus().decode()
+        assert text.count("\nprocess_resident_memory_bytes ") == 1
+        assert text.count('\npython_gc_collections_total{generation="0"} ') == 1
+    assert [family.name for family in REGISTRY.collect()] == global_before
+    # register_prometheus adds the declared families only: a registry with the default
+    # collectors already has the process ones.
+    registry = CollectorRegistry()
+    register_prometheus(metrics, registry)
+    assert declared(parse(generate_latest(registry))) == list(parse(generate_latest(registry)))
+
+
 def test_the_registry_is_created_once() -> None:
     metrics = Metrics(namespace="edge")
     registry = metrics.registry()
     assert metrics.registry() is registry
     metrics.inc(m.EVICTIONS, 5)
-    assert metrics.to_prometheus() == generate_latest(registry)
+    scraped = generate_latest(registry).decode().splitlines()
+    assert scraped[: len(declared_exposition(metrics))] == declared_exposition(metrics)
     assert "edge_evictions" in parse(metrics.to_prometheus())
 
 

@@ -840,6 +840,12 @@ class Metrics:
 
         Serve it with ``prometheus_client.start_http_server(port, registry=metrics.registry())``;
         to add these metrics to another registry instead, use `register_prometheus`.
+
+        It also serves prometheus-client's process and garbage-collector series
+        (``process_resident_memory_bytes``, ``process_open_fds``,
+        ``python_gc_collections_total`` ...), unprefixed, as the default registry does;
+        `register_prometheus` adds the declared metrics only, since a registry that has the
+        default collectors already serves those.
         """
         registry = self._registry
         if registry is None:
@@ -849,11 +855,16 @@ class Metrics:
                     prometheus_client = _import_prometheus()
                     registry = prometheus_client.CollectorRegistry(auto_describe=False)
                     registry.register(PrometheusCollector(self))
+                    # Given this registry, not the default: prometheus-client's global REGISTRY
+                    # has its own pair already, and each Metrics has a registry of its own.
+                    prometheus_client.ProcessCollector(registry=registry)
+                    prometheus_client.GCCollector(registry=registry)
                     self._registry = registry
         return registry
 
     def to_prometheus(self) -> bytes:
-        """These metrics in the Prometheus text exposition format."""
+        """A scrape of `registry` in the Prometheus text exposition format: these metrics, then
+        the process and garbage-collector series."""
         prometheus_client = _import_prometheus()
         text: bytes = prometheus_client.generate_latest(self.registry())
         return text
