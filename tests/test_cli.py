@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import pytest
 from servers import ValkeyCluster, ValkeyServer, free_port, pid_alive, wait_until
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+from presence_core.server.cli import _parser, main, redact_url, redis_target
 
 EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
 
@@ -35,7 +38,11 @@ def healthy(port: int) -> bool:
 def serve(tmp_path: Path) -> Iterator[object]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> tuple[subprocess.Popen[bytes], int, Path]:
         port = free_port()
         log = tmp_path / f"serve-{port}.log"
         with log.open("wb") as stderr:  # the child keeps its own descriptor
@@ -43,6 +50,8 @@ def serve(tmp_path: Path) -> Iterator[object]:
                 [EXE, "serve", "--port", str(port), "--log-json", *args],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
+                env=env,
+                preexec_fn=preexec_fn,
             )
         procs.append(proc)
         wait_until(lambda: healthy(port), 15, "presence-core serve to be healthy")
@@ -244,3 +253,113 @@ def test_serve_keeps_serving_while_redis_is_down_and_converges_after(
             await watcher.close()
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def records(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def nofile_of(pid: int) -> tuple[int, int]:
+    """The soft and hard open-files limits of a process, from /proc/<pid>/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            unlimited = resource.RLIM_INFINITY
+            return (
+                unlimited if soft == "unlimited" else int(soft),
+                unlimited if hard == "unlimited" else int(hard),
+            )
+    raise AssertionError(f"no open-files line in /proc/{pid}/limits")
+
+
+def test_serve_options_for_limits_and_their_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PRESENCE_CORE_REDIS_URL", raising=False)
+    monkeypatch.delenv("PRESENCE_CORE_DASHBOARD_TOKEN", raising=False)
+    args = _parser().parse_args(["serve"])
+    assert args.max_connections_per_ip is None  # unlimited: behind a proxy, one address
+    assert args.messages_per_second == 200.0
+    assert args.redis is None and args.dashboard_token is None
+    args = _parser().parse_args(
+        ["serve", "--max-connections-per-ip", "5", "--messages-per-second", "12.5"]
+    )
+    assert (args.max_connections_per_ip, args.messages_per_second) == (5, 12.5)
+
+    # Empty variables count as unset.
+    monkeypatch.setenv("PRESENCE_CORE_REDIS_URL", "")
+    monkeypatch.setenv("PRESENCE_CORE_DASHBOARD_TOKEN", "")
+    args = _parser().parse_args(["serve"])
+    assert args.redis is None and args.dashboard_token is None
+    # The variable is --redis's default; --redis and --redis-cluster on the command line win.
+    monkeypatch.setenv("PRESENCE_CORE_REDIS_URL", "redis://:pw@env:6379")
+    assert redis_target(_parser().parse_args(["serve"])) == ("redis://:pw@env:6379", False)
+    given = _parser().parse_args(["serve", "--redis", "redis://cli:6379"])
+    assert redis_target(given) == ("redis://cli:6379", False)
+    given = _parser().parse_args(["serve", "--redis-cluster", "redis://node:7000"])
+    assert redis_target(given) == ("redis://node:7000", True)
+    # --help says where the default comes from.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "$PRESENCE_CORE_REDIS_URL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://user@host", "redis://user@host"),
+        ("redis://user:s3cret@host:6379/0", "redis://user:***@host:6379/0"),
+        ("rediss://:s3c@ret@host:6380", "rediss://:***@host:6380"),  # "@" in the password
+        ("redis://host?password=s3cret&db=2", "redis://host?password=***&db=2"),
+        ("unix:///tmp/r.sock?password=s3cret", "unix:///tmp/r.sock?password=***"),
+        ("redis://u:s3cret@[::1:6379", "redis://***"),  # unparsable: the scheme alone
+    ],
+)
+def test_redact_url_hides_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3c" not in redact_url(url)
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/<pid>/limits")
+def test_serve_starts_with_an_empty_token_raises_its_open_files_limit_and_passes_limits(
+    serve: object,
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256 if hard == resource.RLIM_INFINITY else min(256, hard)
+
+    def lower() -> None:  # start the child below its hard limit, as a login shell does
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    env = {**os.environ, "PRESENCE_CORE_DASHBOARD_TOKEN": ""}
+    proc, port, log = serve(  # type: ignore[operator]
+        "--max-connections-per-ip", "3", "--messages-per-second", "50", env=env, preexec_fn=lower
+    )
+    soft_now, hard_now = nofile_of(proc.pid)
+    assert hard_now == hard
+    if hard != resource.RLIM_INFINITY:
+        assert soft_now == hard
+    else:
+        assert soft_now > low
+    # The empty token left the dashboard open, as no token does.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/dashboard", timeout=5) as answer:
+        assert answer.status == 200
+    started = next(r for r in records(log) if r.get("event") == "server_started")
+    limits = started["limits"]
+    assert isinstance(limits, dict)
+    assert limits["max_connections_per_ip"] == 3 and limits["messages_per_second"] == 50.0
+
+
+def test_serve_takes_redis_from_the_environment_and_never_logs_its_password(
+    serve: object, valkey_factory: Callable[..., ValkeyServer]
+) -> None:
+    redis = valkey_factory(password="pw-not-for-logs")
+    env = {**os.environ, "PRESENCE_CORE_REDIS_URL": redis.url}
+    proc, port, log = serve(env=env)  # type: ignore[operator]
+    assert "pw-not-for-logs" not in " ".join(proc.args)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(15) == 0
+    text = log.read_text()
+    assert "pw-not-for-logs" not in text
+    serving = next(str(r["message"]) for r in records(log) if "serving" in str(r["message"]))
+    assert f"redis redis://:***@127.0.0.1:{redis.port}" in serving, serving

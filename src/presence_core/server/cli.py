@@ -14,9 +14,11 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,12 +29,14 @@ from ..scaling import LOAD_SIGNALS, Threshold, ThresholdScaler
 from ..tracker import Tracker
 from . import bench
 from .config import ServerLimits
-from .loop import run
+from .loop import raise_nofile, run
 from .server import PresenceServer
 
 __all__ = ["main"]
 
 logger = logging.getLogger("presence_core.server")
+
+_FD_MARGIN = 32  # descriptors besides the clients': listening sockets, Redis, logs, imports
 
 
 class JsonFormatter(logging.Formatter):
@@ -75,7 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--node", default=None, help="this process's node name (random)")
     where = serve.add_mutually_exclusive_group()
-    where.add_argument("--redis", metavar="URL", help="share presence through this Redis")
+    where.add_argument(
+        "--redis",
+        metavar="URL",
+        # Empty counts as unset, so a compose file can pass the variable through unconditionally.
+        default=os.environ.get("PRESENCE_CORE_REDIS_URL") or None,
+        help="share presence through this Redis; default: $PRESENCE_CORE_REDIS_URL, which "
+        "keeps a password in the URL out of ps",
+    )
     where.add_argument(
         "--redis-cluster", metavar="URL", help="share presence through this Redis Cluster"
     )
@@ -90,11 +101,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     defaults = ServerLimits()
     serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    serve.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=defaults.max_connections_per_ip,
+        metavar="N",
+        help="open WebSockets one client address may hold (default: no limit, since behind a "
+        "proxy or load balancer every client has the proxy's address)",
+    )
     serve.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
     serve.add_argument("--max-topics", type=int, default=defaults.max_topics_per_connection)
     serve.add_argument("--joins-per-second", type=float, default=defaults.joins_per_second)
     serve.add_argument(
         "--broadcasts-per-second", type=float, default=defaults.broadcasts_per_second
+    )
+    serve.add_argument(
+        "--messages-per-second",
+        type=float,
+        default=defaults.messages_per_second,
+        help="frames a socket may send a second, of any kind; past them the server stops "
+        f"reading it for a while ({defaults.messages_per_second:g})",
     )
     serve.add_argument(
         "--max-buffered-bytes",
@@ -115,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--dashboard-token",
-        default=os.environ.get("PRESENCE_CORE_DASHBOARD_TOKEN"),
+        # Empty counts as unset (TOKEN= in an env file); an explicit empty option is refused.
+        default=os.environ.get("PRESENCE_CORE_DASHBOARD_TOKEN") or None,
         metavar="TOKEN",
         help="the dashboard's JSON answers only requests carrying this token (open the page "
         "as /?token=TOKEN); default: $PRESENCE_CORE_DASHBOARD_TOKEN, which keeps it out of ps",
@@ -161,11 +188,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
     # One line per health check or refused handshake is noise; the audit log has what matters.
     logging.getLogger("websockets.server").setLevel(logging.WARNING)
+    _raise_open_files(args.max_connections)
     try:
         return run(_serve(args))
     except PresenceError as exc:  # a bad option value, found when the parts are built
         print(f"presence-core serve: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _raise_open_files(max_connections: int) -> None:
+    """Raise the open-files soft limit to the hard one: each client is a descriptor, and the
+    usual soft limit of 1,024 would refuse connections long before --max-connections."""
+    soft, hard = raise_nofile()
+    if soft != resource.RLIM_INFINITY and soft < max_connections + _FD_MARGIN:
+        logger.warning(
+            "open files limited to %d (hard limit %d): fewer than --max-connections %d "
+            "clients can connect; raise the hard limit (ulimit -Hn, LimitNOFILE=, "
+            "docker run --ulimit nofile=)",
+            soft,
+            hard,
+            max_connections,
+        )
+
+
+def redis_target(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """The Redis URL ``serve`` shares presence through, and whether it is a cluster's.
+
+    --redis-cluster wins: --redis may hold $PRESENCE_CORE_REDIS_URL, a default the mutually
+    exclusive group does not see.
+    """
+    if args.redis_cluster:
+        return args.redis_cluster, True
+    return args.redis, False
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs.
+
+    redis-py's URL parser, which the store uses, takes the password from the user part
+    (``redis://user:pw@host``) or from a ``password`` query argument, so both are redacted.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:  # unparsable, yet it may hold a secret: show the scheme alone
+        return url.partition(":")[0] + "://***"
+    netloc, query = parts.netloc, parts.query
+    if password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(name == "password" for name, _ in pairs):
+        redacted = [(name, "***" if name == "password" else value) for name, value in pairs]
+        query = urllib.parse.urlencode(redacted, safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    # Built by hand: urlunsplit would write unix:///path as unix:/path.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def _threshold(text: str) -> Threshold:
@@ -208,6 +287,8 @@ async def _serve(args: argparse.Namespace) -> int:
         joins_per_second=args.joins_per_second,
         broadcasts_per_second=args.broadcasts_per_second,
         max_buffered_bytes=args.max_buffered_bytes,
+        max_connections_per_ip=args.max_connections_per_ip,
+        messages_per_second=args.messages_per_second,
     )
     plan = Limits(
         rate_per_second=args.presence_rate,
@@ -233,7 +314,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_connections=max(args.max_connections, 1),
     )
     store = None
-    url = args.redis or args.redis_cluster
+    url, cluster = redis_target(args)
     if url:
         from ..store import RedisStore
 
@@ -241,7 +322,7 @@ async def _serve(args: argparse.Namespace) -> int:
             tracker,
             url,
             prefix=args.prefix,
-            cluster=bool(args.redis_cluster),
+            cluster=cluster,
             liveness_timeout=args.liveness_timeout,
         )
         await store.start()
@@ -265,7 +346,7 @@ async def _serve(args: argparse.Namespace) -> int:
         "presence-core serving %s (node %s, %s)",
         server.url,
         tracker.node,
-        f"redis {url}" if url else "in-process",
+        f"redis {redact_url(url)}" if url else "in-process",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
