@@ -66,6 +66,7 @@ from ..metrics import (
     CONNECTION_EXPIRIES,
     CONNECTIONS,
     DIFF_PROPAGATION_SECONDS,
+    DISCONNECTS,
     EVICTIONS,
     EXPIRIES,
     HOOK_ERRORS,
@@ -294,6 +295,7 @@ class Tracker:
         "_delivery",
         "_int_ids",
         "_limit_hits",
+        "_disconnects",
         "_metrics",
         "_n_heartbeat",
         "_node",
@@ -364,7 +366,10 @@ class Tracker:
         else:
             check_node(node)
         self._node = node.encode("ascii") + b"."
-        self._refs = count(1)
+        # Refs count up from a random start, so a process restarted under the same node name
+        # never makes a ref its earlier incarnation made (peers and Redis may still hold
+        # those).  62 bits keep every ref within the 16 hex digits refs are checked for.
+        self._refs = count(1 + secrets.randbits(62))
         if on_evict is not None:
             check_callable(on_evict, "on_evict")
         self._on_evict = on_evict
@@ -401,6 +406,7 @@ class Tracker:
         self._counts = [0] * len(_COUNTERS)
         self._synced = [0] * len(_COUNTERS)
         self._limit_hits: dict[str, list[int]] = {}  # limit -> [count, synced]
+        self._disconnects: dict[str, list[int]] = {}  # reason -> [count, synced]
         self._n_heartbeat = 0  # separate from _counts: the heartbeat path is the hottest
         # Whether any connection id is an int: only then can a bool or float (True == 1,
         # 1.0 == 1) passed to heartbeat_many find a connection it does not name.
@@ -823,6 +829,25 @@ class Tracker:
         if hits is None:
             hits = self._limit_hits[limit] = [0, 0]
         hits[0] += 1
+
+    def record_disconnect(self, reason: str) -> None:
+        """Count a connection the host closed itself (``slow_reader``, ``ttl``, ``limit``,
+        ``refused_handshake``, ``protocol_error``...) in ``disconnects``, published with the
+        next flush.  See `presence_core.metrics.DISCONNECT_REASONS`."""
+        counts = self._disconnects.get(reason)
+        if counts is None:
+            counts = self._disconnects[check_text(reason, "reason", 64)] = [0, 0]
+        counts[0] += 1
+
+    def check_topic(self, topic: object) -> str:
+        """``topic`` if this Tracker can hold it (a non-empty str within the length limit),
+        else raise `PresenceTypeError` / `PresenceValueError` saying why: what a server asks
+        before it makes anything for a join."""
+        return check_text(topic, "topic", self._read_topic_limit)
+
+    def check_key(self, key: object) -> str:
+        """``key`` if this Tracker can hold it as a presence key, else raise as `check_topic`."""
+        return _check_key(key, self._read_key_limit)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -1278,11 +1303,12 @@ class Tracker:
             if delta:
                 sink.inc(metric, delta, labels)
                 synced[i] = counts[i]
-        for limit, hits in self._limit_hits.items():
-            delta = hits[0] - hits[1]
-            if delta:
-                sink.inc(LIMIT_HITS, delta, (limit,))
-                hits[1] = hits[0]
+        for metric, counts_by in ((LIMIT_HITS, self._limit_hits), (DISCONNECTS, self._disconnects)):
+            for label, hits in counts_by.items():
+                delta = hits[0] - hits[1]
+                if delta:
+                    sink.inc(metric, delta, (label,))
+                    hits[1] = hits[0]
         state = self._state
         sink.set(PRESENCES, state.n_presences)
         sink.set(CONNECTIONS, len(self._conns))
