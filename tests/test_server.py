@@ -219,18 +219,28 @@ def test_broadcast_honours_self_and_ack() -> None:
     run(main)
 
 
-def test_realtime_js_binary_broadcast_is_relayed_as_text() -> None:
+def test_realtime_js_binary_broadcast_is_relayed_with_its_bytes() -> None:
+    """A kind-3 push is relayed as a text broadcast (every client reads text) whose payload
+    is the JSON bytes as sent: ``1e9`` stays ``1e9``."""
+
     async def main() -> None:
-        async with serving() as server, Client.open(server) as a, Client.open(server) as b:
+        async with (
+            serving() as server,
+            Client.open(server) as a,
+            Client.open(server) as b,
+            Client.open(server, vsn="1.0.0") as c,
+        ):
             await a.join("room", "a")
             await b.join("room", "b")
-            topic, event, payload = b"room", b"wave", b'{"x":1}'
+            await c.join("room", "c")
+            topic, event, payload = b"room", b"wave", b'{"x":1e9}'
             frame = bytes([3, 1, 1, len(topic), len(event), 0, 1]) + b"1" + b"2" + topic + event
             await a.ws.send(frame + payload)
-            msg = await b.until("broadcast")
-            assert msg["payload"] == {"type": "broadcast", "event": "wave", "payload": {"x": 1}}
-
-    run(main)
+            for member in (b, c):
+                data = await member.ws.recv()
+                while '"broadcast"' not in data:
+                    data = await member.ws.recv()
+                assert '"payload":{"type":"broadcast","event":"wave","payload":{"x":1e9}}' in data
 
 
 def test_a_silent_connection_leaves_within_its_ttl() -> None:
@@ -261,25 +271,37 @@ def test_a_silent_connection_leaves_within_its_ttl() -> None:
     run(main)
 
 
-def test_malformed_frames_are_dropped_and_harm_nobody() -> None:
+def test_malformed_frames_close_their_socket_and_harm_nobody() -> None:
+    """A frame that is not a Phoenix message ends its socket with 1007, as Phoenix's
+    serializer does; an oversized one with 1009; the other clients go on."""
+
     async def main() -> None:
         limits = ServerLimits(max_frame_bytes=1024)
         async with serving(limits=limits) as server, Client.open(server) as good:
             jr = await good.join("room", "good")
             await good.until("presence_state")
-            async with Client.open(server) as bad:
-                for frame in ["{not json", "42", "[1,2,3]", '{"topic":1}', '["x"]']:
+            for frame in ["{not json", "42", "[1,2,3]", '{"topic":1}', '["x"]', b"\x07garbage"]:
+                async with Client.open(server) as bad:
                     await bad.ws.send(frame)
-                await bad.ws.send(b"\x07garbage")
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await bad.recv(2.0)
+                    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+                    assert closed.value.rcvd.reason.startswith("not a Phoenix message")
+            async with Client.open(server) as bad:
                 await bad.push("room", "presence", {"event": "track", "payload": {}})  # not joined
                 reply = await bad.until("phx_reply")
                 assert reply["payload"]["status"] == "error"
-                with pytest.raises(ConnectionClosed):  # oversized: closed with 1009
+                with pytest.raises(ConnectionClosed) as closed:  # oversized: closed with 1009
                     await bad.ws.send("x" * 2000)
                     await bad.recv(1.0)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
             await good.push("room", "presence", {"event": "track", "payload": {}}, jr)
             diff = await good.until("presence_diff")
             assert list(diff["payload"]["joins"]) == ["good"]
+            server.tracker.sync_metrics()
+            scrape = server.tracker.metrics.to_prometheus().decode()
+            assert 'presence_disconnects_total{reason="protocol_error"} 6.0' in scrape
+            assert 'presence_disconnects_total{reason="limit"} 1.0' in scrape
 
     run(main)
 
@@ -352,6 +374,7 @@ def test_health_metrics_and_unknown_paths() -> None:
             assert status == 200
             assert json.loads(body) == {
                 "status": "ok",
+                "redis": None,
                 "node": server.tracker.node,
                 "connections": 1,
                 "presences": 1,

@@ -7,6 +7,12 @@ walks, and a task switch per frame.  Here a connection is one `asyncio.Protocol`
 runs the closing handshake.  Frames to the client are written straight to the transport, built
 once for all the members of a topic (server frames are not masked, so every member gets the same
 bytes).
+
+Reading is bounded, so that no client can hold the loop: a socket's bytes go to the parser at
+most `READ_SLICE` at a time, at most `MESSAGES_PER_ITERATION` of its messages are handled per
+loop iteration, and its frames are admitted by a token bucket (`ServerLimits.messages_per_second`).
+When a socket is over any of these, it is not read again until it may go on: its flood waits in
+its own kernel buffers and TCP window, never in the loop or in memory here.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import asyncio
 import math
 from typing import TYPE_CHECKING, Literal, cast
 
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+from ..errors import RateLimited
+from ..limits import Limits, admit
 
 if TYPE_CHECKING:
     from .server import Channel, PresenceServer
@@ -27,6 +37,8 @@ __all__ = ["Connection", "text_frame"]
 
 OPEN_TIMEOUT = 10.0  # seconds from TCP accept to a complete handshake
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the socket is cut
+READ_SLICE = 16 << 10  # bytes handed to the parser at once (a slice of tiny frames is bounded)
+MESSAGES_PER_ITERATION = 64  # frames of one socket handled before the loop reads the others
 
 
 def text_frame(data: bytes) -> bytes:
@@ -49,16 +61,32 @@ class Connection(asyncio.Protocol):
         "open",
         "version",
         "token",
+        "peer",
+        "joined",
         "channels",
         "joins_tat",
         "broadcasts_tat",
+        "frames_tat",
+        "frames_rate",
         "fragments",
         "fragments_binary",
+        "max_fragments",
         "backlog",
         "timer",
+        "unread",
+        "events",
+        "resume",
     )
 
-    def __init__(self, server: PresenceServer, conn_id: int, max_size: int) -> None:
+    def __init__(
+        self,
+        server: PresenceServer,
+        conn_id: int,
+        max_size: int,
+        *,
+        frames_rate: Limits | None = None,
+        max_fragments: int = 64,
+    ) -> None:
         self.server = server
         self.id = conn_id
         self.ws = ServerProtocol(max_size=max_size)
@@ -66,13 +94,21 @@ class Connection(asyncio.Protocol):
         self.open = False  # handshake done and no close frame sent or received
         self.version: Literal[1, 2] = 1
         self.token: str | None = None
+        self.peer: str | None = None  # the client's address, when counted per address
+        self.joined = False  # has joined a topic (what a reconnect storm counts)
         self.channels: dict[str, Channel] = {}
         self.joins_tat = -math.inf  # token buckets (`limits.admit`): theoretical arrival times
         self.broadcasts_tat = -math.inf
+        self.frames_tat = -math.inf
+        self.frames_rate = frames_rate  # None: frames are not rate limited
         self.fragments: list[bytes] | None = None  # a fragmented message being received
         self.fragments_binary = False
+        self.max_fragments = max_fragments
         self.backlog: list[tuple[bytes, bool]] | None = None  # held while an auth hook runs
         self.timer: asyncio.TimerHandle | None = None
+        self.unread = b""  # received, not yet given to the parser (reading is paused)
+        self.events: list[Request | Response | Frame] = []  # parsed, not yet handled
+        self.resume: asyncio.Handle | None = None  # when reading goes on, while paused
 
     # -- transport callbacks -----------------------------------------------------------------
 
@@ -81,18 +117,19 @@ class Connection(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        ws = self.ws
-        ws.receive_data(data)
-        for event in ws.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._handshake(event)
-        self._flush()
+        if self.resume is not None:  # paused, yet a read was already under way
+            self.unread += data
+            return
+        if len(data) > READ_SLICE:
+            data, self.unread = data[:READ_SLICE], data[READ_SLICE:]
+        self.ws.receive_data(data)
+        self.events = self.ws.events_received()
+        self._handle()
 
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._flush()
+        if self.resume is None and not self.unread:
+            self.ws.receive_eof()
+            self._flush()
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -100,25 +137,123 @@ class Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.resume is not None:
+            self.resume.cancel()
+            self.resume = None
+        self.unread = b""
+        self.events = []
+        # The parser is a generator whose frame holds the protocol: a reference cycle that
+        # only a full collection would free, and never once `gc.freeze` has moved it out of
+        # the collector's reach (serve freezes settled connections).  Closing it breaks the
+        # cycle, so a closed connection is freed by reference counting alone.
+        self.ws.parser.close()
         self.server._closed(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than its topics change: it would hold ever more memory here.
         # (Before the handshake this is a large HTTP answer, /metrics say: it drains, then ends.)
+        # The cut waits for the end of this callback's caller, which may be a fan-out walking
+        # the topic's members: writes to this socket stop now, its members leave after.
         if self.open:
-            self.server._slow(self)
+            self.open = False
+            asyncio.get_running_loop().call_soon(self.server._slow, self)
 
     # -- reading ------------------------------------------------------------------------------
 
+    def _handle(self) -> None:
+        """Handle parsed events and feed the parser more, within this iteration's share."""
+        handled = 0
+        while True:
+            events, at = self.events, 0
+            while at < len(events):
+                if handled >= MESSAGES_PER_ITERATION:
+                    del events[:at]
+                    self._pause(0.0)
+                    return
+                event = events[at]
+                if isinstance(event, Frame):
+                    rate = self.frames_rate
+                    if rate is not None:
+                        now = asyncio.get_running_loop().time()
+                        try:
+                            self.frames_tat = admit(rate, self.frames_tat, now, self.id)
+                        except RateLimited as exc:
+                            del events[:at]
+                            self._pause(exc.retry_after)
+                            return
+                    at += 1
+                    handled += 1
+                    self._frame(event)
+                else:
+                    at += 1
+                    if isinstance(event, Request):
+                        self._handshake(event)
+                if self.events is not events:  # failed: what is left is dropped
+                    break
+            self.events = []
+            if not self.unread or self.transport is None or self.transport.is_closing():
+                break
+            data, self.unread = self.unread[:READ_SLICE], self.unread[READ_SLICE:]
+            self.ws.receive_data(data)
+            self.events = self.ws.events_received()
+        self._ended_by_parser()
+        self._flush()
+
+    def _ended_by_parser(self) -> None:
+        """Count a socket that websockets' parser failed (too big, not WebSocket, bad UTF-8)."""
+        exc = self.ws.parser_exc
+        if exc is not None and self.open:
+            self.open = False
+            self.server._failed(
+                self, "limit" if isinstance(exc, PayloadTooBig) else "protocol_error"
+            )
+
+    def _pause(self, delay: float) -> None:
+        self._flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.resume is not None:
+            return
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self.resume = (
+            loop.call_later(delay, self._resume) if delay else loop.call_soon(self._resume)
+        )
+
+    def _resume(self) -> None:
+        self.resume = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._handle()
+        if self.resume is None:
+            transport.resume_reading()
+            self.server._flush_soon()
+
     def _handshake(self, request: Request) -> None:
-        response = self.server._handshake(self, request)
+        server = self.server
+        if self.ws.parser_exc is not None:
+            # Bytes after the request that are no WebSocket frames: a second, pipelined
+            # request.  One request per connection here; say so rather than guess.
+            response = server._plain(400, b"one request per connection\n")
+        else:
+            response = server._handshake(self, request)
+        if response.status_code != 101:
+            # An HTTP answer ends the connection: written here, not through the protocol,
+            # whose parser may already have failed on what followed the request.
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                response.headers["Connection"] = "close"
+                transport.write(response.serialize())
+                transport.close()
+            return
         self.ws.send_response(response)
-        if response.status_code == 101:
-            assert self.timer is not None
-            self.timer.cancel()
-            self.timer = None
-            self.open = True
-            self.server._opened(self)
+        # The 101 goes out before any reply to a frame that came in the same segment.
+        self._flush()
+        assert self.timer is not None
+        self.timer.cancel()
+        self.timer = None
+        self.open = True
+        server._opened(self)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -133,6 +268,9 @@ class Connection(asyncio.Protocol):
             if frame.fin:
                 data, self.fragments = b"".join(self.fragments), None
                 self._message(data, self.fragments_binary)
+            elif len(self.fragments) >= self.max_fragments:
+                self.fragments = None
+                self.fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments", "limit")
         elif opcode is Opcode.CLOSE:
             self.open = False  # the protocol has answered it; the client closes the socket
 
@@ -170,6 +308,19 @@ class Connection(asyncio.Protocol):
             return
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+
+    def fail(self, code: int, reason: str, why: str) -> None:
+        """End the socket for breaking a rule of the protocol or a limit: a close frame with
+        ``code`` and ``reason``, then the TCP connection ends; nothing it sends is read after.
+        ``why`` is counted in ``disconnects{reason}``."""
+        if self.open:
+            self.open = False
+            self.server._failed(self, why)
+        if self.ws.state is State.OPEN:
+            self.ws.fail(code, reason)
+        self.events = []
+        self.unread = b""
+        self._flush()
 
     def abort(self) -> None:
         """Cut the socket now, without a closing handshake."""

@@ -50,19 +50,21 @@ import hmac
 import http
 import itertools
 import logging
+import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from .._validate import check_seconds, check_text
+from ..audit import audit, flush_suppressed
 from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
 from ..limits import Limits, admit
 from ..metrics import Metrics
@@ -92,7 +94,6 @@ if TYPE_CHECKING:
 __all__ = ["PresenceServer"]
 
 logger = logging.getLogger("presence_core.server")
-audit = logging.getLogger("presence_core.audit")
 
 _dumps = orjson.dumps
 _TICK = 0.01  # seconds between two Tracker ticks (expiry and flush)
@@ -103,6 +104,16 @@ _STORM_INTERVAL = 0.5  # seconds between two flushes during a storm
 _FLUSH_SLICE = 0.02  # seconds of fan-out before the loop reads its sockets again
 _BACKLOG = 4096  # pending TCP accepts: a reconnect storm arrives all at once
 _SAMPLE_EVERY = 1.0  # seconds between two dashboard samples
+_AUDIT_SUMMARY_EVERY = 5.0  # seconds between two reports of suppressed audit records
+_CLOSE_REASON = 120  # bytes of a close reason (a close frame's payload is at most 125)
+# A v2 push up to its payload: join_ref, ref (string or null), topic, event (strings).  `decode`
+# has checked the frame is such an array, so what follows is the payload and the closing ']'.
+_STR = rb'"(?:[^"\\]|\\.)*"'
+_V2_HEAD = re.compile(
+    rb"\s*\[\s*(?:null|%s)\s*,\s*(?:null|%s)\s*,\s*%s\s*,\s*%s\s*," % (_STR, _STR, _STR, _STR),
+    re.DOTALL,
+)
+_BROADCAST_KEYS = frozenset(("type", "event", "payload"))
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -112,8 +123,9 @@ _STATIC_TYPES = {
 
 
 def _audit(event: str, **fields: Any) -> None:
-    """One audit record: connection and topic ids, never meta contents."""
-    audit.info(event, extra={"audit": {"event": event, **fields}})
+    """One audit record: connection and topic ids, never meta contents (rate limited: see
+    `presence_core.audit`)."""
+    audit(event, **fields)
 
 
 @dataclass(slots=True)
@@ -215,14 +227,25 @@ class PresenceServer:
         self._window_opened = 0
         self._tasks: set[asyncio.Task[None]] = set()  # auth hooks under way
         self._accepting = False
+        self._draining = False
+        self._per_ip: dict[str, int] = {}  # open sockets by client address (when limited)
+        frames = self.limits.messages_per_second
+        self._frames_rate = Limits(rate_per_second=frames, burst=max(1, round(frames)))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         max_size = self.limits.max_frame_bytes
+        frames_rate, max_fragments = self._frames_rate, self.limits.max_fragments
         self._server = await loop.create_server(
-            lambda: Connection(self, next(self._ids), max_size),
+            lambda: Connection(
+                self,
+                next(self._ids),
+                max_size,
+                frames_rate=frames_rate,
+                max_fragments=max_fragments,
+            ),
             self.host,
             self.port,
             backlog=_BACKLOG,
@@ -238,6 +261,7 @@ class PresenceServer:
             )
         self._ticker = loop.create_task(self._tick(), name="presence-tick")
         self._accepting = True
+        self._draining = False
         _audit(
             "server_started",
             host=self.host,
@@ -246,15 +270,37 @@ class PresenceServer:
             limits={k: getattr(self.limits, k) for k in self.limits.__slots__},
         )
 
+    def begin_drain(self) -> None:
+        """Stop being ready (``/health/ready`` answers 503) while still serving everyone.
+
+        Call it on SIGTERM, wait for the load balancer to notice (its readiness period), then
+        `stop`; ``presence-core serve`` does so (``--drain-seconds``).
+        """
+        self._draining = True
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``/health/ready`` answers 200: serving, not draining, and Redis (when a
+        store is attached) reachable."""
+        return self._accepting and not self._draining and self._redis_health() != "down"
+
+    def _redis_health(self) -> str | None:
+        """``"ok"`` or ``"down"`` with a store attached, else None."""
+        if self.store is None:
+            return None
+        return "ok" if self.store.connected else "down"
+
     async def stop(self) -> None:
         """Send every client away and remove their presences (they leave for everyone)."""
         self._accepting = False
+        self._draining = True
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
             task.cancel()
         conns = list(self._conns.values())
         for conn in conns:
+            self.tracker.record_disconnect("shutdown")
             self._drop(conn)  # presences leave now, whatever the closing handshakes do
         for conn in conns:
             conn.close(1001, "server stopping")
@@ -298,9 +344,13 @@ class PresenceServer:
         loop = asyncio.get_running_loop()
         next_sample = loop.time() + _SAMPLE_EVERY
         next_scale = loop.time() + self.scale_interval
+        next_summary = loop.time() + _AUDIT_SUMMARY_EVERY
         while True:
             await asyncio.sleep(_TICK)
             now = loop.time()
+            if now >= next_summary:
+                next_summary = now + _AUDIT_SUMMARY_EVERY
+                flush_suppressed()
             if now >= next_sample:
                 next_sample = now + _SAMPLE_EVERY
                 if self._dashboard is not None:
@@ -323,6 +373,7 @@ class PresenceServer:
                 conn = self._conns.get(conn_id)  # type: ignore[arg-type]  # our ids are ints
                 if conn is not None:
                     _audit("disconnected", conn=conn.id, reason="silent past its ttl")
+                    self.tracker.record_disconnect("ttl")
                     self._drop(conn)
                     conn.close(1011, "no heartbeat")
             self._flush_soon()  # what expired, and what came from peers
@@ -378,17 +429,48 @@ class PresenceServer:
 
     def _handshake(self, conn: Connection, request: Request) -> Response:
         """The answer to an HTTP request: health, metrics, or a WebSocket upgrade."""
+        try:
+            return self._answer(conn, request)
+        except MultipleValuesError as exc:
+            return self._plain(400, f"a repeated header: {exc}\n".encode())
+        except Exception:  # a bug here must cost one answer, never the server's loop
+            logger.exception("answering an HTTP request failed")
+            return self._plain(500, b"internal error\n")
+
+    def _plain(self, status: int, body: bytes) -> Response:
+        return _response(http.HTTPStatus(status), body)
+
+    def _health(self) -> tuple[http.HTTPStatus, dict[str, Any]]:
+        redis = self._redis_health()
+        if not self._accepting:
+            status = "starting" if not self._draining else "stopping"
+        elif self._draining:
+            status = "draining"
+        else:
+            status = "degraded" if redis == "down" else "ok"
+        code = http.HTTPStatus.OK if self._accepting else http.HTTPStatus.SERVICE_UNAVAILABLE
+        body = {
+            "status": status,
+            "redis": redis,
+            "node": self.tracker.node,
+            "connections": len(self._conns),
+            "presences": self.tracker.totals().presences,
+        }
+        return code, body
+
+    def _answer(self, conn: Connection, request: Request) -> Response:
         url = urlsplit(request.path)
         path = url.path
         if path == "/health":
-            status = http.HTTPStatus.OK if self._accepting else http.HTTPStatus.SERVICE_UNAVAILABLE
-            body = {
-                "status": "ok" if self._accepting else "starting",
-                "node": self.tracker.node,
-                "connections": len(self._conns),
-                "presences": self.tracker.totals().presences,
-            }
-            return _response(status, _dumps(body), "application/json")
+            code, body = self._health()
+            return _response(code, _dumps(body), "application/json")
+        if path == "/health/live":
+            return _response(http.HTTPStatus.OK, b'{"status":"live"}', "application/json")
+        if path == "/health/ready":
+            code, body = self._health()
+            if not self.ready:
+                code = http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _response(code, _dumps(body), "application/json")
         if self._dashboard is not None and (path == "/" or path.startswith(("/static/", "/api/"))):
             return self._dashboard_response(path, url.query, request.headers)
         if path == "/metrics":
@@ -402,17 +484,33 @@ class PresenceServer:
         if not path.endswith("/websocket"):
             return _response(http.HTTPStatus.NOT_FOUND, b"not found\n")
         if not self._accepting:
+            self.tracker.record_disconnect("refused_handshake")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"stopping\n")
         if len(self._conns) >= self.limits.max_connections:
             self._limit_hit("max_connections", value=self.limits.max_connections)
+            self.tracker.record_disconnect("refused_handshake")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
+        per_ip = self.limits.max_connections_per_ip
+        address = None
+        if per_ip is not None:
+            peer = conn.transport.get_extra_info("peername") if conn.transport else None
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            if self._per_ip.get(address, 0) >= per_ip:
+                self._limit_hit("max_connections_per_ip", value=per_ip)
+                self.tracker.record_disconnect("refused_handshake")
+                return _response(
+                    http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from one address\n"
+                )
         response = conn.ws.accept(request)
         if response.status_code == 101:
+            conn.peer = address  # counted in `_opened`, until `_closed`
             query = parse_qs(url.query)
             vsn = (query.get("vsn") or ["1.0.0"])[0]
             conn.version = 2 if vsn.startswith("2") else 1
             tokens = query.get("apikey") or query.get("token")
             conn.token = tokens[0] if tokens else None
+        else:
+            self.tracker.record_disconnect("refused_handshake")
         return response
 
     def _dashboard_response(self, path: str, query: str, headers: Headers) -> Response:
@@ -454,12 +552,14 @@ class PresenceServer:
         token = self._dashboard_token
         if token is None:
             return True
-        given = params.get("token", [""])[0]
-        authorization = headers.get("Authorization", "")
-        if authorization.startswith("Bearer "):
-            given = authorization[7:]
+        given = params.get("token", [""])[0].encode("utf-8", "surrogateescape")
+        scheme, _, credentials = headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            # websockets reads header bytes as Latin-1: back to the bytes the client sent,
+            # which a UTF-8 client sent as UTF-8.
+            given = credentials.strip().encode("latin-1", "replace")
         # Bytes: compare_digest refuses str with non-ASCII characters.
-        return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode())
+        return hmac.compare_digest(given, token.encode())
 
     def _opened(self, conn: Connection) -> None:
         assert conn.transport is not None
@@ -467,7 +567,8 @@ class PresenceServer:
         conn.transport.set_write_buffer_limits(high=self.limits.max_buffered_bytes)
         self._sockets.add(conn)
         self._conns[conn.id] = conn
-        self._window_opened += 1
+        if conn.peer is not None:
+            self._per_ip[conn.peer] = self._per_ip.get(conn.peer, 0) + 1
         self.tracker.connect(conn.id)
         if self.auth is not None:
             verdict = self._verdict(conn.token, None)
@@ -479,19 +580,37 @@ class PresenceServer:
     def _authenticated(self, conn: Connection, ok: bool) -> None:
         if not ok:
             _audit("token_refused", conn=conn.id)
+            self.tracker.record_disconnect("refused_handshake")
             self._drop(conn)
             conn.close(1008, "unauthorized")
 
     def _closed(self, conn: Connection) -> None:
         self._sockets.discard(conn)
         self._drop(conn)
+        if conn.peer is not None:
+            left = self._per_ip.pop(conn.peer, 1) - 1
+            if left:
+                self._per_ip[conn.peer] = left
+            conn.peer = None
         if self._accepting:
             self._flush_soon()
 
     def _slow(self, conn: Connection) -> None:
-        _audit("disconnected", conn=conn.id, reason="reads too slowly", limit="max_buffered_bytes")
-        self._drop(conn)
+        """Cut a client that reads slower than its topics change (called soon after
+        `Connection.pause_writing`, never inside a fan-out)."""
+        if conn.id in self._conns:
+            _audit(
+                "disconnected", conn=conn.id, reason="reads too slowly", limit="max_buffered_bytes"
+            )
+            self.tracker.record_disconnect("slow_reader")
+            self._drop(conn)
         conn.abort()
+
+    def _failed(self, conn: Connection, why: str) -> None:
+        """A socket ended for breaking the protocol or a limit (see `Connection.fail`)."""
+        _audit("disconnected", conn=conn.id, reason=why)
+        self.tracker.record_disconnect(why)
+        self._drop(conn)
 
     def _drop(self, conn: Connection) -> None:
         if self._conns.pop(conn.id, None) is None:
@@ -544,23 +663,32 @@ class PresenceServer:
     # -- frames --------------------------------------------------------------------------------
 
     def _received(self, conn: Connection, data: bytes, binary: bool) -> None:
-        """One message from a client; a malformed one is logged and dropped, harming nobody."""
-        self.tracker.heartbeat(conn.id)
+        """One message from a client.  One that is not a Phoenix message ends the socket with
+        1007, as Phoenix's serializer does; only a Phoenix message counts as a heartbeat."""
+        if conn.id not in self._conns:  # cut, or refused, while its frames were read
+            return
         try:
             if binary:
-                self._binary_broadcast(conn, data)
+                push = self._binary_push(conn, data)
+                self.tracker.heartbeat(conn.id)
+                self._binary_broadcast(conn, *push)
             else:
-                self._message(conn, decode(data, conn.version))
+                msg = decode(data, conn.version)
+                self.tracker.heartbeat(conn.id)
+                self._message(conn, msg, data)
         except (ProtocolError, ValueError, TypeError) as exc:
-            logger.debug("connection %d sent a bad frame: %s", conn.id, exc)
+            reason = f"not a Phoenix message: {exc}".encode()[:_CLOSE_REASON]
+            conn.fail(1007, reason.decode("utf-8", "ignore"), "protocol_error")
         self._flush_soon()
 
-    def _message(self, conn: Connection, msg: Message) -> None:
-        if msg.topic == PHOENIX_TOPIC:
-            if msg.event == EVENT_HEARTBEAT:
-                self._reply(conn, msg, "ok", {})
-            return
+    def _message(self, conn: Connection, msg: Message, data: bytes) -> None:
         event = msg.event
+        if msg.topic == PHOENIX_TOPIC:
+            if event == EVENT_HEARTBEAT:
+                self._reply(conn, msg, "ok", {})
+            else:
+                self._reply(conn, msg, "error", {"reason": f"{PHOENIX_TOPIC} is reserved"})
+            return
         if event == EVENT_JOIN:
             self._join(conn, msg)
         elif msg.topic not in conn.channels:
@@ -569,8 +697,7 @@ class PresenceServer:
         elif event == EVENT_PRESENCE:
             self._presence(conn, msg)
         elif event == "broadcast":
-            payload = msg.payload if isinstance(msg.payload, dict) else {}
-            self._broadcast(conn, msg, payload)
+            self._text_broadcast(conn, msg, data)
         elif event == EVENT_LEAVE:
             self._reply(conn, msg, "ok", {})
             self._leave_members(conn, msg.topic)
@@ -582,7 +709,7 @@ class PresenceServer:
             conn.token = token if isinstance(token, str) else conn.token
             self._reply(conn, msg, "ok", {})
         else:
-            self._reply(conn, msg, "ok", {})
+            self._reply(conn, msg, "error", {"reason": "unknown event"})
 
     def _join(self, conn: Connection, msg: Message) -> None:
         topic = msg.topic
@@ -592,6 +719,17 @@ class PresenceServer:
         except RateLimited:
             self._limit_hit("joins_per_second", conn=conn.id, topic=topic)
             self._reply(conn, msg, "error", {"reason": "join rate limit exceeded"})
+            return
+        try:
+            # What the Tracker would refuse at the first track, refused before anything is
+            # made: a topic or key over its length limit, empty, or not text.
+            self.tracker.check_topic(topic)
+            key = presence_key_from_join(payload)
+            if key is not None:
+                self.tracker.check_key(key)
+        except PresenceError as exc:
+            _audit("join_refused", conn=conn.id, reason=type(exc).__name__)
+            self._reply(conn, msg, "error", {"reason": str(exc)})
             return
         if topic not in conn.channels and (
             len(conn.channels) >= self.limits.max_topics_per_connection
@@ -620,6 +758,8 @@ class PresenceServer:
             self._reply(conn, msg, "error", {"reason": "Unauthorized"})
 
     def _join_allowed(self, conn: Connection, msg: Message, payload: dict[str, Any]) -> None:
+        if conn.id not in self._conns or not conn.open:  # cut while the join waited
+            return
         topic = msg.topic
         config = payload.get("config")
         config = config if isinstance(config, dict) else {}
@@ -642,6 +782,9 @@ class PresenceServer:
             ack_broadcast=_flag(broadcast_cfg.get("ack"), False),
         )
         conn.channels[topic] = channel
+        if not conn.joined:  # a reconnect storm counts sockets that join, not handshakes
+            conn.joined = True
+            self._window_opened += 1
         t = self._topics.get(topic)
         if t is None:
             unsubscribe = self.tracker.subscribe(topic, self._fan_out, send_state=False, raw=True)
@@ -675,16 +818,89 @@ class PresenceServer:
                 self.tracker.track(conn.id, msg.topic, channel.key, action.meta)
             else:
                 self.tracker.untrack(conn.id, msg.topic)
-        except (QuotaExceeded, RateLimited) as exc:
-            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit=type(exc).__name__)
+        except RateLimited as exc:
+            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
             self._close_channel(conn, msg, "Client presence rate limit exceeded")
+            return
+        except QuotaExceeded as exc:
+            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
+            self._close_channel(conn, msg, f"Presence limit {exc.limit} reached ({exc.value})")
             return
         except PresenceError as exc:
             self._reply(conn, msg, "error", {"reason": str(exc)})
             return
         self._reply(conn, msg, "ok", {})
 
-    def _broadcast(self, conn: Connection, msg: Message, payload: dict[str, Any]) -> None:
+    def _text_broadcast(self, conn: Connection, msg: Message, data: bytes) -> None:
+        """A ``broadcast`` push in a text frame.  Its payload is relayed as the client wrote
+        it (numbers such as ``1e9`` unchanged) when it is a v2 array whose payload holds just
+        ``type``, ``event`` and ``payload``; otherwise it is re-encoded."""
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        raw = None
+        if (
+            conn.version == 2
+            and payload.get("type") == "broadcast"
+            and isinstance(payload.get("event"), str)
+            and payload.keys() <= _BROADCAST_KEYS
+        ):
+            head = _V2_HEAD.match(data)
+            tail = data.rstrip()
+            if head is not None and tail.endswith(b"]"):
+                raw = tail[head.end() : -1].strip()
+        if raw is None:
+            raw = _dumps(
+                {
+                    "type": "broadcast",
+                    "event": payload.get("event"),
+                    "payload": payload.get("payload"),
+                }
+            )
+        self._broadcast(conn, msg, raw)
+
+    def _binary_push(self, conn: Connection, data: bytes) -> tuple[Message, str, bytes, int]:
+        """realtime-js v2's user broadcast push (kind 3): the message, its event, its payload
+        bytes and their encoding (1: JSON, 0: binary)."""
+        if len(data) < 7 or data[0] != 3:
+            raise ProtocolError("unknown binary frame")
+        sizes = data[1:6]
+        encoding = data[6]
+        if encoding not in (0, 1):
+            raise ProtocolError(f"unknown binary payload encoding {encoding}")
+        at = 7
+        parts = []
+        for size in sizes:
+            if at + size > len(data):
+                raise ProtocolError("binary frame shorter than its header says")
+            parts.append(data[at : at + size].decode("utf-8"))
+            at += size
+        join_ref, ref, topic, event, _metadata = parts
+        body = data[at:]
+        if encoding == 1:
+            orjson.loads(body)  # relayed as JSON text: it must be JSON
+        return (
+            Message(topic, "broadcast", None, ref or None, join_ref or None),
+            event,
+            body,
+            encoding,
+        )
+
+    def _binary_broadcast(
+        self, conn: Connection, msg: Message, event: str, body: bytes, encoding: int
+    ) -> None:
+        """A kind-3 push, relayed as a text broadcast, which every client reads (phoenix.js
+        reads no binary broadcast, and a socket does not say which client it is).  A JSON
+        payload goes out as the bytes that came; a binary one as an array of byte values."""
+        if msg.topic not in conn.channels:
+            self._reply(conn, msg, "error", {"reason": "unmatched topic"})
+            return
+        payload = body if encoding == 1 else _dumps(list(body))
+        raw = b"".join(
+            (b'{"type":"broadcast","event":', _dumps(event), b',"payload":', payload, b"}")
+        )
+        self._broadcast(conn, msg, raw)
+
+    def _broadcast(self, conn: Connection, msg: Message, raw: bytes) -> None:
+        """Relay one broadcast, ``raw`` its JSON payload, to the topic's members."""
         channel = conn.channels[msg.topic]
         try:
             conn.broadcasts_tat = admit(
@@ -694,38 +910,31 @@ class PresenceServer:
             self._limit_hit("broadcasts_per_second", conn=conn.id, topic=msg.topic)
             self._reply(conn, msg, "error", {"reason": "broadcast rate limit exceeded"})
             return
-        body = {
-            "type": "broadcast",
-            "event": payload.get("event"),
-            "payload": payload.get("payload"),
-        }
-        raw = _dumps(body)
+        frames = [
+            _wire(1, msg.topic, "broadcast", raw, None),
+            _wire(2, msg.topic, "broadcast", raw, None),
+        ]
+        # What we relay must be what we would accept ourselves: clients with the same
+        # 1 MiB limit would disconnect on a larger frame.
+        limit = self.limits.max_frame_bytes
+        size = max(len(frames[0]), len(frames[1]))
+        if size > limit:
+            self._limit_hit("max_frame_bytes", conn=conn.id, topic=msg.topic)
+            reason = f"broadcast too large: {size} bytes relayed, over the limit of {limit}"
+            self._reply(conn, msg, "error", {"reason": reason})
+            return
         t = self._topics.get(msg.topic)
         if t is not None:
-            others = (m for m in t.members.values() if m is not conn or channel.self_broadcast)
-            self._write(msg.topic, "broadcast", raw, others)
+            framed: list[bytes | None] = [None, None]
+            for member in t.members.values():
+                if member is conn and not channel.self_broadcast:
+                    continue
+                frame = framed[member.version - 1]
+                if frame is None:
+                    frame = framed[member.version - 1] = text_frame(frames[member.version - 1])
+                member.write(frame)
         if channel.ack_broadcast:
             self._reply(conn, msg, "ok", {})
-
-    def _binary_broadcast(self, conn: Connection, data: bytes) -> None:
-        """realtime-js v2's user broadcast push (kind 3), relayed as a text broadcast."""
-        if len(data) < 7 or data[0] != 3:
-            raise ProtocolError("unknown binary frame")
-        sizes = data[1:6]
-        encoding = data[6]
-        at = 7
-        parts = []
-        for size in sizes:
-            parts.append(data[at : at + size].decode("utf-8"))
-            at += size
-        join_ref, ref, topic, event, _metadata = parts
-        body = data[at:]
-        payload = orjson.loads(body) if encoding == 1 else list(body)
-        msg = Message(topic, "broadcast", None, ref or None, join_ref or None)
-        if topic not in conn.channels:
-            self._reply(conn, msg, "error", {"reason": "unmatched topic"})
-            return
-        self._broadcast(conn, msg, {"event": event, "payload": payload})
 
     def _close_channel(self, conn: Connection, msg: Message, reason: str) -> None:
         """End one channel the way Supabase does: a ``system`` error, then ``phx_close``."""
@@ -752,7 +961,11 @@ class PresenceServer:
         conn.send(_wire(conn.version, topic, event, raw, join_ref))
 
     def _fan_out(self, topic: str, event: str, payload: Any) -> None:
-        """The Tracker's raw hook: one diff, as JSON bytes, to every member of the topic."""
+        """The Tracker's raw hook: one diff, as JSON bytes, to every member of the topic.
+
+        A write never changes who is in a topic: a slow reader found by a write is cut after
+        this walk (`Connection.pause_writing`), so the walk needs no copy of the members.
+        """
         t = self._topics.get(topic)
         if t is None:
             return
@@ -765,17 +978,6 @@ class PresenceServer:
             frame = text_frame(_wire(2, topic, event, payload, None))
             for conn in v2.values():
                 conn.write(frame)
-
-    def _write(self, topic: str, event: str, raw: bytes, targets: Iterable[Connection]) -> None:
-        """Write one event to many clients, the frame built once per protocol version."""
-        frames: list[bytes | None] = [None, None]
-        for conn in targets:
-            frame = frames[conn.version - 1]
-            if frame is None:
-                frame = frames[conn.version - 1] = text_frame(
-                    _wire(conn.version, topic, event, raw, None)
-                )
-            conn.write(frame)
 
 
 def _wire(version: int, topic: str, event: str, raw: bytes, join_ref: str | None) -> bytes:
