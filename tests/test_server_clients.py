@@ -44,7 +44,6 @@ from realtime import AsyncRealtimeClient
 from realtime.message import Message
 from servers import ValkeyServer, _die_with_parent, free_port, pid_alive, wait_until
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 LIVE = JS_DIR / "live_client.mjs"
@@ -645,7 +644,7 @@ def test_malformed_frames_leave_the_server_and_the_others_intact(
         # Kind 3 with a joined topic but a body that is not JSON.
         sizes = [2, 2, len(topic.encode()), 4, 0]
         bad_json = bytes([3, *sizes, 1]) + b"j1b1" + topic.encode() + b"ping" + b"{nope"
-        for n, frame in enumerate([*MALFORMED_TEXT[:-1], *MALFORMED_BINARY, bad_json]):
+        for frame in [*MALFORMED_TEXT[:-1], *MALFORMED_BINARY, bad_json]:
             ws = await clients.raw(server.base)
             await raw_track(ws, topic, "raw", meta("raw"))
             await converge(members, {**three, "raw": [meta("raw")]})
