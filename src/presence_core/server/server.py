@@ -19,8 +19,9 @@ expires silent connections and flushes what came from elsewhere (peers through R
 A reconnect storm is the exception.  Each join goes to every member of its topic, so 20,000
 clients arriving at once in topics of 200 cost about two million frame writes, some 10 µs of
 kernel time each on loopback: the joins would queue behind their own fan-out for half a
-minute.  While new sockets arrive faster than 200 a second and 1 % of the connections a second
-(counted over 0.25 s), flushes are 0.5 s apart, so a topic's diff carries every join of that
+minute.  While sockets join their first topic faster than 200 a second and 1 % of the
+connections a second (counted over 0.25 s; handshakes alone do not count, so no client can
+switch storm mode on by opening and closing sockets), flushes are 0.5 s apart, so a topic's diff carries every join of that
 half second; the storm ends, and diffs go out every iteration again, within half a second of
 the last burst.  Replies and ``presence_state`` are never held back.  A flush writes for at most
 20 ms before the loop reads its sockets again (`Tracker.flush`'s ``budget``): the topics left
@@ -38,9 +39,22 @@ Protocol notes (checked against the three clients):
 * ``presence_diff`` frames always have ``joins`` and ``leaves`` and null refs.
 * Broadcasts go to the topic's members (the sender only with ``self``); with ``ack`` the push
   is answered ``ok``.  They are relayed as text frames, which every client reads.
-* Errors that end a channel (limits, refused topics) are a ``system`` message, then
-  ``phx_close``; the socket stays.  Clients are sent away with close code 1011 (they come
-  back), never 1000.
+* Errors that end a channel (limits) are a ``system`` message, then ``phx_close``; the socket
+  stays.  A join the server refuses (a topic or presence key the Tracker would refuse, a rate
+  or channel limit, the auth hook) and an unknown event get an error reply with the reason.
+  Clients are sent away with close code 1011 (they come back), never 1000.
+* A frame that is not a Phoenix message ends its socket with 1007 and a reason, as Phoenix's
+  serializer does (and an audit record); only Phoenix messages count as heartbeats.  A frame
+  over ``max_frame_bytes``, or a message of more than ``max_fragments`` frames, ends it with
+  1009.  Broadcasts relay their payload's bytes as they came where the frame allows it (a v2
+  text push, a kind-3 JSON push), and never a frame larger than the server itself accepts.
+
+Hostile clients: a slow reader is cut after the fan-out that found it, never during it, so the
+others get every frame; a socket's frames are read at most ``messages_per_second`` (and 64 per
+loop iteration), the rest wait unread in its own TCP window; audit records are rate limited
+(`presence_core.audit`); ``max_connections_per_ip`` bounds one address.  ``GET /health``
+(``ok``, ``degraded`` while Redis is down), ``/health/live`` and ``/health/ready`` (503 while
+starting, draining or without Redis) tell orchestrators the truth.
 """
 
 from __future__ import annotations
