@@ -85,8 +85,8 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from . import bench_plot
+from .loop import raise_nofile, uvloop_installed
 from .loop import run as run_loop
-from .loop import uvloop_installed
 
 __all__ = [
     "BenchConfig",
@@ -111,6 +111,17 @@ _SETTLE = 1.0
 _FD_MARGIN = 32  # descriptors a process needs besides its sockets
 _PROGRESS_EVERY = 0.25
 _LETTERS = {"track": "j", "switch": "s", "update": "u"}  # a meta's "k": why it was tracked
+
+# The targets the report checks (``--target NAME=LIMIT``): name -> (path of the value in the
+# report, default limit, unit).  A value at or below its limit meets the target.
+_TARGETS: dict[str, tuple[tuple[str, ...], float, str]] = {
+    "all_joined_s": (("connect", "all_joined_seconds"), 15.0, "s"),
+    "connect_to_joined_p95_ms": (("connect", "connect_to_joined_ms", "p95"), 100.0, "ms"),
+    "diff_p99_ms": (("diffs", "latency_ms", "p99"), 75.0, "ms"),
+    "switch_p95_ms": (("switch", "leave_to_state_ms", "p95"), 50.0, "ms"),
+    "server_cpu_percent": (("server", "cpu_percent_run"), 100.0, "%"),
+}
+TARGET_DEFAULTS: dict[str, float] = {name: limit for name, (_, limit, _) in _TARGETS.items()}
 
 Pipe = multiprocessing.connection.Connection
 
@@ -145,6 +156,7 @@ class BenchConfig:
     switch_fraction: float = 1.0  # of the clients, each switching once
     seed: int = 0
     progress: bool = True
+    targets: dict[str, float] = field(default_factory=lambda: dict(TARGET_DEFAULTS))
 
     def updates_per_second(self) -> float:
         return self.rate if self.rate is not None else self.clients / 100.0
@@ -204,16 +216,6 @@ def _clients_per_server(clients: int, topics: int, servers: int) -> list[int]:
 
 
 # -- descriptors, ports and the server's /proc -----------------------------------------------------
-
-
-def raise_nofile() -> tuple[int, int]:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _port_range() -> int | None:
@@ -1806,7 +1808,62 @@ def _report(
     if len(servers) > 1:
         report["diffs"]["from_other_servers"] = len(across)
         report["diffs"]["latency_from_other_servers_ms"] = _summary(across)
+    report["checks"] = checks(report)
     return report
+
+
+def _target_title(name: str, limit: float, servers: int) -> str:
+    if name == "server_cpu_percent":
+        cores = limit / 100.0
+        title = f"server CPU <= {cores:g} core" + ("" if cores == 1 else "s")
+        return title if servers == 1 else f"busiest {title}"
+    what = {
+        "all_joined_s": "all joined within",
+        "connect_to_joined_p95_ms": "connect-to-joined p95 <=",
+        "diff_p99_ms": "diff propagation p99 <=",
+        "switch_p95_ms": "channel switch p95 <=",
+    }[name]
+    return f"{what} {limit:g} {_TARGETS[name][2]}"
+
+
+def checks(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's pass/fail checks: the targets, then errors, delivery and joins.
+
+    Each is ``{"name", "title", "value", "limit", "unit", "met"}``; ``met`` is None when the
+    run did not measure the value (no switch with ``--no-switch``, no CPU without a PID),
+    which fails nothing: only a measured miss does.
+    """
+    limits = {**TARGET_DEFAULTS, **report["parameters"].get("targets", {})}
+    servers: list[dict[str, Any]] = report.get("servers", [report["server"]])
+    out: list[dict[str, Any]] = []
+    for name, (path, _default, unit) in _TARGETS.items():
+        value: Any = report
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if name == "server_cpu_percent" and len(servers) > 1:  # every server within it
+            known = [s["cpu_percent_run"] for s in servers if s.get("cpu_percent_run") is not None]
+            value = max(known, default=None)
+        limit = limits[name]
+        out.append(
+            {
+                "name": name,
+                "title": _target_title(name, limit, len(servers)),
+                "value": value,
+                "limit": limit,
+                "unit": unit,
+                "met": None if value is None else bool(value <= limit),
+            }
+        )
+    c, d = report["connect"], report["diffs"]
+    for name, title, met in (
+        ("errors", "0 errors", report["error_count"] == 0),
+        ("delivered", "100 % of diffs delivered", 0 < d["expected"] == d["delivered"]),
+        ("joined", "every client joined", c["joined"] == c["clients"]),
+    ):
+        out.append(
+            {"name": name, "title": title, "value": None, "limit": None, "unit": "", "met": met}
+        )
+    return out
 
 
 def _servers_total(servers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1861,14 +1918,6 @@ def _saturation(
 
 
 # -- the text report -------------------------------------------------------------------------------
-
-_TARGETS = (
-    ("all joined within 15 s", ("connect", "all_joined_seconds"), 15.0, "s"),
-    ("connect-to-joined p95 <= 100 ms", ("connect", "connect_to_joined_ms", "p95"), 100.0, "ms"),
-    ("diff propagation p99 <= 75 ms", ("diffs", "latency_ms", "p99"), 75.0, "ms"),
-    ("channel switch p95 <= 50 ms", ("switch", "leave_to_state_ms", "p95"), 50.0, "ms"),
-    ("server CPU <= 1 core", ("server", "cpu_percent_run"), 100.0, "%"),
-)
 
 
 def _ms(value: Any) -> str:
@@ -1988,23 +2037,13 @@ def format_report(report: dict[str, Any]) -> str:
             )
     lines.append("")
     lines.append("targets")
-    for name, path, limit, unit in _TARGETS:
-        value: Any = report
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        if path[0] == "server" and len(servers) > 1:  # every server within one core
-            known = [s["cpu_percent_run"] for s in servers if s.get("cpu_percent_run") is not None]
-            name, value = f"busiest {name}", max(known, default=None)
-        verdict = "-" if value is None else ("ok" if value <= limit else "MISSED")
-        shown = "-" if value is None else f"{value:.1f} {unit}"
-        lines.append(f"  {name:<34} {shown:>12}  {verdict}")
-    checks = [
-        ("0 errors", report["error_count"] == 0),
-        ("100 % of diffs delivered", d["expected"] > 0 and d["delivered"] == d["expected"]),
-        ("every client joined", c["joined"] == c["clients"]),
-    ]
-    for name, good in checks:
-        lines.append(f"  {name:<34} {'':>12}  {'ok' if good else 'MISSED'}")
+    for check in report.get("checks") or checks(report):
+        value, met = check["value"], check["met"]
+        shown = "" if check["limit"] is None else "-" if value is None else f"{value:.1f}"
+        if value is not None:
+            shown += f" {check['unit']}"
+        verdict = "-" if met is None else "ok" if met else "MISSED"
+        lines.append(f"  {check['title']:<34} {shown:>12}  {verdict}")
     for warning in report.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
@@ -2112,6 +2151,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the share of the clients that switch, each once (1.0: every client)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        type=_target,
+        default=[],
+        metavar="NAME=LIMIT",
+        help="change a target the report checks (repeatable); the command exits 1 when a "
+        "target or a check is missed.  Names and defaults: "
+        + ", ".join(f"{name}={limit:g}" for name, limit in TARGET_DEFAULTS.items()),
+    )
     parser.add_argument("--json", metavar="FILE", default=None, help="write the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
@@ -2123,8 +2172,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _target(text: str) -> tuple[str, float]:
+    """``NAME=LIMIT`` for ``--target`` (an argparse type)."""
+    name, _, limit = text.partition("=")
+    name = name.strip()
+    if name not in TARGET_DEFAULTS:
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a target; the targets are {', '.join(TARGET_DEFAULTS)}"
+        )
+    try:
+        value = float(limit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=LIMIT (a number)") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the limit must be a number >= 0")
+    return name, value
+
+
 def run(args: argparse.Namespace) -> int:
-    """``presence-core bench`` with parsed arguments; returns the exit status."""
+    """``presence-core bench`` with parsed arguments; returns the exit status: 0 when every
+    check of the report is met (or could not be measured), 1 when one is missed or the run
+    could not be made, 2 for options that do not go together."""
     urls: list[str] = args.url or []
     pids: list[int] = args.server_pid or []
     cfg = BenchConfig(
@@ -2147,6 +2215,7 @@ def run(args: argparse.Namespace) -> int:
         switch_fraction=args.switch_fraction,
         seed=args.seed,
         progress=not args.no_progress,
+        targets={**TARGET_DEFAULTS, **dict(args.target)},
     )
     problem = None
     if urls and (cfg.redis or cfg.redis_cluster):
@@ -2178,6 +2247,10 @@ def run(args: argparse.Namespace) -> int:
             f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     if args.plot:
         bench_plot.plot_report(report, args.plot)
+    missed = [check["title"] for check in report["checks"] if check["met"] is False]
+    if missed:
+        print(f"presence-core bench: missed: {'; '.join(missed)}", file=sys.stderr)
+        return 1
     return 0
 
 
