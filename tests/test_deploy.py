@@ -139,7 +139,6 @@ def test_compose_runs_two_serve_processes_on_valkey_with_prometheus_and_grafana(
 
     dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
-    assert 'pip install --no-cache-dir ".[redis]"' in dockerfile
 
     # Prometheus scrapes both serve processes at :4000/metrics.
     mounts = services["prometheus"]["volumes"]
@@ -151,6 +150,192 @@ def test_compose_runs_two_serve_processes_on_valkey_with_prometheus_and_grafana(
         for static in job["static_configs"]:
             targets |= set(static["targets"])
     assert targets == {f"{name}:4000" for name in serve}
+
+
+# --- Dockerfile and .dockerignore -----------------------------------------------------------
+
+ROOT = DEPLOY.parent
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        whole = pending + line
+        pending = ""
+        keyword, _, rest = whole.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    assert not pending, "the Dockerfile ends in a continuation"
+    return out
+
+
+def stages(text: str) -> list[list[tuple[str, str]]]:
+    """The build stages: each a list of instructions, starting with its FROM."""
+    out: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions(text):
+        if keyword == "FROM":
+            out.append([])
+        assert out, f"{keyword} before the first FROM"
+        out[-1].append((keyword, rest))
+    return out
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    return stages((DEPLOY / "Dockerfile").read_text(encoding="utf-8"))
+
+
+def test_the_image_is_built_in_two_stages_and_ships_no_compiler() -> None:
+    build, final = dockerfile_stages()  # exactly two
+    build_from = build[0][1].split()
+    assert build_from[0] == "python:3.11-slim" and build_from[1].upper() == "AS"
+    name = build_from[2]
+    assert final[0][1] == "python:3.11-slim"
+
+    build_runs = " ".join(rest for keyword, rest in build if keyword == "RUN")
+    assert "build-essential" in build_runs  # the compiler is in the builder...
+    assert ("ENV", "PRESENCE_CORE_REQUIRE_EXTENSION=1") in build  # ...and must be used
+    wheel = re.search(r"pip wheel .*--wheel-dir (\S+) \"\.\[redis\]\"", build_runs)
+    assert wheel, build_runs
+    wheels = wheel.group(1)
+
+    # The final stage installs those wheels, offline, and builds nothing.
+    final_text = " ".join(rest for _, rest in final)
+    for tool in ("build-essential", "gcc", "g++", "clang", "make ", "apt-get install"):
+        assert tool not in final_text, tool
+    assert not any(keyword in ("COPY", "ADD") and "--from" not in rest for keyword, rest in final)
+    installs = [rest for keyword, rest in final if keyword == "RUN" and "pip install" in rest]
+    assert len(installs) == 1, installs
+    install = installs[0]
+    mount = re.search(r"--mount=(\S+)", install)
+    assert mount, install
+    options = dict(part.split("=", 1) for part in mount.group(1).split(","))
+    assert options["from"] == name and options["source"] == wheels
+    assert f"--no-index --find-links {options['target']}" in install
+    assert '"presence-core[redis]"' in install
+
+
+def test_the_image_runs_as_a_user_other_than_root() -> None:
+    final = dockerfile_stages()[-1]
+    keywords = [keyword for keyword, _ in final]
+    users = [rest for keyword, rest in final if keyword == "USER"]
+    assert users, "the final stage sets no USER: the server would run as root"
+    user, _, group = users[-1].partition(":")
+    assert user not in ("root", "0") and group not in ("root", "0"), users[-1]
+    # Set after the last RUN (which may need root), and before what the container runs.
+    last_user = len(keywords) - 1 - keywords[::-1].index("USER")
+    assert "RUN" not in keywords[last_user:]
+    assert keywords.index("CMD") > last_user
+    # The user exists with that UID.
+    runs = " ".join(rest for keyword, rest in final if keyword == "RUN")
+    assert f"useradd --system --uid {user}" in runs
+
+
+def test_the_image_checks_its_liveness_with_python() -> None:
+    final = dockerfile_stages()[-1]
+    checks = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
+    assert len(checks) == 1, checks
+    options, _, command = checks[0].partition("CMD")
+    assert "--interval=" in options and "--timeout=" in options
+    argv = json.loads(command)  # the exec form: no shell needed
+    assert argv[:2] == ["python", "-c"]
+    assert "urllib.request" in argv[2] and "curl" not in checks[0] and "wget" not in checks[0]
+    (url,) = re.findall(r"'(http://[^']+)'", argv[2])
+    assert url == "http://127.0.0.1:4000/health/live"
+    # The port is the one the container serves on.
+    cmd = json.loads(next(rest for keyword, rest in final if keyword == "CMD"))
+    assert cmd[:2] == ["presence-core", "serve"]
+    assert cmd[cmd.index("--port") + 1] == "4000" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert ("EXPOSE", "4000") in final
+    compile(argv[2], "<healthcheck>", "exec")  # valid Python
+
+
+def dockerignore() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves ``path`` out of the build context: the last pattern that matches
+    the path or one of its parent directories decides; ``!`` patterns bring a path back."""
+    verdict = False
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern.removeprefix("!").strip("/")
+        regex = ""
+        i = 0
+        while i < len(body):
+            if body.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif body.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif body[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif body[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif body[i] == "[":
+                end = body.index("]", i)
+                regex, i = regex + body[i : end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(body[i]), i + 1
+        if any(re.fullmatch(regex, candidate) for candidate in candidates):
+            verdict = not negate
+    return verdict
+
+
+def test_ignored_follows_docker_rules() -> None:
+    patterns = ["**/__pycache__", "src/**/*.html", "!src/static/*.html", "build"]
+    assert ignored("a/b/__pycache__/x.pyc", patterns) and ignored("__pycache__/x", patterns)
+    assert ignored("src/a/b.html", patterns) and not ignored("src/static/page.html", patterns)
+    assert ignored("build/lib/x.py", patterns) and not ignored("src/build.py", patterns)
+
+
+def test_dockerignore_sends_the_sources_and_nothing_built_or_private() -> None:
+    patterns = dockerignore()
+    left_out = [
+        ".git/config",
+        ".venv/bin/python",
+        ".env",
+        "tests/js/node_modules/phoenix/index.js",
+        "node_modules/x/index.js",
+        "src/presence_core/__pycache__/metrics.cpython-311.pyc",
+        "src/presence_core/metrics.pyc",
+        "src/presence_core/table/_fast.c",
+        "src/presence_core/table/_fast.html",
+        "src/presence_core/table/_fast.cpython-311-x86_64-linux-gnu.so",
+        "src/presence_core.egg-info/PKG-INFO",
+        "build/lib/presence_core/__init__.py",
+        "dist/presence_core-0.1.0.tar.gz",
+        "docs/dashboard.png",
+        ".mypy_cache/3.11/x.json",
+        ".pytest_cache/v/x",
+        "tests/test_deploy.py",
+    ]
+    for path in left_out:
+        assert ignored(path, patterns), f"{path} would be sent to the build"
+    needed = ["pyproject.toml", "setup.py", "README.md", "LICENSE"]
+    package = ROOT / "src" / "presence_core"
+    for file in package.rglob("*"):
+        if file.is_file() and (
+            file.suffix in (".py", ".pyx", ".pyi", ".css", ".js", ".typed")
+            or file.parent.name == "static"
+        ):
+            needed.append(file.relative_to(ROOT).as_posix())
+    assert "src/presence_core/server/static/dashboard.html" in needed
+    assert "src/presence_core/table/_fast.pyx" in needed
+    for path in needed:
+        if "__pycache__" not in path:
+            assert not ignored(path, patterns), f"{path} is needed to build the wheel"
 
 
 def test_grafana_provisioning_loads_the_dashboard_from_prometheus() -> None:
