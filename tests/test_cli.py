@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +95,37 @@ def test_serve_logs_json_and_stops_gracefully_on_sigterm(serve: object) -> None:
     started = next(r for r in records if r.get("event") == "server_started")
     assert started["port"] == port and started["limits"]["max_connections"] == 20_000
     assert "do-not-log" not in log.read_text()
+
+
+def status_of(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_serve_drains_on_sigterm_not_ready_but_still_serving(serve: object) -> None:
+    """With --drain-seconds, SIGTERM makes /health/ready answer 503 while the process still
+    serves its clients and /health/live stays 200; then it stops gracefully."""
+    proc, port, _log = serve("--drain-seconds", "2")  # type: ignore[operator]
+    assert status_of(port, "/health/ready") == 200
+
+    async def main() -> None:
+        ws = await _track(port, "room", "alice", {})
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: status_of(port, "/health/ready") == 503, 1.5, "not ready")
+        assert status_of(port, "/health/live") == 200
+        await ws.send(json.dumps([None, "hb", "phoenix", "heartbeat", {}]))
+        while json.loads(await asyncio.wait_for(ws.recv(), 5))[1] != "hb":
+            pass
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(20):
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+    asyncio.run(main())
+    assert proc.wait(10) == 0
 
 
 def test_serve_with_redis_shares_presence_between_two_processes(

@@ -169,6 +169,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between two scaler consultations (15)",
     )
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, answer /health/ready with 503 for this long while still serving "
+        "everyone, so a load balancer stops sending new clients first (0; a second SIGTERM "
+        "or SIGINT stops at once)",
+    )
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     serve.add_argument("--log-level", default="info", help="debug, info, warning... (info)")
     bench.add_parser(commands)
@@ -354,6 +363,12 @@ async def _serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    if args.drain_seconds > 0:
+        logger.info("presence-core draining for %.1f s", args.drain_seconds)
+        server.begin_drain()
+        stop.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.drain_seconds)
     logger.info("presence-core stopping")
     freezer.cancel()
     await server.stop()
