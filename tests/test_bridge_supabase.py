@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import orjson
 import pytest
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+from servers import free_port
 
 from presence_core import PresenceError, Tracker
-from presence_core.bridges.supabase import BRIDGE_FIELD, BridgeError, SupabaseBridge
+from presence_core.bridges import supabase
+from presence_core.bridges.supabase import (
+    BRIDGE_FIELD,
+    SIGNATURE_FIELD,
+    BridgeError,
+    SupabaseBridge,
+)
 from presence_core.server import PresenceServer
+from presence_core.testing import RecordingTransport
 
 WAIT = 15.0
 
@@ -189,15 +200,15 @@ def both_listed(tracker: Tracker) -> bool:
     return sorted(tracker.list("lobby")) == ["ann", "ben"]
 
 
-def test_two_bridges_see_each_others_users_not_each_others_bridges() -> None:
+def test_two_bridges_with_a_shared_secret_see_each_others_users_not_each_others_bridges() -> None:
     async def main() -> None:
         async with PresenceServer(Tracker(), port=0) as server:
             t1, t2 = Tracker(), Tracker()
             c1, c2 = client_for(server.port), client_for(server.port)
             try:
                 async with (
-                    SupabaseBridge(t1, c1, topics={"room": "lobby"}) as b1,
-                    SupabaseBridge(t2, c2, topics={"room": "lobby"}) as b2,
+                    SupabaseBridge(t1, c1, topics={"room": "lobby"}, secret="shared") as b1,
+                    SupabaseBridge(t2, c2, topics={"room": "lobby"}, secret=b"shared") as b2,
                 ):
                     t1.track("x", "lobby", "ann", {"n": 1})
                     t1.flush()
@@ -274,11 +285,11 @@ def test_a_diff_in_a_big_channel_rereads_only_the_keys_it_touched() -> None:
                     reads: list[str] = []
                     wanted = bridge._wanted
 
-                    def counted(key: str, held: Any) -> dict[str, tuple[str, Any]]:
+                    def counted(ch: Any, key: str, held: Any) -> dict[str, tuple[str, Any]]:
                         reads.append(key)
-                        return wanted(key, held)
+                        return wanted(ch, key, held)
 
-                    bridge._wanted = counted  # type: ignore[method-assign]
+                    bridge._wanted = counted  # type: ignore[method-assign,assignment]
                     source.update("c1", "realtime:big", "user-1", {"n": -1})
                     source.untrack("c2", "realtime:big", "user-2")
                     source.track("c-new", "realtime:big", "user-new", {"n": "new"})
@@ -289,6 +300,267 @@ def test_a_diff_in_a_big_channel_rereads_only_the_keys_it_touched() -> None:
                     assert metas(tracker, "big") == metas(source, "realtime:big")
                     assert tracker.remote_nodes() == {bridge.node_of("big"): big}
             finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+
+    run(main)
+
+
+# -- forged bridge metas ----------------------------------------------------------------------
+
+
+def forged(bridge_id: str, **extra: Any) -> dict[str, Any]:
+    """A meta that poses as a bridge's, listing two users, one with a ref of a made-up node."""
+    keys = {"ghost": [{"phx_ref": "evil.1", "n": 1}], "ghost-2": [{"n": 2}]}
+    return {BRIDGE_FIELD: bridge_id, "keys": keys, **extra}
+
+
+def signed_meta(secret: bytes, channel: str, bridge_id: str, keys: Any) -> dict[str, Any]:
+    """A bridge meta signed as `SIGNATURE_FIELD` documents it."""
+    body = orjson.dumps(
+        ["presence-core-bridge/1", channel, bridge_id, keys], option=orjson.OPT_SORT_KEYS
+    )
+    sig = hmac.new(secret, body, hashlib.sha256).hexdigest()
+    return {BRIDGE_FIELD: bridge_id, "keys": keys, SIGNATURE_FIELD: sig}
+
+
+def test_a_forged_bridge_meta_is_one_plain_presence_not_ghosts() -> None:
+    dana = {"dana": [{"phx_ref": "evil.9", "n": 4}]}
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            tracker, client = Tracker(), client_for(server.port)
+            bridge = SupabaseBridge(tracker, client, ["room"], bridge_id="b1", secret=b"s3cret")
+            node = bridge.node_of("room")
+            members = [
+                Plain(server.port, "room", "mallory", forged("evil")),  # unsigned
+                Plain(server.port, "room", "trent", forged("evil", sig="0" * 64)),  # bad sig
+                # Posing as the bridge itself, under its key: not hidden from the mirror.
+                Plain(server.port, "room", bridge.key, forged("b1", sig="0" * 64)),
+                # A peer that has the secret: its users are mirrored, but not its refs.
+                Plain(server.port, "room", "peer", signed_meta(b"s3cret", "room", "peer-1", dana)),
+            ]
+            try:
+                await bridge.start()
+                for member in members:
+                    await member.join()
+                await until(lambda: len(tracker.remote_presences("room")) >= 3, "the members")
+                await asyncio.sleep(0.3)
+                await until(lambda: "dana" in tracker.list("room"), "the peer's user")
+                assert sorted(tracker.list("room")) == sorted(
+                    ["mallory", "trent", bridge.key, "dana"]
+                )
+                assert tracker.remote_nodes() == {node: 4}
+                assert tracker.list("room")["dana"]["metas"][0]["n"] == 4
+                # Every ref is the bridge's own, none read from a meta.
+                for p in tracker.remote_presences("room"):
+                    assert p[2].startswith(f'{{"phx_ref":"{node}.'.encode())
+                metas = tracker.list("room")["mallory"]["metas"]
+                # Its meta is data as any member's: what it lists does not become presences.
+                assert len(metas) == 1 and metas[0]["keys"] == forged("evil")["keys"]
+                # They leave: nothing of theirs stays behind.
+                for member in members:
+                    await member.close()
+                await until(lambda: tracker.count("room") == 0, "the members' leaves")
+                assert tracker.remote_nodes() == {}
+            finally:
+                await bridge.stop()
+                for member in members:
+                    await member.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+
+    run(main)
+
+
+def test_bridges_without_a_shared_secret_see_each_others_bridge_only() -> None:
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            t1, t2 = Tracker(), Tracker()
+            c1, c2 = client_for(server.port), client_for(server.port)
+            try:
+                async with (
+                    SupabaseBridge(t1, c1, ["room"], secret="one") as b1,
+                    SupabaseBridge(t2, c2, ["room"]) as b2,
+                ):
+                    t1.track("x", "room", "ann", {"n": 1})
+                    t1.flush()
+                    t2.track("y", "room", "ben", {"n": 2})
+                    t2.flush()
+                    await until(lambda: sorted(t1.list("room")) == sorted(["ann", b2.key]), "t1")
+                    await until(lambda: sorted(t2.list("room")) == sorted(["ben", b1.key]), "t2")
+                    # b1 signs, b2 has no secret to check it with: still one presence.
+                    meta = t2.list("room")[b1.key]["metas"][0]
+                    assert len(meta[SIGNATURE_FIELD]) == 64 and meta["keys"] == {"ann": [{"n": 1}]}
+                    assert t1.remote_nodes() == {b1.node_of("room"): 1}
+            finally:
+                for c in (c1, c2):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(c.close(), WAIT)
+
+    run(main)
+
+
+def test_new_arguments_are_checked_and_the_secret_never_shows() -> None:
+    tracker = Tracker()
+    client = AsyncRealtimeClient("ws://127.0.0.1:9/realtime/v1", token="t", auto_reconnect=False)
+    bad: list[dict[str, Any]] = [
+        {"secret": 5},
+        {"secret": ""},
+        {"secret": b""},
+        {"secret": "\ud800"},
+        {"drop_after": 0},
+        {"drop_after": -1.0},
+        {"drop_after": float("nan")},
+        {"drop_after": "30"},
+        {"drop_after": True},
+        {"on_stale": "log"},
+    ]
+    for kwargs in bad:
+        with pytest.raises(PresenceError) as info:
+            SupabaseBridge(tracker, client, ["room"], **kwargs)
+        assert "\ud800" not in str(info.value)
+    bridge = SupabaseBridge(
+        tracker, client, ["room"], secret="hunter2-secret", drop_after=float("inf")
+    )
+    assert bridge.signed and not bridge.stale and bridge.stale_since("room") is None
+    assert "hunter2" not in repr(bridge) and "hunter2" not in repr(vars(bridge))
+    assert not SupabaseBridge(tracker, client, ["room"]).signed
+
+
+# -- outages ----------------------------------------------------------------------------------
+
+
+def _plain(metas: list[dict[str, Any]]) -> list[bytes]:
+    return sorted(orjson.dumps({k: v for k, v in m.items() if k != "phx_ref"}) for m in metas)
+
+
+def mirror_view(tracker: Tracker, topic: str) -> dict[str, list[bytes]]:
+    """The bridge's mirror of ``topic``: key -> its metas without refs, canonical."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for p in tracker.remote_presences(topic):
+        found.setdefault(p[1], []).append(orjson.loads(p[2]))
+    return {key: _plain(metas) for key, metas in found.items()}
+
+
+def server_view(server: PresenceServer, name: str, bridge: SupabaseBridge) -> dict[str, Any]:
+    """What the server holds in channel ``name`` but the bridge's own presence, like
+    `mirror_view`."""
+    listing = server.tracker.list(f"realtime:{name}")
+    return {k: _plain(v["metas"]) for k, v in listing.items() if k != bridge.key}
+
+
+def exact(server: PresenceServer, tracker: Tracker, bridge: SupabaseBridge, topic: str) -> bool:
+    """The mirror is the server's view of the channel, and the server holds the bridge's
+    published presence of ``topic``'s local presences."""
+    if mirror_view(tracker, topic) != server_view(server, topic, bridge):
+        return False
+    held = server.tracker.list(f"realtime:{topic}").get(bridge.key)
+    local: dict[str, list[dict[str, Any]]] = {}
+    for _, key, data, _ in tracker.presences(topic):
+        local.setdefault(key, []).append(
+            {k: v for k, v in orjson.loads(data).items() if k != "phx_ref"}
+        )
+    if not local:
+        return held is None
+    return (
+        held is not None
+        and len(held["metas"]) == 1
+        and held["metas"][0][BRIDGE_FIELD] == bridge.bridge_id
+        and held["metas"][0]["keys"] == local
+    )
+
+
+def test_a_bridge_whose_client_gave_up_comes_back_and_drops_a_stale_mirror() -> None:
+    async def main() -> None:
+        port = free_port()
+        server = PresenceServer(Tracker(), port=port)
+        await server.start()
+        server.tracker.track("s1", "realtime:room", "alice", {"n": 1})
+        server.tracker.flush()
+        tracker = Tracker()
+        diffs = RecordingTransport()
+        tracker.subscribe("room", diffs)
+        # This client gives up at its first failed attempt: the bridge alone reconnects it.
+        client = AsyncRealtimeClient(
+            f"ws://127.0.0.1:{port}/realtime/v1", token="test", max_retries=1
+        )
+        events: list[tuple[str, bool]] = []
+        bridge = SupabaseBridge(
+            tracker, client, ["room"], drop_after=1.0, on_stale=lambda *e: events.append(e)
+        )
+        try:
+            await bridge.start()
+            assert not bridge.stale and bridge.stale_since("room") is None
+            tracker.track("c1", "room", "bob", {"n": 2})
+            tracker.flush()
+            await until(lambda: exact(server, tracker, bridge, "room"), "exact")
+
+            down = time.monotonic()
+            await server.stop()
+            await until(lambda: bridge.stale, "stale", 3)
+            assert events == [("room", True)]
+            since = bridge.stale_since("room")
+            assert since is not None and since >= down
+            assert "alice" in tracker.list("room")  # kept while younger than drop_after
+            diffs.clear()
+            await until(lambda: sorted(tracker.list("room")) == ["bob"], "mirror dropped", 5)
+            assert time.monotonic() - since >= 1.0
+            assert [list(d["leaves"]) for d in diffs.diffs("room")] == [["alice"]]
+            assert tracker.remote_nodes() == {} and bridge.stale
+            await asyncio.sleep(1.0)
+            assert not client.is_connected
+
+            server = PresenceServer(Tracker(), port=port)
+            await server.start()
+            server.tracker.track("s2", "realtime:room", "carol", {"n": 3})
+            server.tracker.flush()
+            back = time.monotonic()
+            await until(lambda: exact(server, tracker, bridge, "room"), "exact again", 15)
+            await until(lambda: not bridge.stale, "fresh")
+            assert time.monotonic() - back < 15
+            assert sorted(tracker.list("room")) == ["bob", "carol"]
+            assert events == [("room", True), ("room", False)]
+        finally:
+            await bridge.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), WAIT)
+            await server.stop()
+
+    run(main)
+
+
+def test_a_channel_closed_on_a_live_socket_is_joined_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client never rejoins a channel that was closed (by the server, or left): the
+    # bridge re-creates it after a grace, shortened here.
+    monkeypatch.setattr(supabase, "_REJOIN_GRACE", 0.3)
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            server.tracker.track("s1", "realtime:room", "alice", {"n": 1})
+            server.tracker.flush()
+            tracker, client = Tracker(), client_for(server.port)
+            events: list[tuple[str, bool]] = []
+            bridge = SupabaseBridge(tracker, client, ["room"], on_stale=lambda *e: events.append(e))
+            try:
+                await bridge.start()
+                tracker.track("c1", "room", "bob", {"n": 2})
+                tracker.flush()
+                await until(lambda: exact(server, tracker, bridge, "room"), "exact")
+                old = bridge.channel("room")
+                assert old is not None
+                await old.unsubscribe()
+                await until(lambda: bridge.stale, "stale", 3)
+                await until(lambda: server.tracker.count("realtime:room") == 1, "bridge left")
+                server.tracker.track("s2", "realtime:room", "carol", {"n": 3})
+                server.tracker.flush()
+                await until(lambda: not bridge.stale, "fresh", 5)
+                await until(lambda: exact(server, tracker, bridge, "room"), "exact again", 5)
+                assert bridge.channel("room") is not old
+                assert sorted(tracker.list("room")) == ["alice", "bob", "carol"]
+                assert events == [("room", True), ("room", False)]
+            finally:
+                await bridge.stop()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.close(), WAIT)
 

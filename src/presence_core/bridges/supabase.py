@@ -6,34 +6,51 @@ presence both ways:
 * **In (the mirror).**  Every presence in the channel is mirrored into the Tracker as a *remote*
   presence (`Tracker.apply_remote`), so `Tracker.list`, `count`, `user`, diffs, metrics and a
   Redis store's peers see it like presence the Tracker holds.  The mirror is incremental: the
-  client reports each key whose presences changed (its join and leave callbacks, which it also
-  calls for every difference a full ``presence_state`` brings), and at the presence sync that
-  follows the bridge re-reads those keys only, so a diff costs the keys it touched, whatever
-  the size of the channel.  A resync after a reconnect thus replaces the mirrored set: whoever
-  is no longer in the channel leaves, whoever joined while the socket was down joins.  While
-  the socket is down the mirror keeps the last state the client knew.  Each
-  channel's mirrored presences belong to their own node, `SupabaseBridge.node_of`
-  (``sb-<16 hex>``), so `Tracker.remote_nodes` tells them apart and `stop` drops them.
+  client reports each key whose presences changed (its join and leave callbacks), and at the
+  presence sync that follows the bridge re-reads those keys only, so a diff costs the keys it
+  touched, whatever the size of the channel.  After every (re)join the first sync re-reads
+  the whole channel instead, so whoever is no longer in the channel leaves the mirror and
+  whoever joined while the socket was down joins it.  Each channel's mirrored presences
+  belong to their own node, `SupabaseBridge.node_of` (``sb-<16 hex>``), with refs the bridge
+  makes itself (never one read from a meta), so `Tracker.remote_nodes` tells them apart and
+  `stop` drops them.
 * **Out (the published presence).**  A channel holds one presence per client socket, so the
   bridge publishes exactly one: under the presence key ``key`` (default
   ``presence-core-<tracker node>``), the meta ``{"presence_core_bridge": <bridge id>, "keys":
   {key: [meta, ...]}}`` listing every *local* presence the Tracker holds in that topic, metas
-  without their refs.  A local join, leave or update re-tracks it (``channel.track``, an
-  update on the channel); when the topic has no local presence left, the bridge untracks.
-  After every (re)join of the channel (the client's ``SUBSCRIBED`` state, which it reports
-  again after a reconnect) the bridge tracks again, because the server forgot it.
-* **No echo.**  Only local presences are published (remote ones, including the mirror, are
-  never sent back), and a meta carrying this bridge's id is never mirrored.  A meta from
-  *another* bridge is mirrored as the presences it lists (each ``keys`` entry a presence under
-  its own key), so two bridged Trackers on one channel see each other's users, not each
-  other's bridges.
+  without their refs, plus ``"sig"`` when the bridge has a ``secret`` (below).  A local join,
+  leave or update re-tracks it (``channel.track``, an update on the channel); when the topic
+  has no local presence left, the bridge untracks.  After every (re)join of the channel (the
+  client's ``SUBSCRIBED`` state) the bridge tracks again, because the server forgot it.
+* **No echo, no forgery.**  Only local presences are published (remote ones, including the
+  mirror, are never sent back), and the bridge's own published meta is never mirrored.  Any
+  member of a channel can track a meta that *looks* like a bridge's, so a bridge meta is
+  expanded into the presences it lists only when it carries a valid ``"sig"``: HMAC-SHA256,
+  under the ``secret`` the bridges share, over a canonical encoding of the channel, the bridge
+  id and the listed presences (`SIGNATURE_FIELD`), checked in constant time.  Any other meta
+  (unsigned, a wrong signature, or no ``secret`` here) is mirrored as the one plain presence it
+  is, under its own key.  So bridges given the same ``secret`` see each other's users, not each
+  other's bridges; without one they see each other's bridge presence only.  A signature binds
+  a meta to its channel and bridge, not to a socket: a member that copies a signed meta it saw
+  in the channel makes its users show twice until it leaves.
+
+**Outages.**  The bridge reconnects for as long as it runs, whatever the client's own
+``max_retries`` and ``auto_reconnect``: a supervisor task makes one connection attempt at a
+time (jittered exponential backoff, 0.5 s doubling to 5 s) while the socket is down, and
+re-creates a channel that stays unjoined on a connected socket.  From the moment it sees a
+channel's socket or join drop until the channel is joined again and its state re-read, the
+topic's mirror is *stale*: `SupabaseBridge.stale` and `SupabaseBridge.stale_since` say so,
+``on_stale(topic, stale)`` is called and a WARNING (stale) then INFO (fresh) is logged.  The
+mirror keeps the last state it knew for ``drop_after`` seconds of staleness, then drops it
+(its presences leave the Tracker, with diffs) until the channel is back.
 
 The bridge sees local changes through a feed reader (`Tracker.add_feed_reader`), so local
 presence is published after a `Tracker.flush` (which ``presence-core serve`` runs on its own).
 It flushes the Tracker itself after each mirror change, unless ``flush=False``.  Everything runs
 on the event loop of `start`: call the Tracker from that loop's thread.
 
-The bridge does not own the client: `stop` leaves its channels but does not close the client.
+The bridge does not own the client: `stop` leaves its channels but does not close the client
+(the client closes itself when its last channel is removed).
 """
 
 from __future__ import annotations
@@ -41,9 +58,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
+import math
+import random
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -58,14 +79,30 @@ if TYPE_CHECKING:
     from ..tracker import Tracker
     from ..tracker.feed import TopicChanges
 
-__all__ = ["BRIDGE_FIELD", "BridgeError", "SupabaseBridge"]
+__all__ = ["BRIDGE_FIELD", "SIGNATURE_FIELD", "BridgeError", "SupabaseBridge"]
 
 logger = logging.getLogger(__name__)
 
 BRIDGE_FIELD = "presence_core_bridge"
 """The meta field that marks a presence published by a bridge (its value: the bridge id)."""
 
+SIGNATURE_FIELD = "sig"
+"""The field of a bridge's published meta that holds its signature (64 hex characters):
+HMAC-SHA256 under the bridges' shared secret of the JSON array ``["presence-core-bridge/1",
+<channel name>, <bridge id>, <keys>]`` encoded by orjson with sorted keys."""
+
+_SIGNED_DOMAIN = "presence-core-bridge/1"
 _DROPPED_FIELDS = frozenset(("presence_ref", "phx_ref", "phx_ref_prev"))
+
+# Reconnection: quick first retries so a short blip costs little, capped low so the bridge is
+# back within seconds of the server, jittered so many bridges do not reconnect in lockstep.
+_RETRY_FIRST = 0.5
+_RETRY_CAP = 5.0
+_POLL = 0.5  # how often a healthy bridge looks at its socket and channels
+# A channel still unjoined this long after the socket came back is re-created (the client
+# rejoins by itself within a round trip, unless it lost track of the channel).
+_REJOIN_GRACE = 5.0
+_REJOIN_CAP = 30.0
 
 
 class BridgeError(PresenceError):
@@ -73,20 +110,26 @@ class BridgeError(PresenceError):
 
 
 class _Channel:
-    """One bridged topic: its channel, its mirror and its published meta."""
+    """One bridged topic: its channel, its mirror, its published meta and its health."""
 
     __slots__ = (
+        "announced",
         "channel",
-        "dirty",
         "mirror",
         "name",
         "next_ref",
         "node",
         "published",
         "publisher",
+        "rejoin_wait",
+        "resync",
         "sources",
+        "stale_since",
+        "synced",
         "topic",
         "touched",
+        "unjoined_since",
+        "dirty",
     )
 
     def __init__(self, name: str, topic: str, node: str) -> None:
@@ -104,6 +147,22 @@ class _Channel:
         self.published: dict[str, Any] | None = None  # what the channel holds from us
         self.dirty = asyncio.Event()
         self.publisher: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()  # set at the first full read after `start`
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state before `start` (not joined, nothing mirrored)."""
+        self.channel = None
+        self.mirror.clear()
+        self.sources.clear()
+        self.touched.clear()
+        self.published = None
+        self.synced.clear()
+        self.resync = True  # the next sync of a joined channel re-reads all of it
+        self.stale_since: float | None = None
+        self.announced = False  # whether going stale was reported (so is coming back)
+        self.unjoined_since: float | None = None  # socket up, channel not synced, since
+        self.rejoin_wait = _REJOIN_GRACE
 
 
 def _check_name(name: object, what: str) -> str:
@@ -114,14 +173,55 @@ def _check_name(name: object, what: str) -> str:
     return name
 
 
+class _Secret:
+    """The shared key, kept out of reprs and attribute dumps."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+
+def _check_secret(secret: object) -> _Secret | None:
+    # The messages name the type only: a secret must never reach an exception.
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        try:
+            secret = secret.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PresenceValueError("secret is not valid Unicode text") from None
+    elif isinstance(secret, (bytes, bytearray, memoryview)):
+        secret = bytes(secret)
+    else:
+        raise PresenceTypeError(f"secret must be bytes or str, not {type(secret).__name__}")
+    if not secret:
+        raise PresenceValueError("secret must not be empty")
+    return _Secret(secret)
+
+
+def _check_seconds(value: object, what: str, *, infinite: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise PresenceTypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    if not value > 0 or (math.isinf(value) and not infinite):
+        raise PresenceValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _strip(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in _DROPPED_FIELDS}
+
+
 class SupabaseBridge:
     """Mirror Supabase Realtime channels into ``tracker`` and publish its local presence there.
 
     Args:
         tracker: The Tracker to attach.
         client: A Supabase ``realtime.AsyncRealtimeClient`` (connected or not; the bridge
-            connects it if needed).  Keep ``auto_reconnect`` on for the bridge to follow
-            reconnects.
+            connects it if needed, and reconnects it for as long as the bridge runs).
         topics: The channels to bridge, by the name given to ``client.channel`` (``"room"``
             joins ``realtime:room``), each mirrored into the Tracker topic of the same name;
             or a mapping ``{channel name: Tracker topic}``.
@@ -129,9 +229,18 @@ class SupabaseBridge:
             ``presence-core-<tracker.node>``).
         bridge_id: Marks the bridge's published meta so it is never mirrored back (default:
             16 random hex characters; give each bridge its own).
+        secret: Shared by the bridges that should see each other's users: the bridge signs
+            its published meta with it and expands another bridge's meta into the presences
+            it lists only if its signature is valid.  Without it every other bridge's meta is
+            mirrored as one plain presence.  Never logged or shown.
+        drop_after: Seconds a topic's mirror may stay stale (socket or channel down) before
+            the bridge drops it: its presences leave the Tracker until the channel is back.
+            ``math.inf`` keeps it for ever.
+        on_stale: Called as ``on_stale(topic, stale)`` on the event loop when a topic's mirror
+            goes stale (True) and when it is fresh again (False).  Errors are logged.
         private: Join the channels as private channels.
         flush: Flush the Tracker after each mirror change, so subscribers get it at once.
-        timeout: Seconds `start` waits for each channel's join.
+        timeout: Seconds `start` waits for each channel's join and first presence state.
 
     Raises:
         PresenceTypeError, PresenceValueError: bad arguments.
@@ -145,6 +254,9 @@ class SupabaseBridge:
         *,
         key: str | None = None,
         bridge_id: str | None = None,
+        secret: bytes | str | None = None,
+        drop_after: float = 30.0,
+        on_stale: Callable[[str, bool], object] | None = None,
         private: bool = False,
         flush: bool = True,
         timeout: float = 10.0,
@@ -174,6 +286,11 @@ class SupabaseBridge:
         self.key = f"presence-core-{tracker.node}" if key is None else _check_name(key, "key")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise PresenceValueError(f"timeout must be a positive number, got {timeout!r}")
+        self._secret = _check_secret(secret)
+        self.drop_after = _check_seconds(drop_after, "drop_after", infinite=True)
+        if on_stale is not None and not callable(on_stale):
+            raise PresenceTypeError(f"on_stale must be callable, not {type(on_stale).__name__}")
+        self._on_stale = on_stale
         self.private = bool(private)
         self.flush = bool(flush)
         self.timeout = float(timeout)
@@ -188,6 +305,8 @@ class SupabaseBridge:
         if not self._channels:
             raise PresenceValueError("topics must name at least one channel")
         self._remove_reader: Any = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._retry_delay = _RETRY_FIRST
         self._started = False
 
     # -- public ---------------------------------------------------------------------------
@@ -202,6 +321,29 @@ class SupabaseBridge:
         """The bridged Tracker topics."""
         return list(self._channels)
 
+    @property
+    def signed(self) -> bool:
+        """Whether the bridge has a secret (signs its meta, expands signed ones)."""
+        return self._secret is not None
+
+    @property
+    def stale(self) -> bool:
+        """Whether any bridged topic's mirror is stale now (see `stale_since`)."""
+        return any(ch.stale_since is not None for ch in self._channels.values())
+
+    def stale_since(self, topic: str) -> float | None:
+        """Since when (`time.monotonic`) ``topic``'s mirror has been stale, or None if it is not.
+
+        A mirror is stale from the moment the bridge sees its channel's socket or join drop
+        until the channel is joined again and its whole presence state re-read: meanwhile it
+        holds the last state the bridge knew (or nothing, after ``drop_after``).  None
+        before `start` and after `stop`; set while `start` waits for the first state.
+
+        Raises:
+            KeyError: ``topic`` is not bridged.
+        """
+        return self._channels[topic].stale_since
+
     def channel(self, topic: str) -> AsyncRealtimeChannel | None:
         """The client channel bridged to Tracker topic ``topic`` (None before `start`)."""
         return self._channels[topic].channel
@@ -209,17 +351,24 @@ class SupabaseBridge:
     async def start(self) -> None:
         """Join every channel, mirror its presence and publish the local presence.
 
+        Returns once every channel is joined and its presence state mirrored.
+
         Raises:
-            BridgeError: already started, or a channel's join was refused or timed out (the
-                bridge is stopped again then).
+            BridgeError: already started, or a channel's join was refused or timed out, or
+                its presence state did not come (the bridge is stopped again then).
         """
         if self._started:
             raise BridgeError("the bridge is already started")
         self._started = True
         self._remove_reader = self.tracker.add_feed_reader(self._on_feed)
+        loop = asyncio.get_running_loop()
         try:
             for ch in self._channels.values():
+                ch.stale_since = time.monotonic()  # until its first state, unannounced
+                ch.publisher = loop.create_task(self._publish_loop(ch))
                 await self._join(ch)
+            self._retry_delay = _RETRY_FIRST
+            self._supervisor = loop.create_task(self._supervise())
         except BaseException:
             await self.stop()
             raise
@@ -235,20 +384,20 @@ class SupabaseBridge:
         if self._remove_reader is not None:
             self._remove_reader()
             self._remove_reader = None
-        for ch in self._channels.values():
-            task, ch.publisher = ch.publisher, None
+        tasks = [self._supervisor] + [ch.publisher for ch in self._channels.values()]
+        self._supervisor = None
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            channel, ch.channel = ch.channel, None
+        for ch in self._channels.values():
+            ch.publisher = None
+            channel = ch.channel
+            ch.reset()
             if channel is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.client.remove_channel(channel), self.timeout)
-            ch.published = None
-            ch.mirror.clear()
-            ch.sources.clear()
-            ch.touched.clear()
             self.tracker.drop_remote(ch.node)
         if self.flush:
             self.tracker.flush()
@@ -266,11 +415,15 @@ class SupabaseBridge:
         await self.stop()
 
     def __repr__(self) -> str:
-        return f"<SupabaseBridge {self.bridge_id} topics={self.topics!r} started={self._started}>"
+        return (
+            f"<SupabaseBridge {self.bridge_id} topics={self.topics!r} "
+            f"started={self._started} stale={self.stale}>"
+        )
 
     # -- joining --------------------------------------------------------------------------
 
-    async def _join(self, ch: _Channel) -> None:
+    async def _open(self, ch: _Channel) -> AsyncRealtimeChannel:
+        """A new client channel for ``ch``, subscribed (or given up on after ``timeout``)."""
         params: Any = {
             "config": {
                 "broadcast": {"ack": False, "self": False},
@@ -280,68 +433,267 @@ class SupabaseBridge:
         }
         channel = self.client.channel(ch.name, params)
         ch.channel = channel
-        channel.on_presence_join(lambda key, *_: ch.touched.add(key))
-        channel.on_presence_leave(lambda key, *_: ch.touched.add(key))
-        channel.on_presence_sync(lambda: self._mirror(ch))
+        # Callbacks of a channel the bridge has replaced are ignored, not unregistered (the
+        # client cannot unregister them).
+        channel.on_presence_join(lambda key, *_: self._touch(ch, channel, key))
+        channel.on_presence_leave(lambda key, *_: self._touch(ch, channel, key))
+        channel.on_presence_sync(lambda: self._mirror(ch) if ch.channel is channel else None)
 
         def on_state(state: RealtimeSubscribeStates, error: Exception | None) -> None:
-            self._on_subscribe_state(ch, state, error)
+            self._on_subscribe_state(ch, channel, state, error)
 
-        ch.publisher = asyncio.get_running_loop().create_task(self._publish_loop(ch))
-        try:
+        ch.resync = True
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(channel.subscribe(on_state), self.timeout)
-        except TimeoutError as exc:
-            raise BridgeError(f"joining {channel.topic} timed out") from exc
+        return channel
+
+    async def _join(self, ch: _Channel) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            channel = await self._open(ch)
+        except Exception as exc:  # the client could not connect (the cause says why)
+            raise BridgeError(f"joining realtime:{ch.name} failed: {type(exc).__name__}") from exc
         if not channel.is_joined:
-            raise BridgeError(f"the server did not let the bridge join {channel.topic}")
+            raise BridgeError(f"joining {channel.topic} was refused or timed out")
+        try:
+            await asyncio.wait_for(ch.synced.wait(), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise BridgeError(f"no presence state came for {channel.topic}") from None
 
     def _on_subscribe_state(
-        self, ch: _Channel, state: RealtimeSubscribeStates, error: Exception | None
+        self,
+        ch: _Channel,
+        channel: AsyncRealtimeChannel,
+        state: RealtimeSubscribeStates,
+        error: Exception | None,
     ) -> None:
+        if not self._started or ch.channel is not channel:
+            return
+        # The server holds nothing of ours on this channel any more, whichever the state.
+        ch.published = None
+        ch.resync = True
         if state == "SUBSCRIBED":
-            # A (re)join: the server holds nothing of ours on this channel any more.
-            ch.published = None
-            ch.dirty.set()
+            ch.dirty.set()  # publish again
         else:
             logger.info("bridge channel %s: %s (%s)", ch.name, state, error)
-            ch.published = None
+        self._go_stale(ch)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def _notify(self, ch: _Channel, stale: bool) -> None:
+        if self._on_stale is None:
+            return
+        try:
+            self._on_stale(ch.topic, stale)
+        except Exception:
+            logger.exception("bridge channel %s: on_stale raised", ch.name)
+
+    def _go_stale(self, ch: _Channel) -> None:
+        if ch.stale_since is not None:
+            return
+        ch.stale_since = time.monotonic()
+        ch.announced = True
+        logger.warning(
+            "bridge channel %s: socket or channel down, the mirror of %r is stale",
+            ch.name,
+            ch.topic,
+        )
+        self._notify(ch, True)
+
+    def _go_fresh(self, ch: _Channel) -> None:
+        since, ch.stale_since = ch.stale_since, None
+        ch.unjoined_since = None
+        ch.rejoin_wait = _REJOIN_GRACE
+        if since is not None and ch.announced:
+            ch.announced = False
+            logger.info(
+                "bridge channel %s: back after %.1f s, the mirror of %r is fresh",
+                ch.name,
+                time.monotonic() - since,
+                ch.topic,
+            )
+            self._notify(ch, False)
+
+    def _drop(self, ch: _Channel) -> None:
+        dropped = self.tracker.drop_remote(ch.node)
+        ch.mirror.clear()
+        ch.sources.clear()
+        ch.touched.clear()
+        ch.resync = True
+        logger.warning(
+            "bridge channel %s: stale for %.0f s, dropped the %d mirrored presences of %r",
+            ch.name,
+            self.drop_after,
+            dropped,
+            ch.topic,
+        )
+        if self.flush:
+            self.tracker.flush()
+
+    async def _connect_once(self) -> bool:
+        """One connection attempt of the client; whether it is connected now."""
+        client = self.client
+        # The client's own loop gives up after max_retries and sleeps up to a minute between
+        # attempts: the bridge paces its attempts itself, so each call tries exactly once.
+        saved = client.max_retries
+        client.max_retries = 1
+        try:
+            await asyncio.wait_for(client.connect(), self.timeout + float(client.timeout))
+        except Exception as exc:  # refused, timed out...: try again later
+            logger.debug("bridge: reconnecting failed (%s)", type(exc).__name__)
+        finally:
+            client.max_retries = saved
+        return client.is_connected
+
+    async def _reopen(self, ch: _Channel) -> None:
+        """Replace ``ch``'s client channel by a new one (the client lost track of it)."""
+        old = ch.channel
+        ch.channel = None
+        logger.info("bridge channel %s: not joined on a connected socket, rejoining", ch.name)
+        if old is not None:
+            # Leaving first frees the name: client.channel() would hand the old one back.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.unsubscribe(), self.timeout)
+        await self._open(ch)
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                pause = await self._supervise_once()
+            except Exception:  # the supervisor must outlive anything one round meets
+                logger.exception("bridge: supervising the channels failed")
+                pause = _RETRY_CAP
+            await asyncio.sleep(pause)
+
+    async def _supervise_once(self) -> float:
+        """One round of `_supervise` (mark stale, drop, reconnect, rejoin); returns the
+        seconds until the next."""
+        now = time.monotonic()
+        channels = list(self._channels.values())
+        connected = self.client.is_connected
+        for ch in channels:
+            channel = ch.channel
+            if not connected or channel is None or not channel.is_joined:
+                self._go_stale(ch)
+            since = ch.stale_since
+            if since is not None and ch.mirror and now - since >= self.drop_after:
+                self._drop(ch)
+        if not connected:
+            for ch in channels:
+                ch.unjoined_since = None
+            if await self._connect_once():
+                pause = 0.0  # see to the channels at once
+            else:
+                pause = self._retry_delay * (0.5 + random.random() / 2)
+                self._retry_delay = min(self._retry_delay * 2, _RETRY_CAP)
+        else:
+            if not self.stale:
+                # Only a full recovery resets the backoff: a server that accepts sockets and
+                # drops them at once is not retried in a tight loop.
+                self._retry_delay = _RETRY_FIRST
+            for ch in channels:
+                if ch.stale_since is None:
+                    continue
+                if ch.unjoined_since is None:
+                    ch.unjoined_since = now
+                elif now - ch.unjoined_since >= ch.rejoin_wait:
+                    ch.unjoined_since = now
+                    ch.rejoin_wait = min(ch.rejoin_wait * 2, _REJOIN_CAP)
+                    await self._reopen(ch)
+            pause = _POLL
+        # Wake in time to drop a mirror that reaches drop_after.
+        for ch in channels:
+            if ch.stale_since is not None and ch.mirror:
+                due = ch.stale_since + self.drop_after - time.monotonic()
+                pause = min(pause, max(due, 0.0))
+        return pause
 
     # -- in: the mirror -------------------------------------------------------------------
 
-    def _wanted(self, key: str, metas: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, Any]]:
+    def _signature(self, ch: _Channel, bridge_id: str, keys: object) -> str | None:
+        assert self._secret is not None
+        try:
+            body = orjson.dumps(
+                [_SIGNED_DOMAIN, ch.name, bridge_id, keys], option=orjson.OPT_SORT_KEYS
+            )
+        except (orjson.JSONEncodeError, TypeError):
+            return None
+        return hmac.new(self._secret.key, body, hashlib.sha256).hexdigest()
+
+    def _signed(self, ch: _Channel, meta: Mapping[str, Any]) -> bool:
+        """Whether bridge meta ``meta`` carries a valid signature under this bridge's secret."""
+        owner, sig = meta.get(BRIDGE_FIELD), meta.get(SIGNATURE_FIELD)
+        if self._secret is None or not isinstance(owner, str) or not isinstance(sig, str):
+            return False
+        want = self._signature(ch, owner, meta.get("keys"))
+        if want is None:
+            return False
+        try:
+            return hmac.compare_digest(sig.encode(), want.encode())
+        except UnicodeEncodeError:  # a lone surrogate
+            return False
+
+    def _touch(self, ch: _Channel, channel: AsyncRealtimeChannel, key: str) -> None:
+        if ch.channel is channel:
+            ch.touched.add(key)
+
+    def _wanted(
+        self, ch: _Channel, key: str, metas: Iterable[Mapping[str, Any]]
+    ) -> dict[str, tuple[str, Any]]:
         """What channel key ``key`` holding ``metas`` mirrors, by a stable id: ``{id: (key,
-        meta)}``; a key of another bridge mirrors the presences it lists."""
+        meta)}``; a signed meta of another bridge mirrors the presences it lists."""
         wanted: dict[str, tuple[str, Any]] = {}
         for i, raw in enumerate(metas):
-            meta = {k: v for k, v in raw.items() if k not in _DROPPED_FIELDS}
+            meta = _strip(raw)
             pid = str(raw.get("presence_ref") or f"{key}#{i}")
             owner = meta.get(BRIDGE_FIELD)
             if owner is None:
                 wanted[pid] = (key, meta)
-            elif owner != self.bridge_id:
+                continue
+            signed = self._signed(ch, meta)
+            if owner == self.bridge_id and key == self.key:
+                if signed or self._secret is None:
+                    continue  # our own presence, back through the channel
+            elif signed and owner != self.bridge_id:
                 listed = meta.get("keys")
                 if isinstance(listed, dict):
                     for k, ms in listed.items():
                         if isinstance(ms, list):
                             for j, m in enumerate(ms):
                                 if isinstance(m, dict):
-                                    wanted[f"{pid}/{j}/{k}"] = (str(k), m)
+                                    wanted[f"{pid}/{j}/{k}"] = (str(k), _strip(m))
+                    continue
+            # Not provably a bridge's: the one presence it is (its listed users are data).
+            wanted[pid] = (key, meta)
         return wanted
 
     def _mirror(self, ch: _Channel) -> None:
-        """Bring the mirror of the keys touched since the last sync up to the channel's
-        presence now (a sync callback)."""
+        """Bring the mirror of the keys touched since the last sync (of every key, after a
+        join) up to the channel's presence now (a sync callback of ``ch.channel``)."""
         channel = ch.channel
-        if not self._started or channel is None or not ch.touched:
+        if not self._started or channel is None:
             return
-        touched, ch.touched = ch.touched, set()
+        full = ch.resync and channel.is_joined
+        if not full and not ch.touched:
+            return
         state = channel.presence_state()
+        touched, ch.touched = ch.touched, set()
+        if full:
+            ch.resync = False
+            touched.update(state)
+            touched.update(ch.sources)
+        self._apply(ch, state, touched)
+        if full:
+            ch.synced.set()
+            self._go_fresh(ch)
+
+    def _apply(self, ch: _Channel, state: Mapping[str, Any], touched: Iterable[str]) -> None:
         mirror, sources = ch.mirror, ch.sources
         leaves: list[bytes] = []
         joins: list[tuple[str, bytes, bytes | None]] = []
         pending: list[tuple[str, str, bytes, str, dict[str, Any]]] = []
         for source in touched:
-            wanted = self._wanted(source, state.get(source, ()))
+            wanted = self._wanted(ch, source, state.get(source, ()))
             had = sources.get(source)
             if had:
                 for pid in list(had):
@@ -356,7 +708,8 @@ class SupabaseBridge:
                     continue
                 ch.next_ref += 1
                 ref = f"{ch.node}.{ch.next_ref:x}".encode()
-                data = orjson.dumps({"phx_ref": ref.decode(), **meta})
+                # The ref comes first and is ours: metas are stripped of refs, never trusted.
+                data = orjson.dumps({"phx_ref": ref.decode()} | meta)
                 joins.append((key, data, None))
                 pending.append((source, pid, ref, key, meta))
         if not joins and not leaves:
@@ -407,7 +760,11 @@ class SupabaseBridge:
             keys.setdefault(key, []).append(meta)
         if not keys:
             return None
-        return {BRIDGE_FIELD: self.bridge_id, "keys": dict(sorted(keys.items()))}
+        keys = dict(sorted(keys.items()))
+        meta = {BRIDGE_FIELD: self.bridge_id, "keys": keys}
+        if self._secret is not None:
+            meta[SIGNATURE_FIELD] = self._signature(ch, self.bridge_id, keys)
+        return meta
 
     async def _publish_loop(self, ch: _Channel) -> None:
         while True:
