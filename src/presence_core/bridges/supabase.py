@@ -376,7 +376,8 @@ class SupabaseBridge:
     async def stop(self) -> None:
         """Leave the channels (untracking the published presence) and drop the mirror.
 
-        Idempotent.  The client stays open: it belongs to the caller.
+        Idempotent.  The bridge does not close the client, which belongs to the caller
+        (Supabase's client closes itself when its last channel is removed).
         """
         if not self._started:
             return
