@@ -21,9 +21,9 @@ clients arriving at once in topics of 200 cost about two million frame writes, s
 kernel time each on loopback: the joins would queue behind their own fan-out for half a
 minute.  While sockets join their first topic faster than 200 a second and 1 % of the
 connections a second (counted over 0.25 s; handshakes alone do not count, so no client can
-switch storm mode on by opening and closing sockets), flushes are 0.5 s apart, so a topic's diff carries every join of that
-half second; the storm ends, and diffs go out every iteration again, within half a second of
-the last burst.  Replies and ``presence_state`` are never held back.  A flush writes for at most
+switch storm mode on by opening and closing sockets), flushes are 0.5 s apart, so a topic's
+diff carries every join of that half second; the storm ends, and diffs go out every iteration
+again, within half a second of the last burst.  Replies and ``presence_state`` are never held back.  A flush writes for at most
 20 ms before the loop reads its sockets again (`Tracker.flush`'s ``budget``): the topics left
 go out in the next iterations, in order, and a client joining one of them meanwhile gets the
 state before its diff, then the diff.
@@ -569,9 +569,13 @@ class PresenceServer:
         given = params.get("token", [""])[0].encode("utf-8", "surrogateescape")
         scheme, _, credentials = headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
-            # websockets reads header bytes as Latin-1: back to the bytes the client sent,
-            # which a UTF-8 client sent as UTF-8.
-            given = credentials.strip().encode("latin-1", "replace")
+            # Back to the bytes the client sent (a UTF-8 client sent UTF-8): websockets reads
+            # a header's non-ASCII bytes as surrogate escapes; other parsers read Latin-1.
+            credentials = credentials.strip()
+            try:
+                given = credentials.encode("latin-1")
+            except UnicodeEncodeError:
+                given = credentials.encode("utf-8", "surrogateescape")
         # Bytes: compare_digest refuses str with non-ASCII characters.
         return hmac.compare_digest(given, token.encode())
 
