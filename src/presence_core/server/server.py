@@ -23,10 +23,10 @@ minute.  While sockets join their first topic faster than 200 a second and 1 % o
 connections a second (counted over 0.25 s; handshakes alone do not count, so no client can
 switch storm mode on by opening and closing sockets), flushes are 0.5 s apart, so a topic's
 diff carries every join of that half second; the storm ends, and diffs go out every iteration
-again, within half a second of the last burst.  Replies and ``presence_state`` are never held back.  A flush writes for at most
-20 ms before the loop reads its sockets again (`Tracker.flush`'s ``budget``): the topics left
-go out in the next iterations, in order, and a client joining one of them meanwhile gets the
-state before its diff, then the diff.
+again, within half a second of the last burst.  Replies and ``presence_state`` are never held
+back.  A flush writes for at most 20 ms before the loop reads its sockets again
+(`Tracker.flush`'s ``budget``): the topics left go out in the next iterations, in order, and a
+client joining one of them meanwhile gets the state before its diff, then the diff.
 
 Protocol notes (checked against the three clients):
 
