@@ -97,6 +97,7 @@ from typing import Any, Final, Literal, TypeAlias, cast
 
 from .._validate import check_finite, check_int, check_seconds
 from ..errors import (
+    PresenceError,
     PresenceTypeError,
     PresenceValueError,
     StoreCommandError,
@@ -127,6 +128,7 @@ from .layout import (
     index_topics,
     last_seen,
     node_heartbeat,
+    parse_member_field,
     presence_field,
     script_load,
 )
@@ -343,6 +345,7 @@ class RedisStore:
         self._pending_count = 0
         self._oldest: float | None = None  # monotonic time of the oldest pending change
         self._writeback = True  # the state must be written back in full before changes
+        self._cleared = False  # what an earlier process of this node left is gone from Redis
         self._rewrite_all = False  # a failover or a lapse: write back in full, index again
         self._primaries: tuple[str, ...] = ()  # a cluster's primaries, to notice a failover
         self._busy = False  # a write or sweep is under way
@@ -789,6 +792,10 @@ class RedisStore:
                     self._reconnects += 1
                     self._inc(REDIS_RECONNECTS, 1)
                     logger.info("presence store reconnected to %s", self.options.address)
+                if not self._cleared:
+                    # Redis was unreachable at start: an earlier process of this node may
+                    # have left members that peers would take for this one's.
+                    await self._clear_earlier_incarnation()
                 if self._rewrite_all:
                     self._rewrite_all = False
                     self._writeback = True
@@ -1191,23 +1198,31 @@ class RedisStore:
     async def _clear_earlier_incarnation(self) -> None:
         """Remove what an earlier process of the same node name left in Redis.
 
-        Its refs start over from 1 in this process, so its members (and its peers' memory of
-        them) would shadow this process's.  A node name that a live process still uses is a
+        Runs once, on the first connection that reaches Redis (at start, or whenever Redis
+        comes back if it was unreachable then), before this process writes anything.  The
+        earlier process's members carry this node's name, so peers would count them as this
+        process's for as long as it lives; the bye sent with their removal makes every peer
+        drop them from its view at once.  A node name that a live process still uses is a
         configuration error this cannot tell from a restart: give every process its own.
         """
         conn = self._conn
         assert conn is not None
         layout, node = self.layout, self.node
-        alive, registered = await conn.pipeline(
-            [[b"EXISTS", layout.node_alive_key(node)], [b"SISMEMBER", layout.nodes_key, node]]
+        alive, registered, indexed = await conn.pipeline(
+            [
+                [b"EXISTS", layout.node_alive_key(node)],
+                [b"SISMEMBER", layout.nodes_key, node],
+                [b"EXISTS", layout.node_topics_key(node)],
+            ]
         )
-        if alive or registered:
+        if alive or registered or indexed:
             logger.warning(
                 "presence store: node %r has members in Redis from an earlier process; "
                 "removing them first",
                 node,
             )
-            await self._remove_own()
+            await self._remove_own(stopping=False)
+        self._cleared = True
 
     async def _final(self, remove_members: bool) -> None:
         """The last writes of `stop`: one attempt, within ``stop_timeout``."""
@@ -1216,24 +1231,29 @@ class RedisStore:
         if remove_members:
             taken, _ = self._take()
             await self._send(self._batches(taken, deletions_only=True))
-            await self._remove_own()
+            await self._remove_own(stopping=True)
         else:
+            if not self._cleared:
+                await self._clear_earlier_incarnation()
             if self._writeback:
                 await self._write_back()
             if self._pending:
                 await self._flush_pending()
         self._cycle_done()
 
-    async def _remove_own(self) -> None:
-        """Delete every member of this node, its liveness key, index and registry entry; its
-        users were last seen now."""
+    async def _remove_own(self, *, stopping: bool) -> None:
+        """Delete every member of this node, its liveness key, index and registry entry.
+
+        The users of the members removed were last seen now, and (``stopping``) so were
+        this process's users.
+        """
         conn = self._conn
         assert conn is not None and self._commands is not None
         layout, node = self.layout, self.node
-        tracker, now_ms = self.tracker, int(time.time() * 1000)
-        users = {p[1] for topic in tracker.topics() for p in tracker.presences(topic)}
-        if users:
-            await conn.pipeline([last_seen(layout, key, now_ms, self._seen_ms) for key in users])
+        tracker = self.tracker
+        users: set[str] = set()
+        if stopping:
+            users.update(p[1] for topic in tracker.topics() for p in tracker.presences(topic))
         index_key = layout.node_topics_key(node)
         members = await conn.execute(b"SMEMBERS", index_key)
         topics = set(self._indexed) | set(self.tracker.topics())
@@ -1260,8 +1280,17 @@ class RedisStore:
                     self._errors += 1
                     self._inc(REDIS_ERRORS, 1)
                     logger.error("presence store: removing members of %r: %s", topic, reply)
-                elif reply[0] != b"0":
+                    continue
+                for removed in reply[1::2]:
+                    try:
+                        users.add(parse_member_field(removed)[0])
+                    except (PresenceError, UnicodeDecodeError):
+                        continue  # not a member field of ours: nobody to mark
+                if reply[0] != b"0":
                     cursors[topic] = reply[0]
+        if users:
+            now_ms = int(time.time() * 1000)
+            await conn.pipeline([last_seen(layout, key, now_ms, self._seen_ms) for key in users])
         await conn.pipeline([[b"DEL", layout.node_alive_key(node)], *finish_reap(layout, node)])
         self._indexed.clear()
         if self.peers_enabled:
