@@ -391,10 +391,6 @@ class RedisConnection:
                 handshake = connection._handshake()
                 if handshake:
                     await connection.pipeline(handshake)
-        except StoreCommandError:
-            if connection is not None:
-                connection.close()
-            raise
         except (OSError, TimeoutError, StoreConnectionError) as exc:
             if connection is not None:
                 connection.close()
@@ -402,6 +398,11 @@ class RedisConnection:
             raise StoreConnectionError(
                 f"connecting to {options.address} {what}", outcome_unknown=False
             ) from exc
+        except BaseException:
+            # A refused handshake, or a caller cancelled half-way: no socket may stay open.
+            if connection is not None:
+                connection.close()
+            raise
         return connection
 
     def _handshake(self) -> list[tuple[Arg, ...]]:

@@ -256,6 +256,9 @@ class RedisStore:
         status_cache_ttl, status_cache_size: How long (0: not at all) and how many Redis
             answers of `users` are kept.
         last_seen_ttl: Seconds a user's last-seen time lives in Redis after the user left.
+        health_interval, health_timeout: Every ``health_interval`` seconds the server (on a
+            cluster: every primary) is sent a ``PING`` on a connection of its own, which must
+            answer within ``health_timeout`` seconds; `connected` follows the answers.
     """
 
     def __init__(
@@ -281,6 +284,8 @@ class RedisStore:
         status_cache_ttl: float = 2.0,
         status_cache_size: int = 100_000,
         last_seen_ttl: float = 30 * 86400.0,
+        health_interval: float = 0.25,
+        health_timeout: float = 1.0,
     ) -> None:
         if not isinstance(tracker, Tracker):
             raise PresenceTypeError(f"tracker must be a Tracker, not {type(tracker).__name__}")
@@ -324,6 +329,8 @@ class RedisStore:
         self.status_cache_ttl = cache_ttl
         check_int(status_cache_size, "status_cache_size", low=1)
         self._seen_ms = max(1, round(check_seconds(last_seen_ttl, "last_seen_ttl") * 1000))
+        self.health_interval = check_seconds(health_interval, "health_interval")
+        self.health_timeout = check_seconds(health_timeout, "health_timeout")
         # Redis answers of users(): key -> last seen (Unix seconds) or None, with a TTL.
         self._status_cache: PresenceTable[str, float | None] = PresenceTable(
             status_cache_size, tick=min(1.0, max(0.001, cache_ttl)), track_dirty=False
@@ -337,6 +344,7 @@ class RedisStore:
         self._commands: HashTTLCommands | ZSetCommands | None = None
         self._conn: RedisConnection | ClusterConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self._detach: Callable[[], None] | None = None
         self._closing = False
         self._started = False
@@ -346,6 +354,7 @@ class RedisStore:
         self._oldest: float | None = None  # monotonic time of the oldest pending change
         self._writeback = True  # the state must be written back in full before changes
         self._cleared = False  # what an earlier process of this node left is gone from Redis
+        self._healthy = True  # the last health PING was answered (see `connected`)
         self._rewrite_all = False  # a failover or a lapse: write back in full, index again
         self._primaries: tuple[str, ...] = ()  # a cluster's primaries, to notice a failover
         self._busy = False  # a write or sweep is under way
@@ -359,6 +368,7 @@ class RedisStore:
         self._wake: asyncio.Event | None = None
         self._full: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
+        self._retry: asyncio.Event | None = None  # ends a reconnect backoff early
         self._progress: asyncio.Event | None = None
 
     # -- public surface ------------------------------------------------------------------------
@@ -373,9 +383,18 @@ class RedisStore:
 
     @property
     def connected(self) -> bool:
-        """Whether the store holds an open connection and has written the state back."""
+        """Whether Redis is usable now: the signal for a readiness check.
+
+        True when the store holds an open connection, has written the state back since it
+        opened it, and the server answered the last health ``PING`` (on a cluster: every
+        primary of the slot map did).  The ``PING`` goes every ``health_interval`` on a
+        connection of its own and must be answered within ``health_timeout``, so this turns
+        False within about ``health_interval + health_timeout`` (1.25 s by default) of the
+        server dying or hanging, traffic or not, and True within about ``health_interval``
+        of its return plus the write-back.  Reading it never waits.
+        """
         conn = self._conn
-        return conn is not None and not conn.is_closed and not self._writeback
+        return conn is not None and not conn.is_closed and not self._writeback and self._healthy
 
     @property
     def pending(self) -> int:
@@ -504,6 +523,7 @@ class RedisStore:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._closed = asyncio.Event()
+        self._retry = asyncio.Event()
         self._progress = asyncio.Event()
         self._detach = self.tracker.add_feed_reader(self._read_feed)
         try:
@@ -516,8 +536,10 @@ class RedisStore:
             self._detach()
             self._detach = None
             raise
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"presence-store-{self.node}"
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"presence-store-{self.node}")
+        self._health_task = loop.create_task(
+            self._watch_health(), name=f"presence-store-health-{self.node}"
         )
         if self.peers_enabled:
             self._client = self._control_client()
@@ -639,10 +661,17 @@ class RedisStore:
         if self._detach is not None:
             self._detach()
         assert self._closed is not None and self._wake is not None and self._full is not None
+        assert self._retry is not None
         self._closed.set()
+        self._retry.set()
         self._wake.set()
         self._full.set()
         loop = asyncio.get_running_loop()
+        health = self._health_task
+        if health is not None:
+            # Nothing of it is worth waiting for: its connections close as it ends.
+            health.cancel()
+            await asyncio.wait({health}, timeout=1.0)
         deadline = loop.time() + self.stop_timeout  # one budget for everything below
         task = self._task
         if task is not None:
@@ -788,6 +817,8 @@ class RedisStore:
                     if self._closing:
                         break
                 if self._conn is None or self._conn.is_closed:
+                    assert self._retry is not None
+                    self._retry.clear()  # a health PING answered from now on ends the backoff
                     await self._connect()
                     self._reconnects += 1
                     self._inc(REDIS_RECONNECTS, 1)
@@ -846,9 +877,9 @@ class RedisStore:
         # server do not come back in step.
         ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(failures - 1, 30))
         delay = random.uniform(self.backoff_min, ceiling)
-        assert self._closed is not None
+        assert self._retry is not None
         self._publish()
-        await self._sleep(self._closed, delay)
+        await self._sleep(self._retry, delay)  # cut short by `stop`, or a server back up
 
     def _connection_failed(self, exc: Exception, during: str) -> None:
         # Diffs not yet published are dropped: pub/sub is at-most-once anyway, and the hello
@@ -863,6 +894,103 @@ class RedisStore:
             self._conn = None
         logger.warning("presence store: %s failed, reconnecting: %s", during, exc)
 
+    # -- health (see `connected`) ---------------------------------------------------------------
+
+    async def _watch_health(self) -> None:
+        """PING the server(s) every ``health_interval`` on connections of their own.
+
+        Own connections, so that a PING never queues behind a large pipeline of the data
+        plane, and a PING that times out never breaks the data plane's connection (and the
+        commands in flight on it).
+        """
+        assert self._closed is not None
+        conns: dict[str, RedisConnection] = {}
+        try:
+            while not self._closing:
+                try:
+                    await self._health_round(conns)
+                except Exception:  # a bug: the signal must keep following the server
+                    logger.exception("presence store: a health check failed")
+                await self._sleep(self._closed, self.health_interval)
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+    async def _health_round(self, conns: dict[str, RedisConnection]) -> None:
+        targets = self._health_targets()
+        for address in [a for a in conns if a not in targets]:
+            conns.pop(address).close()
+        results = await asyncio.gather(*(self._ping(conns, o) for o in targets.values()))
+        down = [address for address, (ok, _) in zip(targets, results, strict=True) if not ok]
+        if down and isinstance(self._conn, ClusterConnection):
+            await self._refresh_slots(self._conn)
+        self._note_health(down, reconnected=any(ok and new for ok, new in results))
+
+    def _health_targets(self) -> dict[str, ConnectionOptions]:
+        conn = self._conn
+        if not isinstance(conn, ClusterConnection):
+            return {self.options.address: self.options}
+        known = {options.address: options for options in conn.nodes}
+        targets = {}
+        for address in conn.primaries:
+            options = known.get(address)
+            if options is None:
+                host, _, port = address.rpartition(":")
+                options = self.options.with_changes(host=host, port=int(port), path=None)
+            targets[address] = options
+        return targets
+
+    async def _ping(
+        self, conns: dict[str, RedisConnection], options: ConnectionOptions
+    ) -> tuple[bool, bool]:
+        """``(answered, on a new connection)`` for one server."""
+        timeout = self.health_timeout
+        conn = conns.get(options.address)
+        new = False
+        try:
+            if conn is None or conn.is_closed:
+                short = options.with_changes(
+                    connect_timeout=min(options.connect_timeout, timeout), reply_timeout=timeout
+                )
+                conn = conns[options.address] = await RedisConnection.connect(short)
+                new = True
+            await conn.execute(b"PING")  # a timeout closes that connection
+        except StoreCommandError as exc:
+            # It answered; only a server that cannot serve yet counts as down.
+            return _error_kind(exc) not in ("LOADING", "BUSY", "MASTERDOWN"), new
+        except StoreConnectionError:
+            return False, new
+        return True, new
+
+    async def _refresh_slots(self, conn: ClusterConnection) -> None:
+        """Ask the cluster for its slot map: a failover replaces a primary that is down."""
+        try:
+            async with asyncio.timeout(self.health_timeout):
+                await conn.refresh()  # shielded inside: a timeout here leaves it running
+        except (TimeoutError, StoreConnectionError, StoreCommandError):
+            pass  # the next round asks again
+
+    def _note_health(self, down: list[str], reconnected: bool) -> None:
+        healthy = not down
+        was, self._healthy = self._healthy, healthy
+        if was and not healthy:
+            logger.warning(
+                "presence store: %s does not answer PING (timeout %s s)",
+                ", ".join(down),
+                self.health_timeout,
+            )
+        elif healthy and not was:
+            logger.info("presence store: Redis answers PING again")
+        conn = self._conn
+        if not healthy or (conn is not None and not conn.is_closed):
+            return
+        # The server answers and the flusher has no connection: it may be asleep until its
+        # next heartbeat, or in a backoff sized for a long outage.  Reconnect now.
+        assert self._wake is not None and self._retry is not None
+        self._wake.set()
+        if reconnected or not was:
+            self._retry.set()
+
     async def _connect(self) -> None:
         conn: RedisConnection | ClusterConnection
         if self.cluster:
@@ -876,7 +1004,10 @@ class RedisStore:
             conn.close()
             raise
         self._conn = conn
-        self._indexed.clear()  # the server may have lost the index with everything else
+        # The server may have lost everything (a restart): the index, and the members too,
+        # even when no error told the flusher that the last connection broke.
+        self._indexed.clear()
+        self._writeback = True
 
     async def _choose_layout(self, conn: RedisConnection | ClusterConnection) -> None:
         choice = self._layout_choice
