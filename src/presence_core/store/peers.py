@@ -35,6 +35,14 @@ Deafness is also probed: every ``probe_interval`` each node publishes a probe on
 partition and expects to hear its own probes back; a partition that stays silent makes the
 node resubscribe and reconcile.
 
+Besides diffs and probes, a node says ``hello`` when it has written its state back (its peers
+reconcile) and ``bye`` when it has removed its members, at a graceful stop or when it clears
+what an earlier process of its name left (its peers drop its presences at once).  Anyone who
+can publish on the channels can send anything: a message that cannot be used is counted in
+``redis_errors`` and audited (`presence_core.audit`: a bounded number of records, never the
+message itself), and reconciliations run at most once per ``min(check_interval, GRACE)``
+however many hellos arrive.
+
 The control plane (subscriptions, reconciling reads, reaps) uses redis-py (with hiredis when
 installed): `redis.asyncio.Redis`, or `redis.asyncio.RedisCluster` on a cluster.
 """
@@ -44,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -51,6 +60,7 @@ from typing import Any, Final, TypeAlias
 
 import orjson
 
+from ..audit import audit
 from ..errors import PresenceError, PresenceValueError
 from ..metrics import PEER_LAPSES, PEER_MESSAGES, PEER_RESYNCS, PEERS, REDIS_ERRORS, MetricDef
 from ..tracker import TopicChanges, Tracker
@@ -115,14 +125,20 @@ def encode_notice(node: str, kind: str, argument: str = "") -> bytes:
 
 def decode_message(message: bytes) -> tuple[str, str, Any]:
     """``(node, kind, body)``: for a diff the body is a list of `Diff`; for a notice its
-    argument.  Raises `PresenceValueError` for anything else."""
+    argument.  Raises `PresenceValueError` for anything else.
+
+    The error says what is wrong in a few fixed words, never what the message holds: anyone
+    who can publish on the channels chooses that, and the reason is logged.
+    """
     try:
         end = message.index(b"\n")
         version, node, kind, body = orjson.loads(message[:end])
-    except (ValueError, TypeError) as exc:
-        raise PresenceValueError(f"not a peer message: {message[:80]!r}") from exc
-    if version != _VERSION or not isinstance(node, str) or kind not in ("d", "h", "p", "b"):
-        raise PresenceValueError(f"not a peer message: {message[:80]!r}")
+    except (ValueError, TypeError):
+        raise PresenceValueError("not a peer message") from None
+    if version != _VERSION:
+        raise PresenceValueError("unknown version")
+    if not isinstance(node, str) or kind not in ("d", "h", "p", "b"):
+        raise PresenceValueError("not a peer message")
     if kind != "d":
         return node, kind, body
     diffs: list[Diff] = []
@@ -136,8 +152,8 @@ def decode_message(message: bytes) -> tuple[str, str, Any]:
                 )
                 at += size
             diffs.append((topic, decoded, [ref.encode("ascii") for ref in leaves]))
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise PresenceValueError(f"malformed peer diff: {exc}") from exc
+    except (ValueError, TypeError, AttributeError):
+        raise PresenceValueError("malformed peer diff") from None
     if at != len(message):
         raise PresenceValueError("malformed peer diff: its metas do not add up")
     return node, kind, diffs
@@ -331,7 +347,7 @@ class PeerSync:
         try:
             node, kind, body = decode_message(data)
         except PresenceError as exc:
-            self._failed("decode", exc)
+            self._invalid(message, str(exc), len(data))
             return False
         if node == self.node:
             if kind == "p" and body == self._probe:
@@ -347,8 +363,8 @@ class PeerSync:
         if kind == "b":
             try:
                 self._drop(node, "stopped")  # flushes itself
-            except PresenceError as exc:
-                self._failed(f"a bye from {node!r}", exc)
+            except PresenceError:
+                self._invalid(message, "a bye from no valid node", len(data))
             return False
         if kind != "d":
             return False
@@ -356,11 +372,12 @@ class PeerSync:
         self._inc(PEER_MESSAGES, 1)
         now = time.monotonic()
         applied = False
+        refused: PresenceError | None = None
         for topic, joins, leaves in body:
             try:
                 applied |= self.tracker.apply_remote(topic, joins, leaves) > 0
             except PresenceError as exc:
-                self._failed(f"applying a diff of {node} for {topic!r}", exc)
+                refused = exc
                 continue
             joined, left = self._joined, self._left
             for _, data, _ in joins:
@@ -370,6 +387,10 @@ class PeerSync:
             for ref in leaves:
                 left.pop(ref, None)
                 left[ref] = now
+        if refused is not None:
+            # The Tracker's message may quote the diff: only its kind is recorded.
+            reason = f"diff refused by the tracker ({type(refused).__name__})"
+            self._invalid(message, reason, len(data))
         return applied
 
     # -- watching: liveness, probes, reconciliation ------------------------------------------
@@ -378,6 +399,10 @@ class PeerSync:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self.probe_interval
         next_reconcile = loop.time() + self.reconcile_interval
+        # Reconciliations are spaced: a hello is a request anyone who can publish can send,
+        # and each one would otherwise cost a full read of the namespace.
+        spacing = min(self.check_interval, GRACE)
+        last_resync = -math.inf
         while not self._closing:
             try:
                 try:
@@ -385,6 +410,9 @@ class PeerSync:
                         await self._resync.wait()
                 except TimeoutError:
                     pass
+                wait = last_resync + spacing - loop.time()
+                if wait > 0 and self._resync.is_set():
+                    await asyncio.sleep(wait)
                 now = loop.time()
                 # The next reconciliation starts after now: what pub/sub said before
                 # now - GRACE is in Redis by then (see `GRACE`), so it need not be kept.
@@ -401,6 +429,7 @@ class PeerSync:
                     reasons = self._resync_reasons
                     self._resync_reasons = set()
                     self._resync.clear()
+                    last_resync = loop.time()
                     try:
                         await self.reconcile(_main_reason(reasons))
                     except BaseException:
@@ -626,6 +655,15 @@ class PeerSync:
         self.errors += 1
         self._inc(REDIS_ERRORS, 1)
         logger.warning("presence peers: %s failed: %s", what, exc)
+
+    def _invalid(self, message: dict[str, Any], reason: str, size: int) -> None:
+        """Count a sync message that cannot be used, and audit it at a bounded rate: anyone
+        who can publish on the channels can send any number of them."""
+        self.errors += 1
+        self._inc(REDIS_ERRORS, 1)
+        channel = message.get("channel")
+        name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else str(channel)
+        audit("peer_message_invalid", channel=name[:200], reason=reason, bytes=size)
 
     def _inc(self, metric: MetricDef, amount: int, labels: tuple[str, ...] = ()) -> None:
         try:
