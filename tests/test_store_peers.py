@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from servers import ValkeyServer
+from servers import ValkeyServer, free_port
 from test_store import fresh_prefix, in_redis, run
 
 from presence_core import PresenceTypeError, PresenceValueError, Tracker
@@ -389,5 +389,25 @@ def test_a_node_name_used_again_after_a_crash_starts_clean(valkey: ValkeyServer)
                 assert set(members) == {"room2"}
         finally:
             await s_watch.stop()
+
+    run(main)
+
+
+def test_diffs_do_not_pile_up_while_redis_is_unreachable() -> None:
+    port = free_port()
+
+    async def main() -> None:
+        tracker = Tracker(node="lonely")
+        store = RedisStore(tracker, f"redis://127.0.0.1:{port}/0", prefix=fresh_prefix(), **FAST)
+        await store.start()
+        try:
+            for i in range(1000):
+                tracker.track(f"c{i}", "room", f"u{i}", {})
+                tracker.flush()
+            # The write-back that ends the outage says hello: the peers reconcile then.
+            assert store._outbox == []
+            assert store.pending == 1000
+        finally:
+            await store.stop()
 
     run(main)

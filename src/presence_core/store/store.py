@@ -79,9 +79,11 @@ Peers and reads
 
 With ``peers=True`` (the default) the store also shares presence with the other processes of
 its namespace: each flush's local changes are published to the peers (one ``SPUBLISH`` per
-partition, in the pipeline right after the writes), and `presence_core.store.peers.PeerSync`
-mirrors theirs into the Tracker's remote view, reconciles it with Redis, and reaps lapsed
-peers.  `users` answers from memory first and reads Redis (last seen) for the rest.
+partition, in the pipeline right after the writes; none while the store has no connection:
+the hello that ends the write-back makes the peers reconcile instead), and
+`presence_core.store.peers.PeerSync` mirrors theirs into the Tracker's remote view,
+reconciles it with Redis, and reaps lapsed peers.  `users` answers from memory first and
+reads Redis (last seen) for the rest.
 """
 
 from __future__ import annotations
@@ -750,7 +752,9 @@ class RedisStore:
                 if not members:
                     del pending[topic]
                 added += len(members) - before
-            if self.peers_enabled:
+            if self.peers_enabled and self._conn is not None:
+                # Without a connection the diffs would pile up for as long as the outage
+                # lasts; the write-back that ends it says hello, and the peers reconcile.
                 self._post(batch)
             self._note_added(added)
         except Exception:
