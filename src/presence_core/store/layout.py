@@ -38,46 +38,52 @@ key                               type    contents, TTL, writers and readers
                                           ttl``, refreshed by ``HPEXPIRE``), and the key
                                           goes when its last field does.  Fallback layout:
                                           no field TTL; the key itself has ``PEXPIRE ttl``,
-                                          renewed by every write, as the safety net when no
-                                          process is left to reap.  Written by the owner's
-                                          store (joins, leaves, heartbeats), cleared by a
-                                          peer's `REAP_NODE_SCRIPT` when the owner lapses;
-                                          read by reconciliation (``HGETALL`` / ``HSCAN``).
+                                          renewed by every write of any process, so it only
+                                          goes once nobody writes the topic.  Written by the
+                                          owner's store (joins, leaves, and the refresh
+                                          sweep), cleared of a node's fields by
+                                          `REAP_NODE_SCRIPT` (a peer's, when the owner lapses;
+                                          the owner's own, when it stops or restarts); read
+                                          by reconciliation (``HGETALL``).
 ``P:{t:E(T)}:d``                  ZSET    fallback layout only: member field -> deadline
                                           (Unix ms).  Same slot as ``:m``.  Written with
-                                          ``:m`` (``ZADD``, ``ZADD XX`` on heartbeats,
-                                          ``ZREM``); read by `REAP_EXPIRED_SCRIPT` (or the
-                                          `ZSetCommands.expired` query), which removes due
-                                          members from both keys.  Key ``PEXPIRE ttl`` as for
-                                          ``:m``.
-``P:{u:E(U)}:s``                  HASH    the user's status: field ``user_field(topic, ref)``
-                                          -> the meta bytes, one field per presence of the
-                                          user anywhere, with the member TTL where fields
-                                          have TTLs.  Written by the owner's store next to
-                                          ``:m``; read by ``user()`` / ``users()`` for the
-                                          users not held locally (derive the status from the
-                                          metas, as the Tracker does).
-``P:{u:E(U)}:seen``               STRING  last seen, as the store encodes it (ms), with a long
-                                          TTL (`last_seen`); outlives ``:s``.  Written when
-                                          the user goes offline and on its heartbeats; read
-                                          by ``last_seen`` / ``users()``.
+                                          ``:m`` (``ZADD``, ``ZADD XX`` by the sweep,
+                                          ``ZREM``), key ``PEXPIRE ttl`` as for ``:m``.  The
+                                          store reads no deadline: no member expires on its
+                                          own in this layout.  `REAP_EXPIRED_SCRIPT` and
+                                          `ZSetCommands.expired` can remove due members,
+                                          but nothing runs them.
+``P:{u:E(U)}:seen``               STRING  last seen, Unix ms, with a long TTL (`last_seen`).
+                                          Written by the store of the process where the
+                                          user went offline, by a stopping or restarting
+                                          process for its users, and by the peer that reaps
+                                          a lapsed node for that node's users; read by
+                                          ``users()`` for users present nowhere.
 ``P:{n:E(N)}:alive``              STRING  the node's liveness: any value (an incarnation id),
                                           ``PX`` liveness timeout, renewed by the node's
                                           heartbeat (`node_heartbeat`).  Read by peers:
                                           absent means the node lapsed.
 ``P:{n:E(N)}:topics``             SET     the topics (UTF-8) where the node has, or had,
                                           members: the index a peer walks to reap them.
-                                          ``SADD`` by the node's store (`index_topics`), key
-                                          ``PEXPIRE`` renewed by the heartbeat (liveness + ttl:
-                                          past that its members have expired anyway); deleted
-                                          by the reaper when done.
+                                          ``SADD`` by the node's store (`index_topics`),
+                                          ``SREM`` by its sweep for topics it left, key
+                                          ``PEXPIRE`` renewed by the heartbeat (liveness +
+                                          ttl: past that its members have expired anyway, in
+                                          the hash-field TTL layout); deleted by the reaper
+                                          when done.
 ``P:{n:E(N)}:reaper``             STRING  a claim: ``SET NX PX`` by the peer reaping N, so
                                           peers do not all walk the same index (the reap is
                                           idempotent anyway; the claim only saves work).
-``P:nodes``                       SET     the registry of node names: ``SADD`` on start,
-                                          ``SREM`` by the reaper once N's index is done.  Peers
-                                          read it and check each ``:alive``.
+``P:nodes``                       SET     the registry of node names: ``SADD`` by every
+                                          heartbeat, ``SREM`` by the reaper once N's index is
+                                          done and by N itself when it stops.  Peers read it
+                                          and check each ``:alive``.
 ================================  ======  ==================================================
+
+No per-user status is kept in Redis: ``users()`` answers a present user from the memory of
+the process that asks (its own presences and its peers'), and reads only ``:seen``.
+`Layout.user_status_key`, `user_field` and `parse_user_field` name a per-user hash that
+nothing writes.
 
 Pub/sub: a topic's diffs go to partition ``crc32(UTF-8 of T) % partitions``; partition ``i``
 is the sharded channel ``P:{c:J}:i``, where ``J`` is precomputed (`partition_tags`) so that
@@ -88,15 +94,18 @@ Owners
 ------
 
 A member's owner is recorded *in its field*: the field starts with the member's ref, and a
-ref is ``<node>.<hex counter>`` made by the Tracker of the process that tracked it.  So the
+ref is ``<node>.<hex counter>`` made by the Tracker of the process that tracked it (the
+counter starts at a random point, so a restarted process never makes its predecessor's
+refs).  So the
 owner record is written atomically with the member, expires with it (the field TTL covers
 both), costs no extra command or byte, and can never disagree with it.  Finding a node's
 members in a topic is ``HSCAN key 0 MATCH <node>.*`` (a node name holds no glob character).
 The price: a reap scans the topic's hash, not only the node's members.  A reap is rare (a
 process died), it runs in bounded chunks (the script takes a cursor and a ``COUNT``), and it
 avoids a per-member owner hash or index that every join and leave would have to write.  It
-needs node names that are unique per process incarnation: the Tracker's default (random) is;
-a configured name must not be reused by a restart while the old members may live.
+needs node names that no two live processes share: the Tracker's default (random) is so.  A
+configured name may be reused by a restart: the new process's store removes what the old one
+left before it writes (see `presence_core.store.store`).
 
 Reaping a lapsed node on a cluster: a script may touch only the keys of one slot, and a
 node's members are spread over its topics' slots.  So the index of its topics lives in the
@@ -109,9 +118,9 @@ once), which returns it: leaves go out exactly once even when two peers reap tog
 Commands
 --------
 
-`HashTTLCommands` (Valkey >= 9, Redis >= 7.4) and `ZSetCommands` (the fallback) build the
-commands for a batch of feed changes, heartbeats, and reaps, one topic at a time (every
-command of one topic addresses one slot).  In the hash-field TTL layout a member is never
+`HashTTLCommands` (``HSETEX``: Valkey >= 9, Redis >= 8) and `ZSetCommands` (the fallback)
+build the commands for a batch of feed changes, refreshes, and reaps, one topic at a time
+(every command of one topic addresses one slot).  In the hash-field TTL layout a member is never
 written with a plain ``HSET``: that would clear its field TTL and the member would never
 expire.
 """
@@ -223,7 +232,8 @@ def parse_member_field(field: bytes) -> tuple[str, bytes]:
 
 
 def user_field(topic: str, ref: bytes) -> bytes:
-    """The field of one presence in its user's status hash: ``<ref> <topic>``."""
+    """``<ref> <topic>``: a presence's field in a per-user hash (`Layout.user_status_key`),
+    which nothing writes."""
     return member_field(topic, ref)
 
 
@@ -233,7 +243,7 @@ def parse_user_field(field: bytes) -> tuple[str, bytes]:
 
 
 def owner_of(field: bytes) -> str:
-    """The node that owns the member (or user presence) stored under ``field``."""
+    """The node that owns the member stored under ``field``."""
     return field[: field.index(b".")].decode("ascii")
 
 
@@ -313,7 +323,8 @@ class Layout:
         return self._key(b"t:", topic, b"}:d")
 
     def user_status_key(self, key: str) -> bytes:
-        """``P:{u:E(key)}:s``: the user's status HASH."""
+        """``P:{u:E(key)}:s``: a per-user HASH name; nothing writes it (see the module
+        docstring)."""
         return self._key(b"u:", key, b"}:s")
 
     def last_seen_key(self, key: str) -> bytes:
@@ -413,10 +424,10 @@ def _checked_node(node: str) -> bytes:
 
 @dataclass(frozen=True)
 class HashTTLCommands:
-    """Commands of the hash-field TTL layout (Valkey >= 9, Redis >= 7.4).
+    """Commands of the hash-field TTL layout (Valkey >= 9, Redis >= 8).
 
     A join is ``HSETEX key PX ttl FIELDS n field data ...`` (all a topic's joins of one batch
-    in one command: they share the TTL), a leave ``HDEL key field ...``, a heartbeat
+    in one command: they share the TTL), a leave ``HDEL key field ...``, a refresh
     ``HPEXPIRE key ttl FIELDS n field ...``.  Never a plain ``HSET``: it clears the TTL.
     """
 
@@ -486,9 +497,10 @@ class ZSetCommands:
     """Commands of the fallback layout: a members HASH plus a deadline ZSET per topic.
 
     A join is ``HSET`` + ``ZADD`` (deadline now + ttl), a leave ``HDEL`` + ``ZREM``, a
-    heartbeat ``ZADD XX``; each write also renews both keys' ``PEXPIRE`` (the net when no
-    process is left to reap).  Expiry is the store's: `expired` lists due members,
-    `reap_expired` removes them atomically and returns them.
+    refresh ``ZADD XX``; each join and refresh also renews both keys' ``PEXPIRE`` (the net
+    when no process is left to reap).  `expired` lists due members and `reap_expired`
+    removes them atomically, but the store runs neither: a member leaves when its owner
+    removes it or a peer reaps its lapsed owner.
     """
 
     layout: Layout
@@ -677,6 +689,8 @@ end
 return out
 """
 """Fallback layout: remove up to ARGV[2] members due at ARGV[1] (Unix ms), and return them.
+
+Not run by the store (see `ZSetCommands`): a tool for whoever wants deadlines enforced.
 
 KEYS[1]: the topic's members hash; KEYS[2]: its deadline zset.  Returns ``[field1, data1,
 ...]`` for members that were in the hash (a deadline without a member is dropped silently).

@@ -1,4 +1,4 @@
-"""The write-behind store: a Tracker's presences, written to one Redis server as they change.
+"""The write-behind store: a Tracker's presences, written to Redis as they change.
 
 `RedisStore` reads the Tracker's change feed and keeps Redis equal to the Tracker's state, in
 the key layout of `presence_core.store.layout`, without ever making the Tracker wait.
@@ -26,17 +26,22 @@ How a change travels
 Refresh, heartbeats and liveness
 --------------------------------
 
-Every member has a TTL in Redis (``member_ttl``), so the members of a process that dies
-without a word expire within that time.  A live process keeps its members alive with a *sweep*
-every ``member_ttl / 3``: per topic it holds, one ``HPEXPIRE key ttl FIELDS n ...`` per chunk of
-`_FIELDS_PER_COMMAND` members (fallback layout: ``ZADD XX`` of the new deadlines, then
-``PEXPIRE`` on both keys).  Connection heartbeats themselves write nothing to Redis: a
-heartbeat only keeps a connection alive in the local Tracker, which decides when a presence
-leaves and writes that leave.  So the store's steady-state cost is *topics x chunks commands
-per sweep interval*, whatever the heartbeat rate: 250k connections in 5,000 topics heartbeating
-every 25 s with a 60 s connection TTL (sweep every 60 s) cost 5,000 commands a minute, about
-0.008 commands per heartbeat.  An ``HPEXPIRE`` reply of -2 (the field is missing: the member
-expired or was lost) re-queues that member's join, so the sweep also repairs Redis.
+In the hash-field TTL layout every member has its own TTL in Redis (``member_ttl``), so the
+members of a process that dies without a word expire within that time even if no peer reaps
+them.  In the fallback layout the TTL is the topic keys' (``PEXPIRE``), renewed by every
+process that writes the topic, and the deadline ZSET is written but read by nobody: a dead
+process's members there leave when a peer reaps them (see `presence_core.store.peers`), or
+with the whole topic once no process has written it for ``member_ttl``.  A live process keeps
+its members alive with a *sweep* every ``member_ttl / 3``: per topic it holds, one
+``HPEXPIRE key ttl FIELDS n ...`` per chunk of `_FIELDS_PER_COMMAND` members (fallback layout:
+``ZADD XX`` of the new deadlines, then ``PEXPIRE`` on both keys).  Connection heartbeats
+themselves write nothing to Redis: a heartbeat only keeps a connection alive in the local
+Tracker, which decides when a presence leaves and writes that leave.  So the store's
+steady-state cost is *topics x chunks commands per sweep interval*, whatever the heartbeat
+rate: 250k connections in 5,000 topics heartbeating every 25 s with a 60 s connection TTL
+(sweep every 60 s) cost 5,000 commands a minute, about 0.008 commands per heartbeat.  An
+``HPEXPIRE`` reply of -2 (the field is missing: the member expired or was lost) re-queues that
+member's join, so the sweep also repairs Redis.
 
 With the sweep, every ``liveness_timeout / 3`` the node heartbeat (`node_heartbeat`) renews the
 node's liveness key, its topic index's TTL and its entry in the node registry.  A topic the node
@@ -61,8 +66,31 @@ Failures
   once, since the same command would most likely fail the same way and a tight retry loop
   would only add load: its deletions are retried, and its topic's live members are written
   back in full, at the next sweep.  Deletions are always safe to repeat (refs are never
-  reused), and a write-back reads the state as it is then, so a retry never resurrects a
-  member that left since.
+  reused: a Tracker's refs count up from a random start), and a write-back reads the state as
+  it is then, so a retry never resurrects a member that left since.
+
+A new connection is always followed by a full write-back, whether or not an error said the
+last one broke: the server may have restarted empty in between.
+
+Health
+------
+
+`RedisStore.connected` is the readiness signal.  Besides the data connection's state, it
+follows a ``PING`` sent every ``health_interval`` on a connection of its own (one per primary
+on a cluster), answered within ``health_timeout``: a dead or hung server is noticed without
+any traffic, and a server that answers again ends the reconnect backoff at once.  Nothing on
+the write path waits for it.
+
+Incarnations
+------------
+
+A process restarted under the same node name finds what its earlier incarnation left: members,
+liveness key, topic index, registry entry, and the peers' memory of its members.  The first
+connection that reaches Redis (at start, or later if Redis was unreachable then) removes them
+(`REAP_NODE_SCRIPT` on each topic of the index) and says bye, before anything of the new
+process is written, so the peers drop the old members and take the new ones at the hello that
+ends the write-back.  The new process's refs differ from the old ones, so a peer that missed
+the bye still tells them apart when it reconciles.
 
 Stopping
 --------
@@ -70,7 +98,8 @@ Stopping
 ``await store.stop()`` writes what is pending, then removes every member this process owns
 (`REAP_NODE_SCRIPT` on each topic of its index: the members whose ref carries the Tracker's
 node), its liveness key, its topic index and its registry entry.  ``stop(remove_members=False)``
-writes what is pending and leaves the rest to expire (members within ``member_ttl``).
+writes what is pending and leaves the rest as a crash would: to the peer that reaps the node
+once its liveness key lapses, and to the TTLs.
 
 Threads: the store must run on the event loop of the thread that calls ``tracker.flush()``.
 
@@ -428,9 +457,10 @@ class RedisStore:
 
         Memory is this process's presences and its peers' (the remote view), so a user
         present anywhere is answered without Redis.  For the others, the last-seen time that
-        their last process wrote when they left (``P:{u:E(key)}:seen``, Unix seconds) is read
-        in one pipeline, and each answer is kept for ``status_cache_ttl`` seconds (at most
-        ``status_cache_size`` of them), so a team view polled every second stays local.
+        their last process (or the peer that reaped it) wrote when they left
+        (``P:{u:E(key)}:seen``, Unix ms) is read in one pipeline, and each answer is kept
+        for ``status_cache_ttl`` seconds (at most ``status_cache_size`` of them), so a team
+        view polled every second stays local.
         While Redis is unreachable the answer is memory's alone.  The tier of each answer is
         counted in ``redis_status_reads{tier}``.
 
