@@ -33,6 +33,15 @@ def pytest_report_header(config: pytest.Config) -> str:
     )
 
 
+@pytest.fixture(autouse=True)
+def _refs_from_one(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refs count from 1 in tests (``<node>.1``, ``<node>.2``...), as a seeded random number
+    would, so expected payloads can be written out; a test marked ``random_refs`` gets the
+    random start every process has (see ``tracker._ref_origin``)."""
+    if request.node.get_closest_marker("random_refs") is None:
+        monkeypatch.setattr("presence_core.tracker.tracker._ref_origin", lambda: 1)
+
+
 @pytest.fixture(params=["c", "py"])
 def Table(request: pytest.FixtureRequest) -> Any:
     """The PresenceTable class of one implementation."""

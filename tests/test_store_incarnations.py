@@ -26,6 +26,8 @@ from presence_core import Tracker  # noqa: E402
 from presence_core.store import RedisStore  # noqa: E402
 from presence_core.store.layout import parse_member_field  # noqa: E402
 
+pytestmark = pytest.mark.random_refs  # restarts must not reuse refs
+
 OPTIONS: dict[str, Any] = {
     "liveness_timeout": 30.0,  # the crashed incarnation never lapses during a test
     "check_interval": 0.1,

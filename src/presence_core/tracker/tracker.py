@@ -214,6 +214,13 @@ def _check_key(key: object, limit: int) -> str:
 _ID_TYPES: Final = frozenset((str, int))
 
 
+def _ref_origin() -> int:
+    """Where a Tracker's ref counter starts: at random, so a process restarted under the same
+    node name never makes a ref its earlier incarnation made (peers and Redis may still hold
+    those).  62 bits keep every ref within the 16 hex digits refs are checked for."""
+    return 1 + secrets.randbits(62)
+
+
 _REF_RE: Final = re.compile(rb"[A-Za-z0-9_-]{1,32}\.[0-9a-f]{1,16}")
 _REF_HEAD: Final = b'{"phx_ref":"'
 
@@ -369,7 +376,7 @@ class Tracker:
         # Refs count up from a random start, so a process restarted under the same node name
         # never makes a ref its earlier incarnation made (peers and Redis may still hold
         # those).  62 bits keep every ref within the 16 hex digits refs are checked for.
-        self._refs = count(1 + secrets.randbits(62))
+        self._refs = count(_ref_origin())
         if on_evict is not None:
             check_callable(on_evict, "on_evict")
         self._on_evict = on_evict
