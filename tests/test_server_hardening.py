@@ -1179,3 +1179,145 @@ def test_disconnects_are_counted_by_reason() -> None:
                 assert found and float(found.group(1)) >= 1, reason
 
     run(main)
+
+
+# -- found by the adversarial review of the fixes above ----------------------------------------
+
+
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+def test_a_broadcast_whose_event_is_not_a_string_is_refused(vsn: str) -> None:
+    """A broadcast whose event was a number was relayed as is, and realtime-js, which matches
+    listeners with ``event.toLocaleLowerCase()``, threw and stopped processing the channel."""
+
+    async def main() -> None:
+        async with (
+            serving() as server,
+            Client.open(server, vsn) as sender,
+            Client.open(server) as member,
+        ):
+            jr = await sender.join("room", "sender")
+            await member.join("room", "member")
+            for n, event in enumerate([1, {"toString": 1}, None]):
+                bad = {"type": "broadcast", "event": event, "payload": {}}
+                ref = await sender.push("room", "broadcast", bad, jr)
+                reply = await sender.until("phx_reply")
+                assert reply["ref"] == ref and reply["payload"]["status"] == "error", (n, reply)
+            good = {"type": "broadcast", "event": "fine", "payload": {}}
+            await sender.push("room", "broadcast", good, jr)
+            got = await member.until("broadcast")
+            assert got["payload"]["event"] == "fine", "a broadcast with a bad event was relayed"
+
+    run(main)
+
+
+def test_a_binary_broadcast_is_checked_before_its_payload_is_read() -> None:
+    """A kind-3 push was parsed (JSON) or converted (a binary payload to an array of numbers,
+    13 ms a MiB) before its topic, rate and size were checked: a socket sending 1 MiB binary
+    frames slowed everyone down though every one was refused."""
+
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as sender:
+            jr = await sender.join("room", "sender", broadcast={"ack": True})
+            # Not a member of "other": refused as such, its body (not JSON) never parsed.
+            await sender.ws.send(user_broadcast_push(jr, "5", "other", "e", b"{not json"))
+            reply = await sender.until("phx_reply")
+            assert reply["ref"] == "5" and reply["payload"]["response"] == {
+                "reason": "unmatched topic"
+            }
+            # A binary payload too large as an array of numbers: refused by its size alone.
+            body = bytes(range(256)) * 1200
+            push = user_broadcast_push(jr, "6", "room", "e", body, json_payload=False)
+            await sender.ws.send(push)
+            reply = await sender.until("phx_reply")
+            assert reply["ref"] == "6" and reply["payload"]["status"] == "error"
+            assert "too large" in reply["payload"]["response"]["reason"]
+
+    run(main)
+
+
+def test_sockets_before_their_handshake_are_bounded_per_address() -> None:
+    """Only completed handshakes were counted: idle TCP connections from one address could
+    hold every file descriptor for the open timeout (10 s) and lock everyone out."""
+
+    async def main() -> None:
+        limits = ServerLimits(max_connections_per_ip=2)
+        async with serving(limits=limits) as server:
+            idle = [await tcp(server.port) for _ in range(4)]  # twice the limit: let in
+            try:
+                extra = await tcp(server.port)
+                try:
+                    loop = asyncio.get_running_loop()
+                    with contextlib.suppress(ConnectionResetError):
+                        data = await asyncio.wait_for(loop.sock_recv(extra, 16), 2.0)
+                        assert data == b"", data  # cut at once, before any request
+                finally:
+                    extra.close()
+            finally:
+                for sock in idle:
+                    sock.close()
+            assert await eventually(lambda: not server._per_ip)
+            async with connect(f"ws://127.0.0.1:{server.port}/socket/websocket") as ws:
+                c = Client(ws, 1)
+                ref = await c.push("phoenix", "heartbeat", {})
+                assert (await c.until("phx_reply"))["ref"] == ref
+
+    run(main)
+
+
+def test_sockets_that_join_and_leave_at_once_make_no_reconnect_storm() -> None:
+    """Sockets that connect, join and close at once, over and over from one client, kept
+    storm mode on and every diff at the storm's pace."""
+
+    async def main() -> None:
+        async with serving() as server:
+            samples: list[bool] = []
+            sampler = asyncio.ensure_future(sample_storm(server, samples))
+            gate = asyncio.Semaphore(50)
+            join = {"config": {"presence": {"key": "k"}}}
+
+            async def hit_and_run(i: int) -> None:
+                async with gate:
+                    raw = await Raw.connect(server)
+                    try:
+                        await raw.send(
+                            raw.frame(v2_push("1", "1", f"room{i % 20}", "phx_join", join))
+                        )
+                        await raw.read()  # the join's reply: it has joined
+                    finally:
+                        raw.close()
+
+            try:
+                await asyncio.gather(*(hit_and_run(i) for i in range(400)))
+                await asyncio.sleep(0.5)
+            finally:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+            assert samples and not any(samples), f"storm on in {sum(samples)} samples"
+
+    run(main)
+
+
+def test_a_close_frame_makes_its_presences_leave_at_once() -> None:
+    """A client that sent a close frame but kept its TCP connection open stayed present for
+    the closing timeout (5 s)."""
+
+    async def main() -> None:
+        async with serving() as server, Client.open(server) as watcher:
+            await watcher.join("room", "watcher")
+            await watcher.until("presence_state")
+            raw = await Raw.connect(server)
+            try:
+                join = {"config": {"presence": {"key": "leaver"}}}
+                await raw.send(raw.frame(v2_push("1", "1", "room", "phx_join", join)))
+                track = {"event": "track", "payload": {}}
+                await raw.send(raw.frame(v2_push("1", "2", "room", "presence", track)))
+                joined = await watcher.until("presence_diff")
+                assert list(joined["payload"]["joins"]) == ["leaver"]
+                raw.protocol.send_close(1000, "bye")
+                await raw.send(b"".join(raw.protocol.data_to_send()))
+                left = await watcher.until("presence_diff", timeout=1.0)
+                assert list(left["payload"]["leaves"]) == ["leaver"]
+            finally:
+                raw.close()
+
+    run(main)

@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
         "unread",
         "events",
         "resume",
+        "accepted",
     )
 
     def __init__(
@@ -109,11 +110,16 @@ class Connection(asyncio.Protocol):
         self.unread = b""  # received, not yet given to the parser (reading is paused)
         self.events: list[Request | Response | Frame] = []  # parsed, not yet handled
         self.resume: asyncio.Handle | None = None  # when reading goes on, while paused
+        self.accepted = True  # let in by the server's `_accept` (False: cut at once)
 
     # -- transport callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if not self.server._accept(self):
+            self.accepted = False
+            self.transport.abort()
+            return
         self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
@@ -147,7 +153,8 @@ class Connection(asyncio.Protocol):
         # the collector's reach (serve freezes settled connections).  Closing it breaks the
         # cycle, so a closed connection is freed by reference counting alone.
         self.ws.parser.close()
-        self.server._closed(self)
+        if self.accepted:
+            self.server._closed(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than its topics change: it would hold ever more memory here.
@@ -272,7 +279,10 @@ class Connection(asyncio.Protocol):
                 self.fragments = None
                 self.fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments", "limit")
         elif opcode is Opcode.CLOSE:
-            self.open = False  # the protocol has answered it; the client closes the socket
+            # The protocol has answered it, and the client will close the socket; its
+            # presences leave now, not when (or if) it does.
+            self.open = False
+            self.server._drop(self)
 
     def _message(self, data: bytes, binary: bool) -> None:
         if not self.open:

@@ -238,11 +238,12 @@ class PresenceServer:
         self._flush_started = 0.0  # loop time
         self._storm = False  # many new sockets: flushes stretched (see the module)
         self._window_start = 0.0
-        self._window_opened = 0
         self._tasks: set[asyncio.Task[None]] = set()  # auth hooks under way
         self._accepting = False
         self._draining = False
-        self._per_ip: dict[str, int] = {}  # open sockets by client address (when limited)
+        self._per_ip: dict[str, int] = {}  # sockets by client address (when limited)
+        self._accepted = 0  # sockets from TCP accept to their end, handshake or not
+        self._window_joined: list[int] = []  # ids of sockets that joined this storm window
         frames = self.limits.messages_per_second
         self._frames_rate = Limits(rate_per_second=frames, burst=max(1, round(frames)))
 
@@ -374,8 +375,11 @@ class PresenceServer:
                 if tracker.scalers:
                     self._run_scalers()
             if now - self._window_start >= _STORM_WINDOW:
-                opened, self._window_opened, self._window_start = self._window_opened, 0, now
-                rate = opened / _STORM_WINDOW
+                joined, self._window_joined, self._window_start = self._window_joined, [], now
+                # Only those still here count: a client that joins and leaves at once, over
+                # and over, would otherwise hold everyone's diffs at the storm's pace.
+                stayed = sum(1 for conn_id in joined if conn_id in self._conns)
+                rate = stayed / _STORM_WINDOW
                 storm = rate >= max(_STORM_SOCKETS, _STORM_SHARE * len(self._conns))
                 if storm != self._storm:
                     self._storm = storm
@@ -505,19 +509,14 @@ class PresenceServer:
             self.tracker.record_disconnect("refused_handshake")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
         per_ip = self.limits.max_connections_per_ip
-        address = None
-        if per_ip is not None:
-            peer = conn.transport.get_extra_info("peername") if conn.transport else None
-            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-            if self._per_ip.get(address, 0) >= per_ip:
-                self._limit_hit("max_connections_per_ip", value=per_ip)
-                self.tracker.record_disconnect("refused_handshake")
-                return _response(
-                    http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from one address\n"
-                )
+        if per_ip is not None and conn.peer is not None and self._per_ip[conn.peer] > per_ip:
+            self._limit_hit("max_connections_per_ip", value=per_ip)
+            self.tracker.record_disconnect("refused_handshake")
+            return _response(
+                http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from one address\n"
+            )
         response = conn.ws.accept(request)
         if response.status_code == 101:
-            conn.peer = address  # counted in `_opened`, until `_closed`
             query = parse_qs(url.query)
             vsn = (query.get("vsn") or ["1.0.0"])[0]
             conn.version = 2 if vsn.startswith("2") else 1
@@ -585,8 +584,6 @@ class PresenceServer:
         conn.transport.set_write_buffer_limits(high=self.limits.max_buffered_bytes)
         self._sockets.add(conn)
         self._conns[conn.id] = conn
-        if conn.peer is not None:
-            self._per_ip[conn.peer] = self._per_ip.get(conn.peer, 0) + 1
         self.tracker.connect(conn.id)
         if self.auth is not None:
             verdict = self._verdict(conn.token, None)
@@ -602,7 +599,36 @@ class PresenceServer:
             self._drop(conn)
             conn.close(1008, "unauthorized")
 
+    def _accept(self, conn: Connection) -> bool:
+        """A new TCP connection, before its handshake: False to cut it at once.
+
+        Sockets that have not finished their handshake are bounded too, or idle ones would
+        hold every file descriptor: in all, ``max_connections`` plus a backlog's worth; from
+        one address (with ``max_connections_per_ip``), twice its limit, which leaves room for
+        the handshakes that will be answered 429.
+        """
+        if self._accepted >= self.limits.max_connections + _BACKLOG:
+            self._limit_hit("max_connections", value=self.limits.max_connections)
+            self.tracker.record_disconnect("refused_handshake")
+            return False
+        per_ip = self.limits.max_connections_per_ip
+        if per_ip is not None:
+            assert conn.transport is not None
+            peer = conn.transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            held = self._per_ip.get(address, 0)
+            if held >= 2 * per_ip:
+                self._limit_hit("max_connections_per_ip", value=per_ip)
+                self.tracker.record_disconnect("refused_handshake")
+                return False
+            self._per_ip[address] = held + 1
+            conn.peer = address  # counted until `_closed`
+        self._accepted += 1
+        return True
+
     def _closed(self, conn: Connection) -> None:
+        """The end of a socket that `_accept` let in."""
+        self._accepted -= 1
         self._sockets.discard(conn)
         self._drop(conn)
         if conn.peer is not None:
@@ -802,7 +828,7 @@ class PresenceServer:
         conn.channels[topic] = channel
         if not conn.joined:  # a reconnect storm counts sockets that join, not handshakes
             conn.joined = True
-            self._window_opened += 1
+            self._window_joined.append(conn.id)
         t = self._topics.get(topic)
         if t is None:
             unsubscribe = self.tracker.subscribe(topic, self._fan_out, send_state=False, raw=True)
@@ -854,11 +880,18 @@ class PresenceServer:
         it (numbers such as ``1e9`` unchanged) when it is a v2 array whose payload holds just
         ``type``, ``event`` and ``payload``; otherwise it is re-encoded."""
         payload = msg.payload if isinstance(msg.payload, dict) else {}
+        event = payload.get("event")
+        if not isinstance(event, str):
+            # realtime-js matches listeners with event.toLocaleLowerCase(): another type
+            # would break every such member of the topic.
+            self._reply(conn, msg, "error", {"reason": "a broadcast's event must be a string"})
+            return
+        if not self._admit_broadcast(conn, msg):
+            return
         raw = None
         if (
             conn.version == 2
             and payload.get("type") == "broadcast"
-            and isinstance(payload.get("event"), str)
             and payload.keys() <= _BROADCAST_KEYS
         ):
             head = _V2_HEAD.match(data)
@@ -866,18 +899,12 @@ class PresenceServer:
             if head is not None and tail.endswith(b"]"):
                 raw = tail[head.end() : -1].strip()
         if raw is None:
-            raw = _dumps(
-                {
-                    "type": "broadcast",
-                    "event": payload.get("event"),
-                    "payload": payload.get("payload"),
-                }
-            )
+            raw = _dumps({"type": "broadcast", "event": event, "payload": payload.get("payload")})
         self._broadcast(conn, msg, raw)
 
     def _binary_push(self, conn: Connection, data: bytes) -> tuple[Message, str, bytes, int]:
         """realtime-js v2's user broadcast push (kind 3): the message, its event, its payload
-        bytes and their encoding (1: JSON, 0: binary)."""
+        bytes and their encoding (1: JSON, 0: binary).  The payload is not looked at here."""
         if len(data) < 7 or data[0] != 3:
             raise ProtocolError("unknown binary frame")
         sizes = data[1:6]
@@ -892,34 +919,37 @@ class PresenceServer:
             parts.append(data[at : at + size].decode("utf-8"))
             at += size
         join_ref, ref, topic, event, _metadata = parts
-        body = data[at:]
-        if encoding == 1:
-            orjson.loads(body)  # relayed as JSON text: it must be JSON
-        return (
-            Message(topic, "broadcast", None, ref or None, join_ref or None),
-            event,
-            body,
-            encoding,
-        )
+        msg = Message(topic, "broadcast", None, ref or None, join_ref or None)
+        return msg, event, data[at:], encoding
 
     def _binary_broadcast(
         self, conn: Connection, msg: Message, event: str, body: bytes, encoding: int
     ) -> None:
         """A kind-3 push, relayed as a text broadcast, which every client reads (phoenix.js
         reads no binary broadcast, and a socket does not say which client it is).  A JSON
-        payload goes out as the bytes that came; a binary one as an array of byte values."""
+        payload goes out as the bytes that came; a binary one as an array of byte values.
+        Membership, rate and size are checked before the payload is read or converted."""
         if msg.topic not in conn.channels:
             self._reply(conn, msg, "error", {"reason": "unmatched topic"})
             return
-        payload = body if encoding == 1 else _dumps(list(body))
+        if not self._admit_broadcast(conn, msg):
+            return
+        if encoding == 1:
+            orjson.loads(body)  # relayed as JSON text, so it must be JSON (else: 1007)
+            payload = body
+        else:
+            # Up to 4 bytes a value ("255,"): refuse what cannot fit before building it.
+            if len(body) * 4 > self.limits.max_frame_bytes:
+                self._too_large(conn, msg, len(body) * 4)
+                return
+            payload = _dumps(list(body))
         raw = b"".join(
             (b'{"type":"broadcast","event":', _dumps(event), b',"payload":', payload, b"}")
         )
         self._broadcast(conn, msg, raw)
 
-    def _broadcast(self, conn: Connection, msg: Message, raw: bytes) -> None:
-        """Relay one broadcast, ``raw`` its JSON payload, to the topic's members."""
-        channel = conn.channels[msg.topic]
+    def _admit_broadcast(self, conn: Connection, msg: Message) -> bool:
+        """Spend one broadcast from the socket's bucket, or answer that it is spent."""
         try:
             conn.broadcasts_tat = admit(
                 self._broadcast_rate, conn.broadcasts_tat, time.monotonic(), conn.id
@@ -927,19 +957,27 @@ class PresenceServer:
         except RateLimited:
             self._limit_hit("broadcasts_per_second", conn=conn.id, topic=msg.topic)
             self._reply(conn, msg, "error", {"reason": "broadcast rate limit exceeded"})
-            return
+            return False
+        return True
+
+    def _too_large(self, conn: Connection, msg: Message, size: int) -> None:
+        limit = self.limits.max_frame_bytes
+        self._limit_hit("max_frame_bytes", conn=conn.id, topic=msg.topic)
+        reason = f"broadcast too large: {size} bytes relayed, over the limit of {limit}"
+        self._reply(conn, msg, "error", {"reason": reason})
+
+    def _broadcast(self, conn: Connection, msg: Message, raw: bytes) -> None:
+        """Relay one admitted broadcast, ``raw`` its JSON payload, to the topic's members."""
+        channel = conn.channels[msg.topic]
         frames = [
             _wire(1, msg.topic, "broadcast", raw, None),
             _wire(2, msg.topic, "broadcast", raw, None),
         ]
         # What we relay must be what we would accept ourselves: clients with the same
         # 1 MiB limit would disconnect on a larger frame.
-        limit = self.limits.max_frame_bytes
         size = max(len(frames[0]), len(frames[1]))
-        if size > limit:
-            self._limit_hit("max_frame_bytes", conn=conn.id, topic=msg.topic)
-            reason = f"broadcast too large: {size} bytes relayed, over the limit of {limit}"
-            self._reply(conn, msg, "error", {"reason": reason})
+        if size > self.limits.max_frame_bytes:
+            self._too_large(conn, msg, size)
             return
         t = self._topics.get(msg.topic)
         if t is not None:
