@@ -17,7 +17,7 @@ import re
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -949,34 +949,53 @@ async def sample_storm(server: PresenceServer, samples: list[bool]) -> None:
         await asyncio.sleep(0.01)
 
 
+async def storm_while(
+    server: PresenceServer,
+    arrive: Callable[[int], Awaitable[None]],
+    then: Callable[[list[bool]], Awaitable[object]],
+) -> list[bool]:
+    """``server._storm`` every 10 ms while 400 ``arrive(i)`` run, 50 at a time, and while
+    ``then(samples)`` runs after them."""
+    samples: list[bool] = []
+    sampler = asyncio.ensure_future(sample_storm(server, samples))
+    gate = asyncio.Semaphore(50)
+
+    async def gated(i: int) -> None:
+        async with gate:
+            await arrive(i)
+
+    try:
+        await asyncio.gather(*(gated(i) for i in range(400)))
+        await then(samples)
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    return samples
+
+
+async def settle(samples: list[bool]) -> None:
+    await asyncio.sleep(0.5)
+
+
 def test_handshakes_closed_at_once_are_no_reconnect_storm() -> None:
     """Every handshake counted towards a reconnect storm, so 400 probes (load balancers, port
     scans, clients giving up) stretched every diff to the storm's 0.5 s."""
 
     async def main() -> None:
         async with serving() as server:
-            samples: list[bool] = []
-            sampler = asyncio.ensure_future(sample_storm(server, samples))
-            gate = asyncio.Semaphore(50)
 
-            async def probe() -> None:
-                async with gate:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-                    try:
-                        writer.write(HANDSHAKE)
-                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-                        assert head.startswith(b"HTTP/1.1 101 ")
-                    finally:
-                        writer.close()
-                        with contextlib.suppress(OSError):
-                            await writer.wait_closed()
+            async def probe(i: int) -> None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                try:
+                    writer.write(HANDSHAKE)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                    assert head.startswith(b"HTTP/1.1 101 ")
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
 
-            try:
-                await asyncio.gather(*(probe() for _ in range(400)))
-                await asyncio.sleep(0.5)
-            finally:
-                sampler.cancel()
-                await asyncio.gather(sampler, return_exceptions=True)
+            samples = await storm_while(server, probe, settle)
             assert samples and not any(samples), f"storm on in {sum(samples)} samples"
 
     run(main)
@@ -987,23 +1006,17 @@ def test_sockets_that_join_and_stay_make_a_reconnect_storm() -> None:
 
     async def main() -> None:
         async with serving() as server, AsyncExitStack() as stack:
-            samples: list[bool] = []
-            sampler = asyncio.ensure_future(sample_storm(server, samples))
-            gate = asyncio.Semaphore(50)
             join = {"config": {"presence": {"key": "k"}}}
 
             async def arrive(i: int) -> None:
-                async with gate:
-                    raw = await Raw.connect(server)
-                    stack.callback(raw.close)
-                    await raw.send(raw.frame(v2_push("1", "1", f"room{i % 20}", "phx_join", join)))
+                raw = await Raw.connect(server)
+                stack.callback(raw.close)
+                await raw.send(raw.frame(v2_push("1", "1", f"room{i % 20}", "phx_join", join)))
 
-            try:
-                await asyncio.gather(*(arrive(i) for i in range(400)))
+            async def storm_begins(samples: list[bool]) -> None:
                 await eventually(lambda: any(samples), 1.0)
-            finally:
-                sampler.cancel()
-                await asyncio.gather(sampler, return_exceptions=True)
+
+            samples = await storm_while(server, arrive, storm_begins)
             assert any(samples), "400 joining sockets made no storm"
 
     run(main)
@@ -1270,28 +1283,17 @@ def test_sockets_that_join_and_leave_at_once_make_no_reconnect_storm() -> None:
 
     async def main() -> None:
         async with serving() as server:
-            samples: list[bool] = []
-            sampler = asyncio.ensure_future(sample_storm(server, samples))
-            gate = asyncio.Semaphore(50)
             join = {"config": {"presence": {"key": "k"}}}
 
             async def hit_and_run(i: int) -> None:
-                async with gate:
-                    raw = await Raw.connect(server)
-                    try:
-                        await raw.send(
-                            raw.frame(v2_push("1", "1", f"room{i % 20}", "phx_join", join))
-                        )
-                        await raw.read()  # the join's reply: it has joined
-                    finally:
-                        raw.close()
+                raw = await Raw.connect(server)
+                try:
+                    await raw.send(raw.frame(v2_push("1", "1", f"room{i % 20}", "phx_join", join)))
+                    await raw.read()  # the join's reply: it has joined
+                finally:
+                    raw.close()
 
-            try:
-                await asyncio.gather(*(hit_and_run(i) for i in range(400)))
-                await asyncio.sleep(0.5)
-            finally:
-                sampler.cancel()
-                await asyncio.gather(sampler, return_exceptions=True)
+            samples = await storm_while(server, hit_and_run, settle)
             assert samples and not any(samples), f"storm on in {sum(samples)} samples"
 
     run(main)
