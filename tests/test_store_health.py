@@ -17,9 +17,11 @@ import pytest
 pytest.importorskip("redis")
 
 from servers import ValkeyCluster, ValkeyServer  # noqa: E402
+from test_server_hardening import get  # noqa: E402
 from test_store import fresh_prefix, run  # noqa: E402
 
 from presence_core import Tracker  # noqa: E402
+from presence_core.server import PresenceServer  # noqa: E402
 from presence_core.store import RedisStore  # noqa: E402
 
 BOUND = 2.0  # what a readiness check may lag behind Redis
@@ -123,6 +125,43 @@ def test_connected_follows_a_cluster_primary_and_its_promoted_replica(
             await flips(store, False, time.monotonic())
             await asyncio.to_thread(valkey_cluster.wait_promotion, replica)
             await flips(store, True, time.monotonic())
+        finally:
+            await store.stop()
+
+    run(main)
+
+
+def test_health_ready_follows_redis_over_http(
+    valkey_factory: Callable[..., ValkeyServer],
+) -> None:
+    """What an orchestrator sees: ``GET /health/ready`` answers 503 within 2 s of Redis going
+    down and 200 within 2 s of its return; ``/health`` says ``degraded`` and ``redis: down``
+    meanwhile, and ``/health/live`` stays 200."""
+    server = valkey_factory()
+
+    async def until(port: int, code: int, since: float) -> float:
+        while (await get(port, "/health/ready"))[0] != code:
+            if time.monotonic() - since > BOUND:
+                raise AssertionError(f"/health/ready not {code} after {BOUND} s")
+            await asyncio.sleep(0.02)
+        return time.monotonic() - since
+
+    async def main() -> None:
+        tracker = Tracker(node="ready")
+        store = RedisStore(tracker, server.url, prefix=fresh_prefix())
+        await store.start()
+        try:
+            async with PresenceServer(tracker, port=0, store=store) as web:
+                assert (await get(web.port, "/health/ready"))[0] == 200
+                server.kill()
+                await until(web.port, 503, time.monotonic())
+                code, body = await get(web.port, "/health")
+                assert code == 200 and b'"status":"degraded"' in body and b'"redis":"down"' in body
+                assert (await get(web.port, "/health/live"))[0] == 200
+                server.restart()
+                await until(web.port, 200, time.monotonic())
+                code, body = await get(web.port, "/health")
+                assert b'"status":"ok"' in body and b'"redis":"ok"' in body
         finally:
             await store.stop()
 
