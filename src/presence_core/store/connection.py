@@ -207,8 +207,17 @@ class ConnectionOptions:
         """
         try:
             parsed = _parse_url(url)
-        except ValueError as exc:
-            raise PresenceValueError(f"not a Redis URL: {exc}") from None
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            # Raised out here, with a fixed message: the parser quotes what it could not read,
+            # which may be a piece of the password (an unencoded '/', '#' or '?' in it, or a
+            # missing '@', moves where the URL splits).
+            raise PresenceValueError(
+                "not a Redis URL: expected redis[s]://[[user]:password@]host[:port][/db] or "
+                "unix://path[?db=N], with any '/', '#', '?' or '@' in the user or password "
+                "percent-encoded"
+            )
         unknown = sorted(set(parsed) - _URL_OPTIONS)
         if unknown:
             raise PresenceValueError(f"unsupported Redis URL options: {', '.join(unknown)}")

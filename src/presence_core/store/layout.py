@@ -175,7 +175,7 @@ DEFAULT_PARTITIONS: Final = 16
 
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)*")
 _PREFIX_MAX: Final = 64
-_REF_RE: Final = re.compile(rb"[A-Za-z0-9_-]{1,32}\.[0-9a-f]+")
+_REF_RE: Final = re.compile(rb"[A-Za-z0-9_-]{1,32}\.[0-9a-f]{1,16}")  # as a Tracker makes them
 
 # -- names ------------------------------------------------------------------------------------
 

@@ -59,7 +59,9 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import orjson
+from redis.exceptions import ResponseError
 
+from .._validate import check_node
 from ..audit import audit
 from ..errors import PresenceError, PresenceValueError
 from ..metrics import PEER_LAPSES, PEER_MESSAGES, PEER_RESYNCS, PEERS, REDIS_ERRORS, MetricDef
@@ -163,6 +165,23 @@ def _owner(ref: bytes) -> str:
     return ref[: ref.rindex(b".")].decode("ascii")
 
 
+_REF_HEAD: Final = b'{"phx_ref":"'
+_JUNK_MEMORY: Final = 4096  # distinct junk items remembered, so each is reported once
+
+
+def _prev_ok(prev: bytes | None, prefix: bytes) -> bool:
+    """An update replaces a presence of the same node."""
+    return prev is None or prev.startswith(prefix)
+
+
+def _shown(value: object) -> str:
+    """A value someone else wrote, fit for a log line or an audit record: its repr, cut
+    short (a registry entry or a topic may be megabytes)."""
+    if isinstance(value, bytes | str):
+        return repr(value[:80]) + ("..." if len(value) > 80 else "")
+    return repr(value)[:100]
+
+
 class PeerSync:
     """Keeps a Tracker's remote view equal to its peers' presences (see the module docstring).
 
@@ -214,6 +233,11 @@ class PeerSync:
         self._joined: dict[bytes, float] = {}  # refs that joined within GRACE: ref -> when
         self._left: dict[bytes, float] = {}  # refs that left within GRACE
         self._unregistered: dict[str, float] = {}  # owner -> when first seen unregistered
+        # The owners this sync learnt from Redis or from pub/sub.  The remote view may hold
+        # others (a bridge feeds presences under its own node names): those are never
+        # dropped for being absent from the registry.
+        self._owners: set[str] = set()
+        self._junk_seen: set[tuple[str, int]] = set()
         self._recheck: dict[str, float] = {}  # topic -> when to reconcile it again
         self._probe: str | None = None
         self._resubscribe: str | None = None  # why the receiver must subscribe afresh
@@ -356,15 +380,22 @@ class PeerSync:
                 if index is not None:
                     self._heard.add(index)
             return False
+        try:
+            check_node(node)
+        except PresenceError:
+            what = {"h": "hello", "b": "bye", "p": "probe"}.get(kind, "diff")
+            self._invalid(message, f"a {what} from no valid node", len(data))
+            return False
         if kind == "h":
-            self._unregistered.pop(node, None)
+            # Not proof of life: anyone can say hello.  Only the registry ends the
+            # "unregistered" countdown (`check_liveness`).
             self.request_resync("hello")
             return False
         if kind == "b":
-            try:
+            if node in self._owners:
                 self._drop(node, "stopped")  # flushes itself
-            except PresenceError:
-                self._invalid(message, "a bye from no valid node", len(data))
+            # A forged bye drops a live peer's presences: Redis, read soon, puts them back.
+            self.request_resync("bye")
             return False
         if kind != "d":
             return False
@@ -373,18 +404,25 @@ class PeerSync:
         now = time.monotonic()
         applied = False
         refused: PresenceError | None = None
+        prefix = node.encode("ascii") + b"."
+        head = _REF_HEAD + prefix
         for topic, joins, leaves in body:
-            try:
-                applied |= self.tracker.apply_remote(topic, joins, leaves) > 0
-            except PresenceError as exc:
-                refused = exc
-                continue
+            # A node speaks for its own presences only.
+            mine = [j for j in joins if j[1].startswith(head) and _prev_ok(j[2], prefix)]
+            gone = [ref for ref in leaves if ref.startswith(prefix)]
+            if len(mine) != len(joins) or len(gone) != len(leaves):
+                refused = PresenceValueError("a ref of another node")
+            if mine:
+                self._owners.add(node)
+            n, error = self._apply(topic, mine, gone)
+            applied |= n > 0
+            refused = error or refused
             joined, left = self._joined, self._left
-            for _, data, _ in joins:
+            for _, data, _ in mine:
                 ref = ref_of(data)
                 joined.pop(ref, None)  # to the end: the memories stay in arrival order
                 joined[ref] = now
-            for ref in leaves:
+            for ref in gone:
                 left.pop(ref, None)
                 left[ref] = now
         if refused is not None:
@@ -392,6 +430,32 @@ class PeerSync:
             reason = f"diff refused by the tracker ({type(refused).__name__})"
             self._invalid(message, reason, len(data))
         return applied
+
+    def _apply(
+        self, topic: str, joins: Joins, leaves: list[bytes]
+    ) -> tuple[int, PresenceError | None]:
+        """`Tracker.apply_remote`, item by item if the whole refuses: one bad member must
+        not keep a topic's good ones out.  Returns (applied, the last refusal or None)."""
+        if not joins and not leaves:
+            return 0, None
+        try:
+            return self.tracker.apply_remote(topic, joins, leaves), None
+        except PresenceError as exc:
+            if len(joins) + len(leaves) == 1:
+                return 0, exc
+            refused = exc
+        applied = 0
+        for join in joins:
+            try:
+                applied += self.tracker.apply_remote(topic, (join,))
+            except PresenceError as exc:
+                refused = exc
+        for ref in leaves:
+            try:
+                applied += self.tracker.apply_remote(topic, (), (ref,))
+            except PresenceError as exc:
+                refused = exc
+        return applied, refused
 
     # -- watching: liveness, probes, reconciliation ------------------------------------------
 
@@ -475,16 +539,13 @@ class PeerSync:
 
     async def check_liveness(self) -> None:
         """Read the registry and liveness keys; drop lapsed and long-unregistered peers."""
-        layout = self.layout
-        registry = {m.decode("ascii") for m in await self.client.smembers(layout.nodes_key)}
-        others = sorted(registry - {self.node})
-        alive = await self._gets([layout.node_alive_key(n) for n in others])
-        live = frozenset(n for n, value in zip(others, alive, strict=True) if value is not None)
-        lapsed = [n for n in others if n not in live]
-        self.live_peers = live
+        registry, live, lapsed = await self._nodes()
+        self.live_peers = frozenset(live)
         self._set(PEERS, len(live))
         now = time.monotonic()
-        owners = set(self.tracker.remote_nodes())
+        # Only owners this sync learnt: the others in the view are someone else's to manage.
+        self._owners.intersection_update(self.tracker.remote_nodes())
+        owners = self._owners
         for owner in owners - registry:
             since = self._unregistered.setdefault(owner, now)
             if now - since >= self.liveness_timeout:
@@ -495,7 +556,36 @@ class PeerSync:
         for node in lapsed:
             if node in owners:
                 self._drop(node, "lapsed")
-            await self._reap_node(node)
+            try:
+                await self._reap_node(node)
+            except ResponseError as exc:  # a key of the wrong type: the next lapsed one
+                self._failed(f"reaping {node}", exc)
+
+    async def _nodes(self) -> tuple[set[str], set[str], list[str]]:
+        """``(registered, live, lapsed)``: the registry's valid node names, and the others
+        than this one whose liveness key is there or gone.  Entries that are not node names
+        are skipped and reported once; a liveness key that cannot be read (of the wrong
+        type) leaves its node neither live nor lapsed."""
+        layout = self.layout
+        registry: set[str] = set()
+        for raw in await self.client.smembers(layout.nodes_key):
+            try:
+                # A node name is at most 32 characters: a long entry is not decoded at all.
+                registry.add(check_node(raw.decode("ascii") if len(raw) <= 32 else None))
+            except (PresenceError, UnicodeDecodeError, AttributeError, TypeError):
+                self._junk("registry entry", raw)
+        others = sorted(registry - {self.node})
+        alive = await self._multi("get", [layout.node_alive_key(n) for n in others])
+        live: set[str] = set()
+        lapsed: list[str] = []
+        for node, value in zip(others, alive, strict=True):
+            if isinstance(value, Exception):
+                self._junk("liveness key", node)
+            elif value is None:
+                lapsed.append(node)
+            else:
+                live.add(node)
+        return registry, live, lapsed
 
     def _drop(self, node: str, why: str) -> None:
         dropped = self.tracker.drop_remote(node)
@@ -522,13 +612,20 @@ class PeerSync:
                 # long pause): leave the rest to it, it writes its state back.
                 logger.warning("lapsed peer %s came back; reap stopped", node)
                 return
-            topic = raw.decode("utf-8")
+            topic = self._topic(raw)
+            if topic is None:
+                continue
             keys = [layout.members_key(topic)]
             if self.zset_layout:
                 keys.append(layout.deadlines_key(topic))
             cursor = b"0"
             while True:
-                reply = await self._reap(keys=keys, args=[node, cursor, 1000])
+                try:
+                    reply = await self._reap(keys=keys, args=[node, cursor, 1000])
+                except ResponseError as exc:
+                    # A key of the wrong type: its members, if any, expire with their TTL.
+                    self._failed(f"reaping {node} in {_shown(topic)}", exc)
+                    break
                 removed += (len(reply) - 1) // 2
                 await self._last_seen(reply[1::2])
                 cursor = reply[0]
@@ -552,7 +649,7 @@ class PeerSync:
         pipe = self.client.pipeline(transaction=False)
         for key in users:
             pipe.set(self.layout.last_seen_key(key), now_ms, px=self.last_seen_ms)
-        await pipe.execute()
+        await pipe.execute(raise_on_error=False)  # a hint: one that fails is not retried
 
     async def reconcile(self, reason: str, only: Collection[str] | None = None) -> None:
         """Make the remote view equal to the live peers' members in Redis (see the module
@@ -564,32 +661,37 @@ class PeerSync:
         """
         started = time.monotonic()
         layout = self.layout
-        registry = {m.decode("ascii") for m in await self.client.smembers(layout.nodes_key)}
-        others = sorted(registry - {self.node})
-        alive = await self._gets([layout.node_alive_key(n) for n in others])
-        live = {n for n, value in zip(others, alive, strict=True) if value is not None}
+        _, live, _ = await self._nodes()
         view: dict[bytes, Any] = {ref_of(p[DATA]): p for p in self.tracker.remote_presences()}
         if only is None:
             indexes = await self._multi(
                 "smembers", [layout.node_topics_key(n) for n in sorted(live)]
             )
-            topics = {t.decode("utf-8") for index in indexes for t in index}
+            topics: set[str] = set()
+            for node, index in zip(sorted(live), indexes, strict=True):
+                if isinstance(index, Exception):
+                    self._junk("topic index", node)
+                    continue
+                topics.update(t for t in map(self._topic, index) if t is not None)
             topics.update(p[0] for p in view.values())
         else:
             topics = set(only)
             view = {ref: p for ref, p in view.items() if p[0] in topics}
         wanted: dict[bytes, tuple[str, str, bytes]] = {}
+        unread: set[str] = set()  # topics whose hash could not be read: their view stays
         ordered = sorted(topics)
         for start in range(0, len(ordered), _RECONCILE_TOPICS):
             chunk = ordered[start : start + _RECONCILE_TOPICS]
             hashes = await self._multi("hgetall", [layout.members_key(t) for t in chunk])
             for topic, members in zip(chunk, hashes, strict=True):
+                if isinstance(members, Exception):
+                    self._junk("topic hash", topic)
+                    unread.add(topic)
+                    continue
                 for field, data in members.items():
-                    try:
-                        key, ref = parse_member_field(field)
-                    except (PresenceError, UnicodeDecodeError):
-                        continue
-                    if _owner(ref) in live:
+                    member = self._member(field, data, live)
+                    if member is not None:
+                        key, ref = member
                         wanted[ref] = (topic, key, data)
         self._forget_before(started - GRACE)
         joins: dict[str, Joins] = {}
@@ -602,7 +704,7 @@ class PeerSync:
                 else:
                     joins.setdefault(topic, []).append((key, data, None))
         for ref, p in view.items():
-            if ref not in wanted and _owner(ref) in live:
+            if ref not in wanted and _owner(ref) in live and p[0] not in unread:
                 if ref in self._joined:
                     spared.add(p[0])
                 else:
@@ -611,13 +713,13 @@ class PeerSync:
         for topic in spared:
             self._recheck.setdefault(topic, due)
         changed = 0
+        for topic_joins in joins.values():
+            self._owners.update(_owner(ref_of(data)) for _, data, _ in topic_joins)
         for topic in sorted(set(joins) | set(leaves)):
-            try:
-                changed += self.tracker.apply_remote(
-                    topic, joins.get(topic, ()), leaves.get(topic, ())
-                )
-            except PresenceError as exc:
-                self._failed(f"reconciling {topic!r}", exc)
+            n, refused = self._apply(topic, joins.get(topic, []), leaves.get(topic, []))
+            changed += n
+            if refused is not None:
+                self._junk("member", (topic, type(refused).__name__))
         self.resyncs += 1
         self._inc(PEER_RESYNCS, 1, (reason,))
         if changed:
@@ -641,20 +743,66 @@ class PeerSync:
         return await self._multi("get", keys)
 
     async def _multi(self, command: str, keys: Sequence[bytes]) -> list[Any]:
-        """One command per key in one pipeline (split per slot by RedisCluster)."""
+        """One command per key in one pipeline (split per slot by RedisCluster).  An error
+        reply (a key of the wrong type) comes back in its place, as an exception: one bad
+        key must not hide the others."""
         if not keys:
             return []
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             getattr(pipe, command)(key)
-        return list(await pipe.execute())
+        return list(await pipe.execute(raise_on_error=False))
+
+    def _topic(self, raw: object) -> str | None:
+        """A topic read from a node's index, or None (reported once) if it cannot be one."""
+        try:
+            return self.tracker.check_topic(raw.decode("utf-8"))  # type: ignore[attr-defined]
+        except (PresenceError, UnicodeDecodeError, AttributeError):
+            self._junk("topic in an index", raw)
+            return None
+
+    def _member(self, field: object, data: object, live: set[str]) -> tuple[str, bytes] | None:
+        """``(key, ref)`` of a member of a live peer read from a topic's hash; None if it is
+        some other node's, or (reported once) junk."""
+        try:
+            key, ref = parse_member_field(field)  # type: ignore[arg-type]
+        except (PresenceError, UnicodeDecodeError, AttributeError, TypeError):
+            self._junk("member field", field)
+            return None
+        if _owner(ref) not in live:
+            return None
+        # The meta must carry the field's ref: one that does not would be added under its
+        # own ref and removed under the field's, at every reconciliation.
+        if not isinstance(data, bytes) or not data.startswith(_REF_HEAD + ref + b'"'):
+            self._junk("member data", field)
+            return None
+        try:
+            self.tracker.check_key(key)
+        except PresenceError:
+            self._junk("member key", field)
+            return None
+        return key, ref
 
     # -- metrics -----------------------------------------------------------------------------
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.errors += 1
         self._inc(REDIS_ERRORS, 1)
-        logger.warning("presence peers: %s failed: %s", what, exc)
+        # An error may quote what someone else wrote to Redis: cut short.
+        logger.warning("presence peers: %s failed: %s", what, str(exc)[:200])
+
+    def _junk(self, where: str, value: object) -> None:
+        """Count and audit something in Redis this sync cannot use, once per item (it is
+        read again at every check): anyone who can write to Redis can plant any amount."""
+        mark = (where, hash(value))
+        if mark in self._junk_seen:
+            return
+        if len(self._junk_seen) >= _JUNK_MEMORY:
+            self._junk_seen.clear()
+        self._junk_seen.add(mark)
+        self.errors += 1
+        self._inc(REDIS_ERRORS, 1)
+        audit("peer_redis_junk", where=where, value=_shown(value))
 
     def _invalid(self, message: dict[str, Any], reason: str, size: int) -> None:
         """Count a sync message that cannot be used, and audit it at a bounded rate: anyone
@@ -679,7 +827,7 @@ class PeerSync:
 
 
 def _main_reason(reasons: set[str]) -> str:
-    for reason in ("start", "reconnect", "deaf", "hello", "recheck", "periodic"):
+    for reason in ("start", "reconnect", "deaf", "hello", "bye", "recheck", "periodic"):
         if reason in reasons:
             return reason
     return "periodic"

@@ -127,6 +127,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias, cast
 
 from .._validate import check_finite, check_int, check_seconds
+from ..audit import audit
 from ..errors import (
     PresenceError,
     PresenceTypeError,
@@ -163,7 +164,7 @@ from .layout import (
     presence_field,
     script_load,
 )
-from .peers import PeerSync, encode_diff, encode_notice
+from .peers import PeerSync, _shown, encode_diff, encode_notice
 
 __all__ = ["LayoutName", "RedisStore"]
 
@@ -1378,7 +1379,8 @@ class RedisStore:
                 [b"EXISTS", layout.node_alive_key(node)],
                 [b"SISMEMBER", layout.nodes_key, node],
                 [b"EXISTS", layout.node_topics_key(node)],
-            ]
+            ],
+            raise_on_error=False,  # a registry of the wrong type: not this process's to fix
         )
         if alive or registered or indexed:
             logger.warning(
@@ -1420,9 +1422,18 @@ class RedisStore:
         if stopping:
             users.update(p[1] for topic in tracker.topics() for p in tracker.presences(topic))
         index_key = layout.node_topics_key(node)
-        members = await conn.execute(b"SMEMBERS", index_key)
+        (members,) = await conn.pipeline([[b"SMEMBERS", index_key]], raise_on_error=False)
         topics = set(self._indexed) | set(self.tracker.topics())
-        topics.update(m.decode("utf-8") for m in members)
+        if isinstance(members, StoreCommandError):
+            # The index is not a set: what it should list cannot be found; its members
+            # expire with their TTL.  The key is deleted below, so the next writes index anew.
+            self._junk("this node's topic index", members.reply)
+            members = []
+        for member in cast(list[bytes], members):
+            try:
+                topics.add(member.decode("utf-8"))
+            except UnicodeDecodeError:  # no topic of ours: nothing was written under it
+                self._junk("a topic in this node's index", member)
         node_arg = node.encode("ascii")
         zset = isinstance(self._commands, ZSetCommands)
         cursors = dict.fromkeys(sorted(topics), b"0")
@@ -1444,7 +1455,7 @@ class RedisStore:
                     # One topic's failure must not keep this node's members in the others.
                     self._errors += 1
                     self._inc(REDIS_ERRORS, 1)
-                    logger.error("presence store: removing members of %r: %s", topic, reply)
+                    logger.error("presence store: removing members of %s: %s", _shown(topic), reply)
                     continue
                 for removed in reply[1::2]:
                     try:
@@ -1455,13 +1466,24 @@ class RedisStore:
                     cursors[topic] = reply[0]
         if users:
             now_ms = int(time.time() * 1000)
-            await conn.pipeline([last_seen(layout, key, now_ms, self._seen_ms) for key in users])
-        await conn.pipeline([[b"DEL", layout.node_alive_key(node)], *finish_reap(layout, node)])
+            commands = [last_seen(layout, key, now_ms, self._seen_ms) for key in users]
+            await conn.pipeline(commands, raise_on_error=False)  # hints: best effort
+        await conn.pipeline(
+            [[b"DEL", layout.node_alive_key(node)], *finish_reap(layout, node)],
+            raise_on_error=False,  # a registry of the wrong type must not stop the rest
+        )
         self._indexed.clear()
         if self.peers_enabled:
             # The peers drop this node's presences now rather than when they notice it gone.
             bye = encode_notice(node, "b")
             await conn.pipeline([[b"SPUBLISH", layout.partition_channel(0), bye]])
+
+    def _junk(self, where: str, value: object) -> None:
+        """Count and audit something in Redis the store cannot use (written by someone else:
+        rate-limited, and never quoted in full)."""
+        self._errors += 1
+        self._inc(REDIS_ERRORS, 1)
+        audit("store_redis_junk", where=where, value=_shown(value))
 
     # -- metrics -------------------------------------------------------------------------------
 

@@ -976,20 +976,29 @@ class Tracker:
         changes go out with the next `flush`.
 
         Raises:
-            PresenceTypeError, PresenceValueError: a malformed topic, key, meta or ref, or a
-                ref of this Tracker's own node; nothing is applied then.
+            PresenceTypeError, PresenceValueError: a malformed topic, key, meta or ref, a
+                ref of this Tracker's own node, or a meta over the largest ``max_meta_bytes``
+                of the plans; nothing is applied then.
         """
         check_text(topic, "topic", self._read_topic_limit)
         own = self._node
+        # A peer's metas obey the limit its own Tracker enforced: the largest of any plan.
+        max_meta = max(limits.max_meta_bytes for limits in self._plans.values())
         checked: builtins.list[tuple[str, bytes, bytes | None]] = []
         for item in joins:
             if type(item) is not tuple or len(item) != 3:
-                raise PresenceTypeError(f"a remote join must be (key, data, prev), not {item!r}")
+                raise PresenceTypeError(
+                    f"a remote join must be (key, data, prev), not {repr(item)[:80]}"
+                )
             key, data, prev = item
             _check_key(key, self._read_key_limit)
             ref = _remote_ref(data, "data")
             if ref.startswith(own):
                 raise PresenceValueError(f"ref {ref!r} is this Tracker's own, not a remote one")
+            if len(data) - len(_REF_HEAD) - len(ref) > max_meta:
+                raise PresenceValueError(
+                    f"remote meta of {len(data)} bytes is over max_meta_bytes ({max_meta})"
+                )
             try:
                 meta = _loads(data)
             except orjson.JSONDecodeError:
