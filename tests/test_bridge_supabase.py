@@ -415,13 +415,21 @@ def test_new_arguments_are_checked_and_the_secret_never_shows() -> None:
         {"drop_after": "30"},
         {"drop_after": True},
         {"on_stale": "log"},
+        {"heartbeat_timeout": 0},
+        {"heartbeat_timeout": float("nan")},
+        {"heartbeat_timeout": "10"},
     ]
     for kwargs in bad:
         with pytest.raises(PresenceError) as info:
             SupabaseBridge(tracker, client, ["room"], **kwargs)
         assert "\ud800" not in str(info.value)
     bridge = SupabaseBridge(
-        tracker, client, ["room"], secret="hunter2-secret", drop_after=float("inf")
+        tracker,
+        client,
+        ["room"],
+        secret="hunter2-secret",
+        drop_after=float("inf"),
+        heartbeat_timeout=float("inf"),
     )
     assert bridge.signed and not bridge.stale and bridge.stale_since("room") is None
     assert "hunter2" not in repr(bridge) and "hunter2" not in repr(vars(bridge))
@@ -563,5 +571,267 @@ def test_a_channel_closed_on_a_live_socket_is_joined_again(monkeypatch: pytest.M
                 await bridge.stop()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.close(), WAIT)
+
+    run(main)
+
+
+# -- hostile metas, a dead listener, a silent server -----------------------------------------
+
+
+def test_a_meta_json_cannot_encode_is_skipped_and_the_client_keeps_listening() -> None:
+    """An integer beyond 64 bits in a member's meta: Supabase's server relays it and the
+    client parses it into a Python int, which orjson cannot write.  Our server refuses such
+    metas, so it is added where the bridge reads the channel's state (the one simulated part);
+    the rest is the real client.  Before, the encoding error escaped the sync callback and
+    ended the client's listener: every later change went unseen while the bridge looked
+    healthy."""
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            tracker, client = Tracker(), client_for(server.port)
+            bridge = SupabaseBridge(tracker, client, ["room"])
+            wanted = bridge._wanted
+
+            def huge(ch: Any, key: str, metas: Any) -> dict[Any, tuple[str, Any]]:
+                metas = [dict(m, n=2**70) if m.get("huge") else m for m in metas]
+                return wanted(ch, key, metas)
+
+            bridge._wanted = huge  # type: ignore[method-assign]
+            mallory = Plain(server.port, "room", "mallory", {"huge": True})
+            carol = Plain(server.port, "room", "carol", {"n": 1})
+            try:
+                await bridge.start()
+                await mallory.join()
+                await asyncio.sleep(0.5)
+                await carol.join()
+                await until(lambda: "carol" in tracker.list("room"), "carol after mallory")
+                assert sorted(tracker.list("room")) == ["carol"]
+                assert bridge.skipped >= 1
+                listener = client._listen_task
+                assert listener is not None and not listener.done()
+                assert not bridge.stale
+                await carol.close()
+                await until(lambda: tracker.count("room") == 0, "carol's leave")
+            finally:
+                await bridge.stop()
+                for member in (mallory, carol):
+                    await member.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+
+    run(main)
+
+
+def test_an_error_in_a_callback_goes_stale_and_rebuilds_the_mirror(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever raises in the bridge's sync callback (here a stand-in for a bug, raising three
+    times with a member's data in its message) stays out of the client: the mirror goes stale,
+    one ERROR line says so without the message, and the bridge rebuilds the mirror from the
+    channel's state by itself, no further change in the channel needed."""
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            server.tracker.track("s1", "realtime:room", "alice", {"n": 1})
+            server.tracker.flush()
+            tracker, client = Tracker(), client_for(server.port)
+            events: list[tuple[str, bool]] = []
+            bridge = SupabaseBridge(tracker, client, ["room"], on_stale=lambda *e: events.append(e))
+            apply = bridge._apply
+            fail = [3]
+
+            def flaky(*args: Any) -> None:
+                if fail[0]:
+                    fail[0] -= 1
+                    # Half done, as a bug might leave it: a presence in the Tracker, not in the
+                    # mirror.
+                    ref = f"{bridge.node_of('room')}.ffff"
+                    tracker.apply_remote("room", [("ghost", orjson.dumps({"phx_ref": ref}), None)])
+                    raise KeyError("member-secret-data")
+                apply(*args)
+
+            carol = Plain(server.port, "room", "carol", {"n": 3})
+            try:
+                await bridge.start()
+                bridge._apply = flaky  # type: ignore[method-assign]
+                await carol.join()
+                await until(lambda: bridge.stale, "stale")
+                await until(lambda: not bridge.stale, "rebuilt", 5)
+                assert exact(server, tracker, bridge, "room")
+                assert sorted(tracker.list("room")) == ["alice", "carol"]
+                assert events == [("room", True), ("room", False)]
+                listener = client._listen_task
+                assert listener is not None and not listener.done()
+                errors = [r for r in caplog.records if r.levelname == "ERROR"]
+                assert len(errors) == 1 and "KeyError" in errors[0].getMessage()
+                assert "member-secret-data" not in caplog.text
+                await carol.close()
+                await until(lambda: sorted(tracker.list("room")) == ["alice"], "carol's leave")
+            finally:
+                await bridge.stop()
+                await carol.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+
+    caplog.set_level("INFO", logger=supabase.__name__)
+    run(main)
+
+
+def test_a_client_whose_listener_died_is_reconnected() -> None:
+    """Another channel of the same client, the application's, raises in its callback: the
+    client's listener ends and the socket stays open, unread.  The bridge takes it as a
+    dropped socket: stale, reconnected, channel rejoined, mirror exact again."""
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            server.tracker.track("s1", "realtime:room", "alice", {"n": 1})
+            server.tracker.flush()
+            tracker, client = Tracker(), client_for(server.port)
+            events: list[tuple[str, bool]] = []
+            bridge = SupabaseBridge(tracker, client, ["room"], on_stale=lambda *e: events.append(e))
+            carol = Plain(server.port, "room", "carol", {"n": 3})
+            raised = [False]
+
+            def buggy() -> None:
+                if not raised[0]:
+                    raised[0] = True
+                    raise RuntimeError("the application's bug")
+
+            try:
+                await bridge.start()
+                tracker.track("c1", "room", "bob", {"n": 2})
+                tracker.flush()
+                await until(lambda: exact(server, tracker, bridge, "room"), "exact")
+                other = client.channel("other")
+                other.on_presence_sync(buggy)
+                await asyncio.wait_for(other.subscribe(), WAIT)
+                await until(lambda: raised[0], "the application's callback")
+                listener = client._listen_task
+                # On loopback the way back can take less than one look at `stale`.
+                await until(lambda: len(events) == 2, "stale and back", 10)
+                assert events == [("room", True), ("room", False)] and not bridge.stale
+                assert listener is not None and listener.done()
+                assert client._listen_task is not listener
+                await carol.join()
+                await until(lambda: exact(server, tracker, bridge, "room"), "exact again", 10)
+                assert sorted(tracker.list("room")) == ["alice", "bob", "carol"]
+            finally:
+                await bridge.stop()
+                await carol.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+
+    run(main)
+
+
+def test_member_chosen_presence_refs_never_collide_in_the_mirror() -> None:
+    """The client lets a meta's own ``presence_ref`` field override the server's ref, and
+    Supabase's server relays such fields: members choose the ids the client reports.  Our
+    server refuses the field, so this drives the bridge's sync step directly.  Before, two
+    metas with the same presence_ref shared one mirror entry: a ghost stayed in the Tracker
+    and the next sync raised KeyError (which, raised in the client's callback, killed it)."""
+    tracker = Tracker()
+    client = AsyncRealtimeClient("ws://127.0.0.1:9/realtime/v1", token="t", auto_reconnect=False)
+    secret = b"s3cret"
+    bridge = SupabaseBridge(tracker, client, ["room"], bridge_id="b1", secret=secret)
+    bridge._started = True
+    ch = bridge._channels["room"]
+    listed = signed_meta(secret, "room", "peer", {"dana": [{"n": 4}]})
+    state: dict[str, list[dict[str, Any]]] = {
+        "a1": [{"presence_ref": "X", "who": "a1"}],
+        "a2": [{"presence_ref": "X", "who": "a2"}, {"presence_ref": "X", "who": "a2b"}],
+        # The id a listed presence of another bridge once had, chosen by a plain member.
+        "b": [{"presence_ref": "P/0/dana", "who": "b"}],
+        "peer": [dict(listed, presence_ref="P")],
+    }
+
+    def view() -> dict[str, list[str]]:
+        return {
+            k: sorted(str(m.get("who", m.get("n"))) for m in v["metas"])
+            for k, v in tracker.list("room").items()
+        }
+
+    def sync(*keys: str) -> None:
+        bridge._apply(ch, state, keys or list(state))
+        assert len(tracker.remote_presences("room")) == len(ch.mirror)
+
+    sync()
+    assert view() == {"a1": ["a1"], "a2": ["a2", "a2b"], "b": ["b"], "dana": ["4"]}
+    del state["a1"]
+    sync("a1")
+    assert view() == {"a2": ["a2", "a2b"], "b": ["b"], "dana": ["4"]}
+    state["a2"] = [{"presence_ref": "X", "who": "a2", "v": 2}, {"presence_ref": "X", "who": "a2b"}]
+    sync("a2")
+    assert sorted(m.get("v", 1) for m in tracker.list("room")["a2"]["metas"]) == [1, 2]
+    assert view()["a2"] == ["a2", "a2b"]
+    state.clear()
+    sync("a2", "b", "peer")
+    assert tracker.list("room") == {} and tracker.remote_presences() == []
+    assert ch.mirror == {} and ch.sources == {}
+
+
+def test_a_silent_server_is_taken_for_down_within_the_heartbeat_timeout() -> None:
+    """The server stops answering with the socket still open (a hung process, a dead route).
+    A proxy between client and server stops forwarding: before, the bridge said nothing for
+    40 s (until websockets' own keepalive gave up).  Now it is stale within its
+    heartbeat_timeout, and back, exact, soon after the server answers again."""
+    frozen = asyncio.Event()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                while frozen.is_set():
+                    await asyncio.sleep(0.05)
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        async with PresenceServer(Tracker(), port=0) as server:
+            links: set[asyncio.Task[Any]] = set()
+
+            async def link(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                sr, sw = await asyncio.open_connection("127.0.0.1", server.port)
+                for task in (pipe(r, sw), pipe(sr, w)):
+                    links.add(asyncio.get_running_loop().create_task(task))
+
+            proxy = await asyncio.start_server(link, "127.0.0.1", 0)
+            port = proxy.sockets[0].getsockname()[1]
+            server.tracker.track("s1", "realtime:room", "alice", {"n": 1})
+            server.tracker.flush()
+            tracker = Tracker()
+            client = AsyncRealtimeClient(
+                f"ws://127.0.0.1:{port}/realtime/v1", token="test", initial_backoff=0.2, timeout=1
+            )
+            bridge = SupabaseBridge(tracker, client, ["room"], heartbeat_timeout=1.5)
+            try:
+                await bridge.start()
+                tracker.track("c1", "room", "bob", {"n": 2})
+                tracker.flush()
+                await until(lambda: exact(server, tracker, bridge, "room"), "exact")
+                await asyncio.sleep(2.0)  # pings answered: no false alarm
+                assert not bridge.stale
+                frozen.set()
+                hung = time.monotonic()
+                await until(lambda: bridge.stale, "stale", 5)
+                assert time.monotonic() - hung < 2.5
+                server.tracker.track("s2", "realtime:room", "carol", {"n": 3})
+                server.tracker.flush()
+                frozen.clear()
+                await until(lambda: not bridge.stale, "fresh", 10)
+                await until(lambda: exact(server, tracker, bridge, "room"), "exact again", 10)
+                assert sorted(tracker.list("room")) == ["alice", "bob", "carol"]
+            finally:
+                frozen.clear()
+                await bridge.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), WAIT)
+                proxy.close()
+                for task in links:
+                    task.cancel()
+                await asyncio.gather(*links, return_exceptions=True)
 
     run(main)

@@ -31,17 +31,30 @@ presence both ways:
   (unsigned, a wrong signature, or no ``secret`` here) is mirrored as the one plain presence it
   is, under its own key.  So bridges given the same ``secret`` see each other's users, not each
   other's bridges; without one they see each other's bridge presence only.  A signature binds
-  a meta to its channel and bridge, not to a socket: a member that copies a signed meta it saw
-  in the channel makes its users show twice until it leaves.
+  a meta to its channel and bridge, not to a socket or a time (a known limit): a member that
+  copies a signed meta it saw in the channel makes its users show twice, and keeps them present
+  after they left, until the member leaves.  Who may join the channel (a private channel,
+  under Realtime's RLS policies) is the real control.
+* **Hostile metas.**  Members choose their metas, including a ``presence_ref`` field that the
+  client lets stand for the server's ref, so the bridge never takes it as unique: mirror ids
+  are scoped by channel key and de-duplicated.  A meta that cannot be mirrored (an integer
+  beyond 64 bits, which Supabase relays and orjson cannot write; a key the Tracker refuses) is
+  skipped and counted (`SupabaseBridge.skipped`).  The client runs the bridge's callbacks in
+  the task that reads its socket, so no exception may leave them: one that does is logged
+  (type and place only, at most once a minute per channel), and the topic's mirror goes stale
+  and is rebuilt from the channel's state.
 
 **Outages.**  The bridge reconnects for as long as it runs, whatever the client's own
 ``max_retries`` and ``auto_reconnect``: a supervisor task makes one connection attempt at a
 time (jittered exponential backoff, 0.5 s doubling to 5 s) while the socket is down, and
-re-creates a channel that stays unjoined on a connected socket.  From the moment it sees a
-channel's socket or join drop until the channel is joined again and its state re-read, the
-topic's mirror is *stale*: `SupabaseBridge.stale` and `SupabaseBridge.stale_since` say so,
-``on_stale(topic, stale)`` is called and a WARNING (stale) then INFO (fresh) is logged.  The
-mirror keeps the last state it knew for ``drop_after`` seconds of staleness, then drops it
+re-creates a channel that stays unjoined on a connected socket.  A socket that is open but of
+no use counts as down and is dropped: one whose client no longer reads it (its listener task
+ended), or one that answered none of the bridge's WebSocket pings for ``heartbeat_timeout``
+seconds (a hung server).  From the moment it sees a channel's socket or join drop until the
+channel is joined again and its state re-read, the topic's mirror is *stale*:
+`SupabaseBridge.stale` and `SupabaseBridge.stale_since` say so, ``on_stale(topic, stale)`` is
+called and a WARNING (stale) then INFO (fresh) is logged.  The mirror keeps the last state it
+knew for ``drop_after`` seconds of staleness, then drops it
 (its presences leave the Tracker, with diffs) until the channel is back.
 
 The bridge sees local changes through a feed reader (`Tracker.add_feed_reader`), so local
@@ -64,6 +77,7 @@ import math
 import random
 import secrets
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +117,11 @@ _POLL = 0.5  # how often a healthy bridge looks at its socket and channels
 # rejoins by itself within a round trip, unless it lost track of the channel).
 _REJOIN_GRACE = 5.0
 _REJOIN_CAP = 30.0
+_FAILURE_LOG_EVERY = 60.0  # a meta that breaks every sync must not flood the log
+
+# A mirror id: the channel key first, so members (who choose their own "presence_ref": the
+# client lets a meta's field override the server's ref) cannot collide across keys.
+_Id = tuple[object, ...]
 
 
 class BridgeError(PresenceError):
@@ -114,6 +133,7 @@ class _Channel:
 
     __slots__ = (
         "announced",
+        "broken",
         "channel",
         "mirror",
         "name",
@@ -130,6 +150,8 @@ class _Channel:
         "touched",
         "unjoined_since",
         "dirty",
+        "failures",
+        "failures_logged_at",
     )
 
     def __init__(self, name: str, topic: str, node: str) -> None:
@@ -137,17 +159,19 @@ class _Channel:
         self.topic = topic  # the Tracker topic
         self.node = node
         self.channel: AsyncRealtimeChannel | None = None
-        # channel presence id -> (ref in the Tracker, key, meta)
-        self.mirror: dict[str, tuple[bytes, str, dict[str, Any]]] = {}
+        # mirror id (`SupabaseBridge._wanted`) -> (ref in the Tracker, key, meta)
+        self.mirror: dict[_Id, tuple[bytes, str, dict[str, Any]]] = {}
         # channel presence key -> the ids mirrored from it (one per meta, or per listed
         # presence of another bridge)
-        self.sources: dict[str, set[str]] = {}
+        self.sources: dict[str, set[_Id]] = {}
         self.touched: set[str] = set()  # channel keys changed since the last sync
         self.next_ref = 0
         self.published: dict[str, Any] | None = None  # what the channel holds from us
         self.dirty = asyncio.Event()
         self.publisher: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()  # set at the first full read after `start`
+        self.failures = 0  # callbacks that raised since the last one logged
+        self.failures_logged_at = -math.inf
         self.reset()
 
     def reset(self) -> None:
@@ -163,6 +187,9 @@ class _Channel:
         self.announced = False  # whether going stale was reported (so is coming back)
         self.unjoined_since: float | None = None  # socket up, channel not synced, since
         self.rejoin_wait = _REJOIN_GRACE
+        # A callback raised midway, so the mirror and the Tracker may disagree: the next full
+        # read rebuilds the mirror from nothing.
+        self.broken = False
 
 
 def _check_name(name: object, what: str) -> str:
@@ -238,6 +265,10 @@ class SupabaseBridge:
             ``math.inf`` keeps it for ever.
         on_stale: Called as ``on_stale(topic, stale)`` on the event loop when a topic's mirror
             goes stale (True) and when it is fresh again (False).  Errors are logged.
+        heartbeat_timeout: Seconds the socket may go without answering the bridge's
+            WebSocket pings (sent after a third of that without an answer) before the bridge
+            takes it for dead: the mirrors go stale and the bridge reconnects.  ``math.inf``
+            turns the check off.
         private: Join the channels as private channels.
         flush: Flush the Tracker after each mirror change, so subscribers get it at once.
         timeout: Seconds `start` waits for each channel's join and first presence state.
@@ -257,6 +288,7 @@ class SupabaseBridge:
         secret: bytes | str | None = None,
         drop_after: float = 30.0,
         on_stale: Callable[[str, bool], object] | None = None,
+        heartbeat_timeout: float = 10.0,
         private: bool = False,
         flush: bool = True,
         timeout: float = 10.0,
@@ -291,6 +323,13 @@ class SupabaseBridge:
         if on_stale is not None and not callable(on_stale):
             raise PresenceTypeError(f"on_stale must be callable, not {type(on_stale).__name__}")
         self._on_stale = on_stale
+        self.heartbeat_timeout = _check_seconds(
+            heartbeat_timeout, "heartbeat_timeout", infinite=True
+        )
+        self.skipped = 0
+        """Channel metas not mirrored because they cannot be encoded (an integer beyond 64
+        bits...) or the Tracker refused them, counted at each sync that met one."""
+        self._skips_logged_at = -math.inf
         self.private = bool(private)
         self.flush = bool(flush)
         self.timeout = float(timeout)
@@ -308,6 +347,11 @@ class SupabaseBridge:
         self._supervisor: asyncio.Task[None] | None = None
         self._retry_delay = _RETRY_FIRST
         self._started = False
+        # Liveness of the client's socket: the one `_watch` pings, when it last answered (or
+        # was first seen).
+        self._probed: object = None
+        self._alive_at = 0.0
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -369,6 +413,8 @@ class SupabaseBridge:
                 await self._join(ch)
             self._retry_delay = _RETRY_FIRST
             self._supervisor = loop.create_task(self._supervise())
+            if math.isfinite(self.heartbeat_timeout):
+                self._watcher = loop.create_task(self._watch())
         except BaseException:
             await self.stop()
             raise
@@ -385,8 +431,10 @@ class SupabaseBridge:
         if self._remove_reader is not None:
             self._remove_reader()
             self._remove_reader = None
-        tasks = [self._supervisor] + [ch.publisher for ch in self._channels.values()]
-        self._supervisor = None
+        tasks = [self._supervisor, self._watcher]
+        tasks += [ch.publisher for ch in self._channels.values()]
+        self._supervisor = self._watcher = None
+        self._probed = None
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -436,12 +484,12 @@ class SupabaseBridge:
         ch.channel = channel
         # Callbacks of a channel the bridge has replaced are ignored, not unregistered (the
         # client cannot unregister them).
-        channel.on_presence_join(lambda key, *_: self._touch(ch, channel, key))
-        channel.on_presence_leave(lambda key, *_: self._touch(ch, channel, key))
-        channel.on_presence_sync(lambda: self._mirror(ch) if ch.channel is channel else None)
+        channel.on_presence_join(lambda key, *_: self._guarded(ch, channel, ch.touched.add, key))
+        channel.on_presence_leave(lambda key, *_: self._guarded(ch, channel, ch.touched.add, key))
+        channel.on_presence_sync(lambda: self._guarded(ch, channel, self._mirror, ch))
 
         def on_state(state: RealtimeSubscribeStates, error: Exception | None) -> None:
-            self._on_subscribe_state(ch, channel, state, error)
+            self._guarded(ch, channel, self._on_subscribe_state, ch, channel, state, error)
 
         ch.resync = True
         with contextlib.suppress(TimeoutError):
@@ -515,12 +563,17 @@ class SupabaseBridge:
             )
             self._notify(ch, False)
 
-    def _drop(self, ch: _Channel) -> None:
+    def _clear(self, ch: _Channel) -> int:
+        """Empty ``ch``'s mirror, in the Tracker too; the number of presences dropped."""
         dropped = self.tracker.drop_remote(ch.node)
         ch.mirror.clear()
         ch.sources.clear()
         ch.touched.clear()
         ch.resync = True
+        return dropped
+
+    def _drop(self, ch: _Channel) -> None:
+        dropped = self._clear(ch)
         logger.warning(
             "bridge channel %s: stale for %.0f s, dropped the %d mirrored presences of %r",
             ch.name,
@@ -545,6 +598,66 @@ class SupabaseBridge:
         finally:
             client.max_retries = saved
         return client.is_connected
+
+    def _socket_dead(self, now: float) -> str | None:
+        """Why the client's open socket is of no use any more, or None if it may still be.
+
+        Reads the client's private ``_ws_connection`` and ``_listen_task`` (realtime 2.34):
+        it has no public way to tell a dead listener or a silent server.
+        """
+        client = self.client
+        ws = getattr(client, "_ws_connection", None)
+        listener = getattr(client, "_listen_task", None)
+        if ws is None:
+            return None
+        if isinstance(listener, asyncio.Task) and listener.done():
+            return "the client stopped reading its socket"
+        if ws is not self._probed:
+            self._probed = ws
+            self._alive_at = now
+        silent = now - self._alive_at
+        if silent >= self.heartbeat_timeout:
+            return f"the server answered no ping for {silent:.1f} s"
+        return None
+
+    async def _watch(self) -> None:
+        """Ping the client's socket every third of ``heartbeat_timeout``; `_alive_at` says
+        when it last answered.  The client's own heartbeat replies reach no callback (they
+        are addressed to no channel), so the bridge cannot listen for those.  A task of its
+        own, so that a supervisor round that waits (a connection attempt) is no silence."""
+        interval = self.heartbeat_timeout / 3
+        while True:
+            ws = getattr(self.client, "_ws_connection", None)
+            if ws is not None:
+                if ws is not self._probed:
+                    self._probed = ws
+                    self._alive_at = time.monotonic()
+                # Closed, or no answer in time: the next round tries again, the supervisor
+                # judges.
+                with contextlib.suppress(Exception):
+                    pong = await asyncio.wait_for(ws.ping(), interval)
+                    await asyncio.wait_for(pong, interval)
+                    if self._probed is ws:
+                        self._alive_at = time.monotonic()
+            await asyncio.sleep(interval)
+
+    def _sever(self, why: str) -> None:
+        """Drop the client's socket as a network failure would, so the channels rejoin on
+        the next one (`close` would leave them looking joined, never to be rejoined)."""
+        client = self.client
+        ws = client._ws_connection
+        logger.warning("bridge: %s, reconnecting", why)
+        client._ws_connection = None
+        self._probed = None
+        for task in (client._listen_task, client._heartbeat_task):
+            if task is not None:
+                task.cancel()
+        client._listen_task = client._heartbeat_task = None
+        # CHANNEL_ERROR to each joined channel (the bridge marks it stale), queued to rejoin.
+        client._set_channels_errored(ConnectionError(why))
+        transport = getattr(ws, "transport", None)
+        if transport is not None:
+            transport.abort()  # a hung server would hold a polite close for its timeout
 
     async def _reopen(self, ch: _Channel) -> None:
         """Replace ``ch``'s client channel by a new one (the client lost track of it)."""
@@ -572,10 +685,17 @@ class SupabaseBridge:
         now = time.monotonic()
         channels = list(self._channels.values())
         connected = self.client.is_connected
+        if connected:
+            dead = self._socket_dead(now)
+            if dead is not None:
+                self._sever(dead)
+                connected = False
         for ch in channels:
             channel = ch.channel
             if not connected or channel is None or not channel.is_joined:
                 self._go_stale(ch)
+            elif ch.broken:
+                self._guarded(ch, channel, self._mirror, ch)
             since = ch.stale_since
             if since is not None and ch.mirror and now - since >= self.drop_after:
                 self._drop(ch)
@@ -634,22 +754,74 @@ class SupabaseBridge:
         except UnicodeEncodeError:  # a lone surrogate
             return False
 
-    def _touch(self, ch: _Channel, channel: AsyncRealtimeChannel, key: str) -> None:
-        if ch.channel is channel:
-            ch.touched.add(key)
+    def _guarded(
+        self,
+        ch: _Channel,
+        channel: AsyncRealtimeChannel,
+        callback: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        """Run ``callback(*args)`` for an event of ``channel``.
+
+        The client runs its callbacks in the task that reads the socket, outside any ``try``:
+        an exception escaping here would end that task and leave the socket open but unread
+        for good, the bridge deaf while its channels still look joined.
+        """
+        if ch.channel is not channel:
+            return
+        try:
+            callback(*args)
+        except Exception as exc:
+            self._failed(ch, exc)
+
+    def _failed(self, ch: _Channel, exc: Exception) -> None:
+        ch.broken = True
+        ch.resync = True
+        ch.failures += 1
+        with contextlib.suppress(Exception):  # a failing on_stale or log handler, again
+            self._go_stale(ch)
+        with contextlib.suppress(Exception):
+            now = time.monotonic()
+            if now - ch.failures_logged_at >= _FAILURE_LOG_EVERY:
+                # The type and the place only: the message may quote a member's meta.
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                logger.error(
+                    "bridge channel %s: %s at %s:%s (%d in the last %.0f s), rebuilding the "
+                    "mirror of %r",
+                    ch.name,
+                    type(exc).__name__,
+                    where.name,
+                    where.lineno,
+                    ch.failures,
+                    _FAILURE_LOG_EVERY,
+                    ch.topic,
+                )
+                ch.failures = 0
+                ch.failures_logged_at = now
 
     def _wanted(
         self, ch: _Channel, key: str, metas: Iterable[Mapping[str, Any]]
-    ) -> dict[str, tuple[str, Any]]:
-        """What channel key ``key`` holding ``metas`` mirrors, by a stable id: ``{id: (key,
-        meta)}``; a signed meta of another bridge mirrors the presences it lists."""
-        wanted: dict[str, tuple[str, Any]] = {}
+    ) -> dict[_Id, tuple[str, Any]]:
+        """What channel key ``key`` holding ``metas`` mirrors, by an id stable across syncs
+        and unique in the channel: ``{id: (key, meta)}``; a signed meta of another bridge
+        mirrors the presences it lists."""
+        wanted: dict[_Id, tuple[str, Any]] = {}
+        seen: dict[_Id, int] = {}
+
+        def want(base: _Id, item: tuple[str, Any]) -> None:
+            # A member sets its own presence_ref: the same one twice in a key is two presences.
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            wanted[(key, *base, n)] = item
+
         for i, raw in enumerate(metas):
             meta = _strip(raw)
-            pid = str(raw.get("presence_ref") or f"{key}#{i}")
+            pid = raw.get("presence_ref")
+            if not isinstance(pid, str) or not pid:
+                pid = f"#{i}"
             owner = meta.get(BRIDGE_FIELD)
             if owner is None:
-                wanted[pid] = (key, meta)
+                want(("m", pid), (key, meta))
                 continue
             signed = self._signed(ch, meta)
             if owner == self.bridge_id and key == self.key:
@@ -662,10 +834,10 @@ class SupabaseBridge:
                         if isinstance(ms, list):
                             for j, m in enumerate(ms):
                                 if isinstance(m, dict):
-                                    wanted[f"{pid}/{j}/{k}"] = (str(k), _strip(m))
+                                    want(("l", pid, str(k), j), (str(k), _strip(m)))
                     continue
             # Not provably a bridge's: the one presence it is (its listed users are data).
-            wanted[pid] = (key, meta)
+            want(("m", pid), (key, meta))
         return wanted
 
     def _mirror(self, ch: _Channel) -> None:
@@ -675,7 +847,13 @@ class SupabaseBridge:
         if not self._started or channel is None:
             return
         full = ch.resync and channel.is_joined
-        if not full and not ch.touched:
+        if ch.broken:
+            if not full:
+                return
+            # Whatever the failed sync left half done, the Tracker forgets all of it.
+            ch.broken = False
+            self._clear(ch)
+        elif not full and not ch.touched:
             return
         state = channel.presence_state()
         touched, ch.touched = ch.touched, set()
@@ -692,7 +870,8 @@ class SupabaseBridge:
         mirror, sources = ch.mirror, ch.sources
         leaves: list[bytes] = []
         joins: list[tuple[str, bytes, bytes | None]] = []
-        pending: list[tuple[str, str, bytes, str, dict[str, Any]]] = []
+        pending: list[tuple[str, _Id, bytes, str, dict[str, Any]]] = []
+        unencodable = 0
         for source in touched:
             wanted = self._wanted(ch, source, state.get(source, ()))
             had = sources.get(source)
@@ -707,12 +886,21 @@ class SupabaseBridge:
             for pid, (key, meta) in wanted.items():
                 if pid in mirror:
                     continue
-                ch.next_ref += 1
-                ref = f"{ch.node}.{ch.next_ref:x}".encode()
+                ref = f"{ch.node}.{ch.next_ref + 1:x}".encode()
                 # The ref comes first and is ours: metas are stripped of refs, never trusted.
-                data = orjson.dumps({"phx_ref": ref.decode()} | meta)
+                try:
+                    data = orjson.dumps({"phx_ref": ref.decode()} | meta)
+                except (TypeError, ValueError):
+                    # A value JSON from another client may hold but orjson cannot write (an
+                    # integer beyond 64 bits): that meta only stays out, tried again when its
+                    # key changes.
+                    unencodable += 1
+                    continue
+                ch.next_ref += 1
                 joins.append((key, data, None))
                 pending.append((source, pid, ref, key, meta))
+        if unencodable:
+            self._skip(ch, unencodable, "a value JSON cannot encode")
         if not joins and not leaves:
             return
         tracker = self.tracker
@@ -728,8 +916,8 @@ class SupabaseBridge:
             for item, join in zip(pending, joins, strict=True):
                 try:
                     tracker.apply_remote(ch.topic, (join,))
-                except PresenceError as exc:
-                    logger.warning("bridge %s: not mirroring %r: %s", ch.name, item[3], exc)
+                except PresenceError:
+                    self._skip(ch, 1, "the Tracker refused it")
                     continue
                 accepted.append(item)
         for source, pid, ref, key, meta in accepted:
@@ -737,6 +925,20 @@ class SupabaseBridge:
             sources.setdefault(source, set()).add(pid)
         if self.flush:
             tracker.flush()
+
+    def _skip(self, ch: _Channel, count: int, why: str) -> None:
+        self.skipped += count
+        now = time.monotonic()
+        if now - self._skips_logged_at >= _FAILURE_LOG_EVERY:
+            self._skips_logged_at = now
+            # Neither key nor meta: both are a member's to choose.
+            logger.warning(
+                "bridge channel %s: not mirroring %d meta(s): %s (%d skipped in all)",
+                ch.name,
+                count,
+                why,
+                self.skipped,
+            )
 
     # -- out: the published presence ------------------------------------------------------
 
