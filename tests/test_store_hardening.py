@@ -4,8 +4,11 @@ valkey-server: junk keys, forged messages, and presences the peers did not bring
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,6 +32,8 @@ QUICK = {
     "backoff_min": 0.02,
     "backoff_max": 0.2,
 }
+
+FAST_IO = {"backoff_min": 0.02, "backoff_max": 0.2, "liveness_timeout": 0.6}
 
 
 @asynccontextmanager
@@ -286,3 +291,66 @@ def test_a_malformed_url_never_shows_its_password(url: str) -> None:
         ConnectionOptions.from_url(url)
     chain = [raised.value, raised.value.__cause__, raised.value.__context__]
     assert not any("S3CRET" in str(e) for e in chain if e is not None)
+
+
+def test_connected_is_false_while_redis_refuses_writes_and_the_log_stays_short(
+    valkey_factory: Callable[..., ValkeyServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = valkey_factory()
+
+    async def main() -> None:
+        tracker = Tracker(node="A")
+        store = RedisStore(tracker, server.url, prefix=fresh_prefix(), peers=False, **FAST_IO)
+        await store.start()
+        r = server.client()
+        try:
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", "1")  # PING answers, every write gets OOM
+            for i in range(1000):
+                tracker.track(f"c{i}", f"t{i % 20}", f"u{i}", {})
+                if i % 50 == 0:
+                    tracker.flush()
+                    await asyncio.sleep(0.01)
+            tracker.flush()
+            await until(lambda: not store.connected, 2, "connected to turn False")
+            await asyncio.sleep(0.5)
+            assert not store.connected
+            r.config_set("maxmemory", "0")
+            await until(lambda: store.connected, 5, "connected to turn True again")
+            members = store.layout.members_key
+            await until(
+                lambda: sum(r.hlen(members(f"t{j}")) for j in range(20)) == 1000,
+                5,
+                "what was refused to be written (not at the next sweep)",
+            )
+        finally:
+            r.close()
+            await store.stop()
+
+    with caplog.at_level(logging.ERROR, logger="presence_core.store"):
+        asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 1 <= len(errors) <= 3, [r.getMessage()[:100] for r in errors]
+
+
+def test_users_does_not_wait_for_a_hung_redis(
+    valkey_factory: Callable[..., ValkeyServer],
+) -> None:
+    server = valkey_factory()
+
+    async def main() -> None:
+        tracker = Tracker(node="A", clock=time.time)
+        store = RedisStore(tracker, server.url, prefix=fresh_prefix(), peers=False)
+        await store.start()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: not store.connected, 3, "connected to turn False")
+            started = time.monotonic()
+            got = await store.users(["nobody", "x"])
+            assert time.monotonic() - started < 0.5
+            assert got["nobody"].last_seen is None
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            await store.stop()
+
+    asyncio.run(main())

@@ -202,6 +202,12 @@ _TRANSIENT_ERRORS: Final = frozenset(
 )
 
 
+# Error replies that say the server stores nothing now, whatever the command: not ready.
+_REFUSING_ERRORS: Final = frozenset({"OOM", "MISCONF", "NOPERM", "NOAUTH"})
+
+_ERROR_LOG_INTERVAL: Final = 10.0  # seconds between two log lines of one kind of error reply
+
+
 class _Transient(Exception):
     """A pipeline got a transient error reply: reconnect and write back, as for a lost link."""
 
@@ -387,6 +393,8 @@ class RedisStore:
         self._writeback = True  # the state must be written back in full before changes
         self._cleared = False  # what an earlier process of this node left is gone from Redis
         self._healthy = True  # the last health PING was answered (see `connected`)
+        self._refused: str | None = None  # the server refuses writes: why (see `connected`)
+        self._error_log: dict[str, list[float]] = {}  # error kind -> [last logged, held back]
         self._rewrite_all = False  # a failover or a lapse: write back in full, index again
         self._primaries: tuple[str, ...] = ()  # a cluster's primaries, to notice a failover
         self._busy = False  # a write or sweep is under way
@@ -423,10 +431,19 @@ class RedisStore:
         connection of its own and must be answered within ``health_timeout``, so this turns
         False within about ``health_interval + health_timeout`` (1.25 s by default) of the
         server dying or hanging, traffic or not, and True within about ``health_interval``
-        of its return plus the write-back.  Reading it never waits.
+        of its return plus the write-back.  It is also False while the server refuses writes
+        (``OOM``, ``MISCONF``, ``NOPERM``, ``NOAUTH``: it answers ``PING`` but stores nothing),
+        from the first refused write until a pipeline of writes goes through.  Reading it
+        never waits.
         """
         conn = self._conn
-        return conn is not None and not conn.is_closed and not self._writeback and self._healthy
+        return (
+            conn is not None
+            and not conn.is_closed
+            and not self._writeback
+            and self._healthy
+            and self._refused is None
+        )
 
     @property
     def pending(self) -> int:
@@ -462,8 +479,9 @@ class RedisStore:
         (``P:{u:E(key)}:seen``, Unix ms) is read in one pipeline, and each answer is kept
         for ``status_cache_ttl`` seconds (at most ``status_cache_size`` of them), so a team
         view polled every second stays local.
-        While Redis is unreachable the answer is memory's alone.  The tier of each answer is
-        counted in ``redis_status_reads{tier}``.
+        While Redis is unreachable, or `connected` is False for any other reason (a hung
+        server), the answer is memory's and the cache's alone: Redis is not asked.  The tier of
+        each answer is counted in ``redis_status_reads{tier}``.
 
         ``last_seen`` of a user offline everywhere is Unix time when it comes from Redis; give
         the Tracker ``clock=time.time`` so that its own last-seen times agree.
@@ -491,7 +509,9 @@ class RedisStore:
                 statuses[key] = UserStatus(key, OFFLINE, None, (), (), 0, 0, None, seen)
         fetched = 0
         conn = self._conn
-        if misses and conn is not None and not conn.is_closed:
+        # Not while `connected` is False: a hung server would hold the answer for the whole
+        # reply timeout, and memory (with the cache) is the best answer there is meanwhile.
+        if misses and conn is not None and self.connected:
             try:
                 replies = await self._read_last_seen(conn, misses)
             except (StoreConnectionError, StoreCommandError) as exc:
@@ -1195,15 +1215,21 @@ class RedisStore:
     def _check(self, replies: list[Reply], tags: Sequence[_Tag], new_topics: list[str]) -> None:
         index_ok = True
         transient: StoreCommandError | None = None
+        refused: str | None = None
+        stored = False  # a command that needs memory went through
         for reply, tag in zip(replies, tags, strict=True):
             if not isinstance(reply, StoreCommandError):
+                stored = stored or tag.kind in ("join", "refresh", "heartbeat", "index")
                 continue
-            if _error_kind(reply) in _TRANSIENT_ERRORS:
+            kind = _error_kind(reply)
+            if kind in _TRANSIENT_ERRORS:
                 transient = transient or reply
                 continue
+            if kind in _REFUSING_ERRORS:
+                refused = refused or kind
             self._errors += 1
             self._inc(REDIS_ERRORS, 1)
-            logger.error("presence store: %s (topic %r)", reply, tag.topic)
+            self._log_error(kind, reply, tag.topic)
             if tag.kind == "index":
                 index_ok = False
             elif tag.kind == "leave" and tag.topic is not None:
@@ -1212,8 +1238,31 @@ class RedisStore:
                 self._retry_topics.add(tag.topic)
         if transient is not None:
             raise _Transient(str(transient))
+        if refused is None and not stored:
+            refused = self._refused  # deletions pass under OOM: they prove nothing
+        if refused != self._refused:
+            if refused is None:
+                # What was refused meanwhile is written now, not at the next sweep.
+                self._rewrite("Redis accepts writes again")
+            elif self._refused is None:
+                logger.warning("presence store: Redis refuses writes (%s): not ready", refused)
+            self._refused = refused
         if index_ok:
             self._indexed.update(new_topics)
+
+    def _log_error(self, kind: str, reply: StoreCommandError, topic: str | None) -> None:
+        """Log an error reply, at most once per `_ERROR_LOG_INTERVAL` per kind: under OOM
+        every command of every pipeline fails the same way."""
+        now = time.monotonic()
+        entry = self._error_log.get(kind)
+        if entry is not None and now - entry[0] < _ERROR_LOG_INTERVAL:
+            entry[1] += 1
+            return
+        held = 0 if entry is None else int(entry[1])
+        self._error_log[kind] = [now, 0.0]
+        where = "" if topic is None else f" (topic {_shown(topic)})"
+        more = f"; {held} more like it not logged" if held else ""
+        logger.error("presence store: %s%s%s", str(reply)[:300], where, more)
 
     async def _write_back(self) -> None:
         """Write the Tracker's whole state and every pending deletion (after a reconnect).
