@@ -20,6 +20,7 @@ from test_store_peers import until
 
 from presence_core import PresenceValueError, Tracker
 from presence_core.store import RedisStore
+from presence_core.store import store as store_module
 from presence_core.store.connection import ConnectionOptions
 from presence_core.store.layout import parse_member_field
 from presence_core.store.peers import encode_notice
@@ -351,6 +352,28 @@ def test_users_does_not_wait_for_a_hung_redis(
             assert got["nobody"].last_seen is None
         finally:
             os.kill(server.pid, signal.SIGCONT)
+            await store.stop()
+
+    asyncio.run(main())
+
+
+def test_last_seen_hints_stay_bounded_during_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "_SEEN_MAX", 50, raising=False)
+
+    async def main() -> None:
+        tracker = Tracker(node="A")
+        # Nothing listens there: the whole test is an outage.
+        store = RedisStore(tracker, "redis://127.0.0.1:1/0", peers=False, **FAST_IO)
+        await store.start()
+        try:
+            for i in range(500):
+                tracker.track(f"c{i}", "room", f"u{i}", {})
+                tracker.flush()
+                tracker.untrack(f"c{i}", "room")
+                tracker.flush()
+            assert len(store._seen) == 50
+            assert f"u{499}" in store._seen  # the newest are kept
+        finally:
             await store.stop()
 
     asyncio.run(main())

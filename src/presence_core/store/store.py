@@ -205,6 +205,8 @@ _TRANSIENT_ERRORS: Final = frozenset(
 # Error replies that say the server stores nothing now, whatever the command: not ready.
 _REFUSING_ERRORS: Final = frozenset({"OOM", "MISCONF", "NOPERM", "NOAUTH"})
 
+_SEEN_MAX: Final = 100_000  # last-seen hints kept while they cannot be written
+
 _ERROR_LOG_INTERVAL: Final = 10.0  # seconds between two log lines of one kind of error reply
 
 
@@ -796,6 +798,10 @@ class RedisStore:
                     if p[3] is not None:  # remote presences are their owner's to write
                         members[presence_field(p)] = DELETE
                         if not online(p[1]):
+                            if len(seen) >= _SEEN_MAX and p[1] not in seen:
+                                # A hint, best effort: under churn during an outage the
+                                # oldest go, so memory stays bounded.
+                                del seen[next(iter(seen))]
                             seen[p[1]] = now_ms
                 for p in changes.joins:
                     if p[3] is not None:
@@ -1126,6 +1132,8 @@ class RedisStore:
         except BaseException:
             self._merge_back(taken, oldest, deletions_only=False)
             for key, when in seen.items():
+                if len(self._seen) >= _SEEN_MAX:
+                    break
                 self._seen.setdefault(key, when)
             raise
         finally:
