@@ -377,3 +377,27 @@ def test_last_seen_hints_stay_bounded_during_an_outage(monkeypatch: pytest.Monke
             await store.stop()
 
     asyncio.run(main())
+
+
+def test_two_live_processes_sharing_a_node_name_are_reported(
+    valkey: ValkeyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        prefix = fresh_prefix()
+        options = {**FAST_IO, "liveness_timeout": 0.3}
+        first = RedisStore(Tracker(node="same"), valkey.url, prefix=prefix, **options)
+        second = RedisStore(Tracker(node="same"), valkey.url, prefix=prefix, **options)
+        await first.start()
+        await second.start()
+        try:
+            await asyncio.sleep(0.6)  # a few heartbeats each
+        finally:
+            await second.stop()
+            await first.stop()
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    errors = [r for r in caplog.records if "node name" in r.getMessage()]
+    assert errors and all(r.levelno == logging.ERROR for r in errors)
+    assert len(errors) <= 2  # one per process at most, however many heartbeats
+    assert any(r.name == "presence_core.audit" for r in caplog.records)

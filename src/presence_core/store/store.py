@@ -207,6 +207,7 @@ _REFUSING_ERRORS: Final = frozenset({"OOM", "MISCONF", "NOPERM", "NOAUTH"})
 
 _SEEN_MAX: Final = 100_000  # last-seen hints kept while they cannot be written
 
+_NAME_SHARED_LOG_INTERVAL: Final = 60.0
 _ERROR_LOG_INTERVAL: Final = 10.0  # seconds between two log lines of one kind of error reply
 
 
@@ -1394,6 +1395,8 @@ class RedisStore:
         for reply, tag in zip(replies, tags, strict=True):
             if tag.kind == "heartbeat" and reply is None:  # SET ... GET found no key
                 self._rewrite("this node's liveness key had lapsed")
+            elif tag.kind == "heartbeat" and type(reply) is bytes and reply != self._incarnation:
+                self._name_shared(reply)
         if not isinstance(self._commands, HashTTLCommands):
             return
         missing: Pending = {}
@@ -1409,6 +1412,25 @@ class RedisStore:
             self._merge_back(missing, None, deletions_only=False)
             assert self._wake is not None
             self._wake.set()
+
+    def _name_shared(self, other: bytes) -> None:
+        """Another live process renewed this node's liveness key since our last heartbeat:
+        two processes share the node name, and each one's restart or stop removes the
+        other's members.  Nothing here can repair that; say it loudly, not in a flood."""
+        self._errors += 1
+        self._inc(REDIS_ERRORS, 1)
+        audit("store_node_name_shared", node=self.node, other=_shown(other))
+        now = time.monotonic()
+        last = self._error_log.get("node name shared")
+        if last is not None and now - last[0] < _NAME_SHARED_LOG_INTERVAL:
+            return
+        self._error_log["node name shared"] = [now, 0.0]
+        logger.error(
+            "presence store: another live process uses the node name %r (its liveness key "
+            "held %s, not ours): give every process its own node name",
+            self.node,
+            _shown(other),
+        )
 
     def _rewrite(self, why: str) -> None:
         """Write the whole state back with the next cycle (and index every topic again)."""
