@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
-from presence_core import PresenceTypeError, PresenceValueError, Tracker
+from presence_core import Limits, PresenceTypeError, PresenceValueError, Tracker
 from presence_core.testing import ClientView, ManualClock, RecordingTransport
 from presence_core.tracker import TopicChanges
 
@@ -168,3 +169,21 @@ def test_remote_nodes_count_presences_per_owner(pair: tuple[Tracker, Tracker]) -
     assert here.remote_nodes() == {"there": 3}
     here.drop_remote("there")
     assert here.remote_nodes() == {}
+
+
+def test_a_remote_meta_at_the_size_limit_is_applied_and_one_byte_over_is_not() -> None:
+    """Peers enforce the meta limit their own Tracker enforced: a meta exactly at
+    ``max_meta_bytes`` goes through, one byte more is refused."""
+    limit = 200
+    clock = ManualClock(100.0)
+    plans = {"default": Limits(max_meta_bytes=limit)}
+    here = Tracker(node="here", clock=clock, plans=plans)
+    there = Tracker(node="there", clock=clock, plans={"default": Limits(max_meta_bytes=2 * limit)})
+    for n, key in ((limit, "fits"), (limit + 1, "over")):
+        meta = {"s": "x" * (n - len(b'{"s":""}'))}
+        assert len(orjson.dumps(meta)) == n
+        there.track(f"c-{key}", "room", key, meta)
+    assert here.apply_remote("room", [remote_join(there, "room", "fits")]) == 1
+    with pytest.raises(PresenceValueError, match="max_meta_bytes"):
+        here.apply_remote("room", [remote_join(there, "room", "over")])
+    assert list(here.list("room")) == ["fits"]

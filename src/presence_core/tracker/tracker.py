@@ -995,7 +995,8 @@ class Tracker:
             ref = _remote_ref(data, "data")
             if ref.startswith(own):
                 raise PresenceValueError(f"ref {ref!r} is this Tracker's own, not a remote one")
-            if len(data) - len(_REF_HEAD) - len(ref) > max_meta:
+            # The stored form is the meta's JSON with `"phx_ref":"<ref>",` after its brace.
+            if len(data) - len(_REF_HEAD) - len(ref) - 1 > max_meta:
                 raise PresenceValueError(
                     f"remote meta of {len(data)} bytes is over max_meta_bytes ({max_meta})"
                 )
