@@ -20,8 +20,9 @@ A reconnect storm is the exception.  Each join goes to every member of its topic
 clients arriving at once in topics of 200 cost about two million frame writes, some 10 µs of
 kernel time each on loopback: the joins would queue behind their own fan-out for half a
 minute.  While sockets join their first topic faster than 200 a second and 1 % of the
-connections a second (counted over 0.25 s; handshakes alone do not count, so no client can
-switch storm mode on by opening and closing sockets), flushes are 0.5 s apart, so a topic's
+connections a second (counted over 0.25 s, each socket once it has stayed a window after its
+join; handshakes, and sockets that leave at once, do not count, so no client can switch storm
+mode on by opening and closing sockets), flushes are 0.5 s apart, so a topic's
 diff carries every join of that half second; the storm ends, and diffs go out every iteration
 again, within half a second of the last burst.  Replies and ``presence_state`` are never held
 back.  A flush writes for at most 20 ms before the loop reads its sockets again
@@ -243,7 +244,9 @@ class PresenceServer:
         self._draining = False
         self._per_ip: dict[str, int] = {}  # sockets by client address (when limited)
         self._accepted = 0  # sockets from TCP accept to their end, handshake or not
-        self._window_joined: list[int] = []  # ids of sockets that joined this storm window
+        # Ids of the sockets that joined in this storm window and in the one before.
+        self._window_joined: list[int] = []
+        self._window_before: list[int] = []
         frames = self.limits.messages_per_second
         self._frames_rate = Limits(rate_per_second=frames, burst=max(1, round(frames)))
 
@@ -375,9 +378,12 @@ class PresenceServer:
                 if tracker.scalers:
                     self._run_scalers()
             if now - self._window_start >= _STORM_WINDOW:
-                joined, self._window_joined, self._window_start = self._window_joined, [], now
-                # Only those still here count: a client that joins and leaves at once, over
-                # and over, would otherwise hold everyone's diffs at the storm's pace.
+                # A socket counts once it has stayed a whole window after its join: a client
+                # that joins and leaves at once, over and over, would otherwise hold
+                # everyone's diffs at the storm's pace.  A real storm is seen a window later.
+                joined = self._window_before
+                self._window_before, self._window_joined = self._window_joined, []
+                self._window_start = now
                 stayed = sum(1 for conn_id in joined if conn_id in self._conns)
                 rate = stayed / _STORM_WINDOW
                 storm = rate >= max(_STORM_SOCKETS, _STORM_SHARE * len(self._conns))
