@@ -762,7 +762,12 @@ class RedisStore:
                         await client.aclose()
                 except Exception:  # a broken connection may fail to close the same way
                     logger.debug("closing a control client failed", exc_info=True)
-                    await _drop_sockets(client.connection_pool)
+                # Whatever the pool still holds (a command that reconnected while the client
+                # closed) is dropped too: an open socket would otherwise outlive the loop and
+                # be closed by the garbage collector, with a ResourceWarning, much later.
+                pool = getattr(client, "connection_pool", None)  # a RedisCluster has none
+                if pool is not None:
+                    await _drop_sockets(pool)
             self._node_clients.clear()
             self._publish()
 
