@@ -137,12 +137,6 @@ _STATIC_TYPES = {
 }
 
 
-def _audit(event: str, **fields: Any) -> None:
-    """One audit record: connection and topic ids, never meta contents (rate limited: see
-    `presence_core.audit`)."""
-    audit(event, **fields)
-
-
 @dataclass(slots=True)
 class Channel:
     """One topic a connection has joined."""
@@ -280,7 +274,7 @@ class PresenceServer:
         self._ticker = loop.create_task(self._tick(), name="presence-tick")
         self._accepting = True
         self._draining = False
-        _audit(
+        audit(
             "server_started",
             host=self.host,
             port=self.port,
@@ -396,7 +390,7 @@ class PresenceServer:
             for conn_id in tracker.expire():
                 conn = self._conns.get(conn_id)  # type: ignore[arg-type]  # our ids are ints
                 if conn is not None:
-                    _audit("disconnected", conn=conn.id, reason="silent past its ttl")
+                    audit("disconnected", conn=conn.id, reason="silent past its ttl")
                     self.tracker.record_disconnect("ttl")
                     self._drop(conn)
                     conn.close(1011, "no heartbeat")
@@ -418,9 +412,14 @@ class PresenceServer:
                     decision.reason,
                 )
 
+    def _refuse_handshake(self, limit: str, value: int) -> None:
+        """A socket refused by a connection limit: a limit hit and a refused handshake."""
+        self._limit_hit(limit, value=value)
+        self.tracker.record_disconnect("refused_handshake")
+
     def _limit_hit(self, limit: str, **fields: Any) -> None:
         """A server limit refused something: audited, and counted in ``limit_hits``."""
-        _audit("limit_hit", limit=limit, **fields)
+        audit("limit_hit", limit=limit, **fields)
         self.tracker.record_limit_hit(limit)
 
     def _flush_soon(self) -> None:
@@ -511,13 +510,11 @@ class PresenceServer:
             self.tracker.record_disconnect("refused_handshake")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"stopping\n")
         if len(self._conns) >= self.limits.max_connections:
-            self._limit_hit("max_connections", value=self.limits.max_connections)
-            self.tracker.record_disconnect("refused_handshake")
+            self._refuse_handshake("max_connections", self.limits.max_connections)
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
         per_ip = self.limits.max_connections_per_ip
         if per_ip is not None and conn.peer is not None and self._per_ip[conn.peer] > per_ip:
-            self._limit_hit("max_connections_per_ip", value=per_ip)
-            self.tracker.record_disconnect("refused_handshake")
+            self._refuse_handshake("max_connections_per_ip", per_ip)
             return _response(
                 http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from one address\n"
             )
@@ -600,7 +597,7 @@ class PresenceServer:
 
     def _authenticated(self, conn: Connection, ok: bool) -> None:
         if not ok:
-            _audit("token_refused", conn=conn.id)
+            audit("token_refused", conn=conn.id)
             self.tracker.record_disconnect("refused_handshake")
             self._drop(conn)
             conn.close(1008, "unauthorized")
@@ -614,8 +611,7 @@ class PresenceServer:
         the handshakes that will be answered 429.
         """
         if self._accepted >= self.limits.max_connections + _BACKLOG:
-            self._limit_hit("max_connections", value=self.limits.max_connections)
-            self.tracker.record_disconnect("refused_handshake")
+            self._refuse_handshake("max_connections", self.limits.max_connections)
             return False
         per_ip = self.limits.max_connections_per_ip
         if per_ip is not None:
@@ -624,8 +620,7 @@ class PresenceServer:
             address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
             held = self._per_ip.get(address, 0)
             if held >= 2 * per_ip:
-                self._limit_hit("max_connections_per_ip", value=per_ip)
-                self.tracker.record_disconnect("refused_handshake")
+                self._refuse_handshake("max_connections_per_ip", per_ip)
                 return False
             self._per_ip[address] = held + 1
             conn.peer = address  # counted until `_closed`
@@ -649,7 +644,7 @@ class PresenceServer:
         """Cut a client that reads slower than its topics change (called soon after
         `Connection.pause_writing`, never inside a fan-out)."""
         if conn.id in self._conns:
-            _audit(
+            audit(
                 "disconnected", conn=conn.id, reason="reads too slowly", limit="max_buffered_bytes"
             )
             self.tracker.record_disconnect("slow_reader")
@@ -658,7 +653,7 @@ class PresenceServer:
 
     def _failed(self, conn: Connection, why: str) -> None:
         """A socket ended for breaking the protocol or a limit (see `Connection.fail`)."""
-        _audit("disconnected", conn=conn.id, reason=why)
+        audit("disconnected", conn=conn.id, reason=why)
         self.tracker.record_disconnect(why)
         self._drop(conn)
 
@@ -778,7 +773,7 @@ class PresenceServer:
             if key is not None:
                 self.tracker.check_key(key)
         except PresenceError as exc:
-            _audit("join_refused", conn=conn.id, reason=type(exc).__name__)
+            audit("join_refused", conn=conn.id, reason=type(exc).__name__)
             self._reply(conn, msg, "error", {"reason": str(exc)})
             return
         if topic not in conn.channels and (
@@ -804,7 +799,7 @@ class PresenceServer:
         if ok:
             self._join_allowed(conn, msg, payload)
         else:
-            _audit("token_refused", conn=conn.id, topic=msg.topic)
+            audit("token_refused", conn=conn.id, topic=msg.topic)
             self._reply(conn, msg, "error", {"reason": "Unauthorized"})
 
     def _join_allowed(self, conn: Connection, msg: Message, payload: dict[str, Any]) -> None:
@@ -869,11 +864,11 @@ class PresenceServer:
             else:
                 self.tracker.untrack(conn.id, msg.topic)
         except RateLimited as exc:
-            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
+            audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
             self._close_channel(conn, msg, "Client presence rate limit exceeded")
             return
         except QuotaExceeded as exc:
-            _audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
+            audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
             self._close_channel(conn, msg, f"Presence limit {exc.limit} reached ({exc.value})")
             return
         except PresenceError as exc:
