@@ -12,8 +12,11 @@ Three families sit under the root:
   presence that does not exist;
 * refusals that depend on load: `LimitExceeded` (`QuotaExceeded`, `RateLimited`);
 * what comes from outside the process: `ProtocolError` for a frame or payload from the wire
-  that does not follow the Phoenix / Supabase protocol, and `StoreError` for a shared store
-  (Redis) that failed or could not be reached.
+  that does not follow the Phoenix / Supabase protocol, `TokenError` for a client's token that
+  does not verify, and `StoreError` for a shared store (Redis) that failed or could not be
+  reached;
+* `KeyMismatch`, a track under a presence key other than the one the connection is bound to
+  (an impersonation attempt, see `Tracker.bind_key`).
 
 A refused call never changes anything: the Tracker checks every argument, quota and rate limit
 before it touches its state.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "InvalidMeta",
+    "KeyMismatch",
     "LimitExceeded",
     "MetaTooLarge",
     "NotTracked",
@@ -35,6 +39,7 @@ __all__ = [
     "StoreCommandError",
     "StoreConnectionError",
     "StoreError",
+    "TokenError",
     "UnknownPlan",
 ]
 
@@ -141,6 +146,28 @@ class ProtocolError(PresenceError, ValueError):
     cannot be written to it.  Arguments of the wrong type or value from the host are
     `PresenceTypeError` / `PresenceValueError` instead.
     """
+
+
+class TokenError(PresenceError):
+    """A client's token was refused: missing, malformed, wrongly signed, expired, without a
+    required claim, or for another audience or issuer.
+
+    ``reason`` is the text sent to the client, in Supabase Realtime's words where it has them
+    (``"InvalidJWTToken: Token has expired 3 seconds ago"``, ``"Failed to validate JWT
+    signature"``).  It never contains the token or a key.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[TokenError], tuple[object, ...]]:
+        return type(self), (self.reason,)
+
+
+class KeyMismatch(PresenceValueError):
+    """A connection bound to one presence key (`Tracker.bind_key`, or the server's
+    ``key_claim``) tried to track or update as another."""
 
 
 class StoreError(PresenceError):

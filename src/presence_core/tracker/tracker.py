@@ -53,6 +53,7 @@ from .._validate import (
     type_name,
 )
 from ..errors import (
+    KeyMismatch,
     MetaTooLarge,
     NotTracked,
     PresenceTypeError,
@@ -293,6 +294,7 @@ class Tracker:
     """
 
     __slots__ = (
+        "_bindings",
         "_clock",
         "_conns",
         "_counts",
@@ -418,6 +420,8 @@ class Tracker:
         # Whether any connection id is an int: only then can a bool or float (True == 1,
         # 1.0 == 1) passed to heartbeat_many find a connection it does not name.
         self._int_ids = False
+        # conn -> {topic (None: every topic): the only key it may track as}; see `bind_key`.
+        self._bindings: dict[ConnId, dict[str | None, str]] = {}
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -523,6 +527,48 @@ class Tracker:
                 self._counts[_HOOK_ERRORS] += 1
                 logger.exception("on_evict callback failed for %r", conn_id)
 
+    def bind_key(
+        self, conn: ConnId, key: str, *, topic: str | None = None, now: float | None = None
+    ) -> None:
+        """Bind ``conn`` to the presence key ``key``: in ``topic`` only, or (``topic=None``) in
+        every topic without a binding of its own.
+
+        This is how a host makes identity the server's choice rather than the client's, as
+        Phoenix's ``Presence.track(socket.assigns.user_id, ...)`` does: bind the key to the
+        verified user (a JWT's ``sub``) once, and a later `track` or `update` under any other
+        key raises `KeyMismatch` and changes nothing.  Binding again replaces the key for
+        later calls (presences already held stay).  The binding ends when the connection does
+        (`disconnect`, expiry, eviction).  An unknown connection is registered first, with
+        the default plan, so that its binding ends with it.
+
+        Raises:
+            PresenceTypeError, PresenceValueError: a bad connection id, key or topic.
+        """
+        now_s = self._now(now)
+        check_conn_id(conn)
+        _check_key(key, self._read_key_limit)
+        if topic is not None:
+            check_text(topic, "topic", self._read_topic_limit)
+        if conn not in self._conns:
+            self.connect(conn, now=now_s)
+        self._bindings.setdefault(conn, {})[topic] = key
+
+    def unbind_key(self, conn: ConnId, *, topic: str | None = None) -> None:
+        """Remove ``conn``'s binding in ``topic`` (None: its every-topic binding), if any."""
+        bound = self._bindings.get(conn)
+        if bound is not None:
+            bound.pop(topic, None)
+            if not bound:
+                del self._bindings[conn]
+
+    def bound_key(self, conn: ConnId, topic: str) -> str | None:
+        """The key ``conn`` is bound to in ``topic`` (see `bind_key`), or None if it is free."""
+        bound = self._bindings.get(conn)
+        if bound is None:
+            return None
+        key = bound.get(topic)
+        return bound.get(None) if key is None else key
+
     def heartbeat(self, conn: ConnId, *, now: float | None = None) -> bool:
         """Keep ``conn`` and all its presences alive for another TTL; False if it is unknown.
 
@@ -612,6 +658,8 @@ class Tracker:
         for p in presences:
             remove(p)
         conn = rec[0]
+        if self._bindings:
+            self._bindings.pop(conn, None)
         for key in {p[KEY] for p in presences}:
             self._release(key, conn, seen_at, now)
         return len(presences)
@@ -728,6 +776,13 @@ class Tracker:
             or key == _FORBIDDEN_KEY
         ):
             _check_key(key, limits.max_key_length)
+        if self._bindings:
+            bound = self.bound_key(conn, topic)  # type: ignore[arg-type]
+            if bound is not None and key != bound:
+                raise KeyMismatch(
+                    f"connection {conn!r} may track only as its bound key {bound!r} in "
+                    f"{topic!r}, not as {key!r}"
+                )
         try:
             return now_s, rec, limits, encode_meta(meta, limits)
         except MetaTooLarge:
