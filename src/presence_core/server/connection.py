@@ -31,6 +31,7 @@ from ..errors import RateLimited
 from ..limits import Limits, admit
 
 if TYPE_CHECKING:
+    from ..auth import Verified
     from .server import Channel, PresenceServer
 
 __all__ = ["Connection", "text_frame"]
@@ -61,6 +62,7 @@ class Connection(asyncio.Protocol):
         "open",
         "version",
         "token",
+        "verified",
         "peer",
         "joined",
         "channels",
@@ -95,6 +97,7 @@ class Connection(asyncio.Protocol):
         self.open = False  # handshake done and no close frame sent or received
         self.version: Literal[1, 2] = 1
         self.token: str | None = None
+        self.verified: Verified | None = None  # the handshake's token, once verified
         self.peer: str | None = None  # the client's address, when counted per address
         self.joined = False  # has joined a topic (what a reconnect storm counts)
         self.channels: dict[str, Channel] = {}

@@ -61,14 +61,17 @@ starting, draining or without Redis) tell orchestrators the truth.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import hmac
 import http
+import inspect
+import ipaddress
 import itertools
 import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -80,7 +83,15 @@ from websockets.http11 import Request, Response
 
 from .._validate import check_seconds, check_text
 from ..audit import audit, flush_suppressed
-from ..errors import PresenceError, ProtocolError, QuotaExceeded, RateLimited
+from ..auth import Access, JwtVerifier, Verified
+from ..errors import (
+    PresenceError,
+    PresenceValueError,
+    ProtocolError,
+    QuotaExceeded,
+    RateLimited,
+    TokenError,
+)
 from ..limits import Limits, admit
 from ..metrics import Metrics
 from ..phoenix import (
@@ -105,6 +116,7 @@ from .dashboard import Dashboard
 
 if TYPE_CHECKING:
     from ..store import RedisStore
+    from ..typing import Policy
 
 __all__ = ["PresenceServer"]
 
@@ -129,6 +141,12 @@ _V2_HEAD = re.compile(
     re.DOTALL,
 )
 _BROADCAST_KEYS = frozenset(("type", "event", "payload"))
+# Supabase Realtime's words, where it has them, so its clients show what users expect.
+_NO_TOKEN = "a token is required: send it as the apikey query parameter or the x-api-key header"
+_PRIVATE_ONLY = "PrivateOnly: This project only allows private channels"
+_NO_POLICY = "Unauthorized: private channels need a policy on the server, and none is configured"
+_NO_READ = "Unauthorized: You do not have permissions to read from this Channel topic: "
+_TOKEN_RECHECK = 3600.0  # seconds: a channel's token is looked at again at least this often
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -142,20 +160,37 @@ class Channel:
     """One topic a connection has joined."""
 
     join_ref: str | None
-    key: str
+    key: str | None  # None: bound to a claim the token lacks, so tracks are refused
     presence: bool
     self_broadcast: bool
     ack_broadcast: bool
+    private: bool = False
+    access: Access = Access.ALL  # the policy's answer, cached until the token changes
+    verified: Verified | None = None  # the channel's token, once verified
+    serial: int = 0  # names the channel's expiry timer: an older timer is ignored
+
+
+@dataclass(slots=True)
+class _Join:
+    """A join on its way through the checks that may wait (the auth hook, the policy)."""
+
+    msg: Message
+    payload: dict[str, Any]
+    key: str | None
+    private: bool
+    verified: Verified | None
+    token: str | None
 
 
 class _Topic:
     """The connections in one topic: all of them (broadcasts), and those that get presence,
     by protocol version (diffs), so a fan-out walks a ready list."""
 
-    __slots__ = ("members", "listeners", "unsubscribe")
+    __slots__ = ("members", "readers", "listeners", "unsubscribe")
 
     def __init__(self, unsubscribe: Callable[[], None]) -> None:
         self.members: dict[int, Connection] = {}
+        self.readers: dict[int, Connection] = {}  # members a policy lets read broadcasts
         self.listeners: tuple[dict[int, Connection], dict[int, Connection]] = ({}, {})
         self.unsubscribe = unsubscribe
 
@@ -167,6 +202,31 @@ def _flag(value: object, default: bool) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
     return bool(value)
+
+
+def _loopback(host: object) -> bool:
+    """Whether listening on ``host`` reaches this machine only."""
+    if not isinstance(host, str) or not host:
+        return False  # None or "": every interface
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _claim_text(value: object) -> str | None:
+    """A claim as a presence key: a non-empty str, or an int (not a bool) as its digits."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _origin(text: str) -> str:
+    return text.strip().rstrip("/").lower()
 
 
 class PresenceServer:
@@ -188,6 +248,27 @@ class PresenceServer:
             dashboard, as they read ``/metrics``.
         scale_interval: Seconds between two `Tracker.run_scalers` calls, when the Tracker has
             scalers.  Decisions other than hold are logged; the server never acts on them.
+        verifier: Verify every client's JWT (see `presence_core.JwtVerifier`): the token at
+            the handshake (the ``x-api-key`` header, else the ``apikey`` or ``token`` query
+            parameter; a bad one is answered HTTP 401 with ``{"error": reason}``) and a join's
+            ``access_token``, which replaces it for that channel (a bad one gets an error reply
+            with the reason).  A channel whose token expires gets a ``system`` error and
+            ``phx_close`` within a tick of ``exp``; an ``access_token`` push with a fresh token
+            keeps it open.  The verified claims go to the auth hook (if it takes a ``claims``
+            parameter) and to the policy.
+        key_claim: With a verifier: the presence key is this claim of the channel's token
+            (``"sub"``), never the client's choice.  A join with an empty key gets it; a join
+            that asks for another key is refused (see `Tracker.bind_key`).
+        policy: Decides what a *private* channel (``config.private: true``) allows, with the
+            claims (see `presence_core.typing.Policy`); asked once per channel and token.
+            Without one, private joins are refused.
+        private_only: Refuse public channels.
+        allowed_origins: Browser origins (``https://app.example.com``) whose handshakes are
+            accepted; another ``Origin`` is answered 403.  None: any.  A handshake without an
+            ``Origin`` header (not a browser) is never refused for it.
+        allow_anonymous: Serve without authentication on an address other than loopback (by
+            default `start` refuses to), and, with a verifier, let in a handshake that carries
+            no token (its channels are public ones only, and it cannot track a bound key).
 
     ``async with PresenceServer(...) as server`` starts it and stops it: on stop, every
     client is sent away (close 1001) and its presences leave.
@@ -205,7 +286,42 @@ class PresenceServer:
         dashboard: bool = True,
         dashboard_token: str | None = None,
         scale_interval: float = 15.0,
+        verifier: JwtVerifier | None = None,
+        key_claim: str | None = None,
+        policy: Policy | None = None,
+        private_only: bool = False,
+        allowed_origins: Sequence[str] | None = None,
+        allow_anonymous: bool = False,
     ) -> None:
+        if key_claim is not None:
+            check_text(key_claim, "key_claim", 256)
+            if verifier is None:
+                raise PresenceValueError("key_claim needs a verifier: it names a token's claim")
+        if policy is not None and not callable(policy):
+            raise PresenceValueError("policy must be callable (see presence_core.typing.Policy)")
+        if isinstance(allowed_origins, str):
+            raise PresenceValueError("allowed_origins must be a sequence of origins, not a str")
+        self.verifier = verifier
+        self.key_claim = key_claim
+        self.policy = policy
+        self.private_only = bool(private_only)
+        self.allowed_origins = (
+            None if allowed_origins is None else frozenset(_origin(o) for o in allowed_origins)
+        )
+        self.allow_anonymous = bool(allow_anonymous)
+        self._hook_claims = False  # whether the auth hook takes the claims
+        if auth is not None:
+            try:
+                params = inspect.signature(auth).parameters.values()
+            except (TypeError, ValueError):
+                params = ()  # type: ignore[assignment]
+            self._hook_claims = any(
+                p.name == "claims" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params
+            )
+        # Channel token deadlines: (unix time, serial, connection id, topic), a heap.
+        self._deadlines: list[tuple[float, int, int, str]] = []
+        self._deadlines_limit = 1024  # the heap is rebuilt without stale entries past this
+        self._serials = itertools.count(1)
         self.tracker = tracker
         self.store = store
         self.scale_interval = check_seconds(scale_interval, "scale_interval")
@@ -215,6 +331,11 @@ class PresenceServer:
         if dashboard_token is not None:
             check_text(dashboard_token, "dashboard_token", 1024)
         self._dashboard_token = dashboard_token
+        # Members' metas are personal data: with auth on, or reachable from elsewhere, the
+        # dashboard's JSON is served only with a token.
+        self._dashboard_locked = dashboard_token is None and (
+            verifier is not None or policy is not None or auth is not None or not _loopback(host)
+        )
         self.host = host
         self.port = port
         self.limits = limits if limits is not None else ServerLimits()
@@ -246,7 +367,22 @@ class PresenceServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether clients are authenticated: a verifier, a policy or an auth hook is set."""
+        return self.verifier is not None or self.policy is not None or self.auth is not None
+
     async def start(self) -> None:
+        """Listen.  Raises `PresenceValueError` for an address other than loopback without
+        authentication, unless ``allow_anonymous``."""
+        if not self.auth_enabled and not self.allow_anonymous and not _loopback(self.host):
+            raise PresenceValueError(
+                f"refusing to listen on {self.host!r} without authentication: set a verifier "
+                "(JWT), a policy or an auth hook, or allow_anonymous=True to serve anyone who "
+                "can reach the port"
+            )
+        if not self.auth_enabled:
+            logger.warning("no authentication: any client that reaches the port is served")
         loop = asyncio.get_running_loop()
         max_size = self.limits.max_frame_bytes
         frames_rate, max_fragments = self._frames_rate, self.limits.max_fragments
@@ -387,6 +523,8 @@ class PresenceServer:
                     if not storm and self._flush_handle is not None:
                         self._flush_handle.cancel()  # due now, not at the storm's pace
                         self._flush_handle = None
+            if self._deadlines:
+                self._expire_tokens(time.time())
             for conn_id in tracker.expire():
                 conn = self._conns.get(conn_id)  # type: ignore[arg-type]  # our ids are ints
                 if conn is not None:
@@ -518,20 +656,59 @@ class PresenceServer:
             return _response(
                 http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from one address\n"
             )
+        refused = self._identify(conn, request, url.query)
+        if refused is not None:
+            self.tracker.record_disconnect("refused_handshake")
+            return refused
         response = conn.ws.accept(request)
         if response.status_code == 101:
             query = parse_qs(url.query)
             vsn = (query.get("vsn") or ["1.0.0"])[0]
             conn.version = 2 if vsn.startswith("2") else 1
-            tokens = query.get("apikey") or query.get("token")
-            conn.token = tokens[0] if tokens else None
         else:
+            conn.token = conn.verified = None
             self.tracker.record_disconnect("refused_handshake")
         return response
+
+    def _identify(self, conn: Connection, request: Request, query: str) -> Response | None:
+        """Check a handshake's origin and token, where Supabase Realtime reads it (the
+        ``x-api-key`` header, else the ``apikey`` query parameter; phoenix.js's ``params``
+        arrive as ``token``).  Returns the refusal, or None to go on."""
+        allowed = self.allowed_origins
+        if allowed is not None:
+            origin = request.headers.get("Origin")
+            if origin is not None and _origin(origin) not in allowed:
+                audit("origin_refused", conn=conn.id, origin=origin[:200])
+                return _error(http.HTTPStatus.FORBIDDEN, "this origin is not allowed")
+        token = request.headers.get("x-api-key")
+        if not token:
+            tokens = parse_qs(query).get("apikey") or parse_qs(query).get("token")
+            token = tokens[0] if tokens else None
+        conn.token = token or None
+        if self.verifier is None:
+            return None
+        if conn.token is None:
+            if self.allow_anonymous:
+                return None
+            audit("token_refused", conn=conn.id, reason="missing")
+            return _error(http.HTTPStatus.UNAUTHORIZED, _NO_TOKEN)
+        try:
+            conn.verified = self._verify(conn.token)
+        except TokenError as exc:
+            audit("token_refused", conn=conn.id, reason=exc.reason)
+            return _error(http.HTTPStatus.UNAUTHORIZED, exc.reason)
+        return None
 
     def _dashboard_response(self, path: str, query: str, headers: Headers) -> Response:
         assert self._dashboard is not None
         if path == "/api/dashboard":
+            if self._dashboard_locked:
+                return _error(
+                    http.HTTPStatus.FORBIDDEN,
+                    "the dashboard shows members' metas: with authentication on, or on an "
+                    "address other than loopback, it needs a dashboard token "
+                    "(--dashboard-token)",
+                )
             params = parse_qs(query, keep_blank_values=True)
             if not self._dashboard_allowed(params, headers):
                 return _response(
@@ -589,11 +766,11 @@ class PresenceServer:
         self._conns[conn.id] = conn
         self.tracker.connect(conn.id)
         if self.auth is not None:
-            verdict = self._verdict(conn.token, None)
+            verdict = self._verdict(conn.token, None, conn.verified)
             if isinstance(verdict, bool):
                 self._authenticated(conn, verdict)
             else:
-                self._defer(conn, verdict, lambda ok: self._authenticated(conn, ok))
+                self._defer(conn, verdict, lambda ok: self._authenticated(conn, bool(ok)))
 
     def _authenticated(self, conn: Connection, ok: bool) -> None:
         if not ok:
@@ -666,30 +843,55 @@ class PresenceServer:
 
     # -- auth --------------------------------------------------------------------------------
 
-    def _verdict(self, token: str | None, topic: str | None) -> bool | Awaitable[Any]:
+    def _verdict(
+        self, token: str | None, topic: str | None, verified: Verified | None
+    ) -> bool | Awaitable[Any]:
         assert self.auth is not None
         try:
-            verdict = self.auth(token, topic)
+            if self._hook_claims:
+                claims: Mapping[str, Any] = verified.claims if verified is not None else {}
+                verdict = self.auth(token, topic, claims=claims)  # type: ignore[call-arg]
+            else:
+                verdict = self.auth(token, topic)
         except Refused:
             return False
         if isinstance(verdict, Awaitable):
             return verdict
         return bool(verdict)
 
+    def _ask_policy(self, claims: Mapping[str, Any], topic: str) -> Access | Awaitable[Any]:
+        """The policy's answer for one private channel; one that raises refuses."""
+        assert self.policy is not None
+        try:
+            answer = self.policy(claims, topic)
+        except Refused:
+            return Access.NONE
+        except Exception:
+            logger.exception("the policy failed; refusing")
+            return Access.NONE
+        if isinstance(answer, Awaitable):
+            return answer
+        return _access(answer)
+
     def _defer(
-        self, conn: Connection, verdict: Awaitable[Any], then: Callable[[bool], None]
+        self,
+        conn: Connection,
+        verdict: Awaitable[Any],
+        then: Callable[[Any], None],
+        refused: Any = False,
     ) -> None:
-        """Wait for an async auth hook; the connection's later frames wait, in order."""
+        """Wait for an async auth hook or policy; the connection's later frames wait, in
+        order.  ``then`` gets its answer, or ``refused`` if it raised."""
         conn.backlog = []
 
         async def settle() -> None:
             try:
-                ok = bool(await verdict)
+                ok = await verdict
             except Refused:
-                ok = False
+                ok = refused
             except Exception:
-                logger.exception("the auth hook failed; refusing")
-                ok = False
+                logger.exception("the auth hook or policy failed; refusing")
+                ok = refused
             backlog, conn.backlog = conn.backlog or [], None
             if conn.open:
                 then(ok)
@@ -749,12 +951,102 @@ class PresenceServer:
             self.tracker.untrack(conn.id, msg.topic)
             self._send(conn, Message(msg.topic, EVENT_CLOSE, {}, msg.ref, msg.join_ref))
         elif event == "access_token":
-            payload = msg.payload if isinstance(msg.payload, dict) else {}
-            token = payload.get("access_token")
-            conn.token = token if isinstance(token, str) else conn.token
-            self._reply(conn, msg, "ok", {})
+            self._access_token(conn, msg)
         else:
             self._reply(conn, msg, "error", {"reason": "unknown event"})
+
+    def _verify(self, token: str, now: float | None = None) -> Verified:
+        """Verify a client's token.  Expiry is strict here, whatever the verifier's leeway
+        (which is for clocks that differ): a channel is closed at ``exp``, so a join just
+        after it must not be let in only to be closed at the next tick."""
+        assert self.verifier is not None
+        now = time.time() if now is None else now
+        verified = self.verifier.verify(token, now=now)
+        if verified.expires_at <= now:
+            ago = int(now - verified.expires_at)
+            raise TokenError(f"InvalidJWTToken: Token has expired {ago} seconds ago")
+        return verified
+
+    def _unbound_reason(self) -> str:
+        return (
+            f"Unauthorized: tracking needs a token with a `{self.key_claim}` claim (the "
+            "presence key is bound to it)"
+        )
+
+    def _access_token(self, conn: Connection, msg: Message) -> None:
+        """A new token for one channel (realtime-js's ``setAuth``).  With a verifier it is
+        verified as at a join: a bad one closes the channel the way an expired one does; a
+        good one keeps it open until its own ``exp``.  A private channel asks its policy
+        again, and a token for another identity than the bound key closes the channel."""
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        token = payload.get("access_token")
+        topic = msg.topic
+        channel = conn.channels[topic]
+        if self.verifier is None:
+            if isinstance(token, str):
+                conn.token = token  # what the auth hook sees at the next join
+            self._reply(conn, msg, "ok", {})
+            return
+        if not isinstance(token, str) or not token:
+            self._reply(conn, msg, "error", {"reason": "access_token must be a JWT"})
+            return
+        if channel.verified is not None and channel.verified.token == token:
+            self._reply(conn, msg, "ok", {})  # the same token again: nothing changes
+            return
+        try:
+            verified = self._verify(token)
+        except TokenError as exc:
+            audit("token_refused", conn=conn.id, topic=topic, reason=exc.reason)
+            self._close_channel(conn, msg, exc.reason)
+            return
+        if self.key_claim is not None:
+            bound = _claim_text(verified.claims.get(self.key_claim))
+            if channel.key is not None and bound != channel.key:
+                audit("token_refused", conn=conn.id, topic=topic, reason="identity_changed")
+                reason = f"Unauthorized: the token's `{self.key_claim}` claim is not this channel's"
+                self._close_channel(conn, msg, reason)
+                return
+            if channel.key is None and bound is not None:
+                try:
+                    self.tracker.check_key(bound)
+                except PresenceError as exc:
+                    self._close_channel(conn, msg, str(exc))
+                    return
+                channel.key = bound
+                self.tracker.bind_key(conn.id, bound, topic=topic)
+        if not channel.private:
+            self._renewed(conn, msg, channel, verified, channel.access)
+            return
+        answer = self._ask_policy(verified.claims, topic)
+        if isinstance(answer, Access):
+            self._renewed(conn, msg, channel, verified, answer)
+        else:
+            self._defer(
+                conn,
+                answer,
+                lambda a: self._renewed(conn, msg, channel, verified, _access(a)),
+                Access.NONE,
+            )
+
+    def _renewed(
+        self, conn: Connection, msg: Message, channel: Channel, verified: Verified, access: Access
+    ) -> None:
+        topic = msg.topic
+        if conn.channels.get(topic) is not channel or conn.id not in self._conns:
+            return  # left, rejoined or cut while the policy was asked
+        if not access.any_read:
+            reason = _NO_READ + topic
+            self._close_channel(conn, msg, reason)
+            return
+        channel.verified = verified
+        channel.access = access
+        t = self._topics.get(topic)
+        if t is not None:
+            self._place(conn, t, channel)
+        if not access.presence_write:
+            self.tracker.untrack(conn.id, topic)  # what it may no longer write leaves
+        self._schedule(conn, topic, channel)
+        self._reply(conn, msg, "ok", {})
 
     def _join(self, conn: Connection, msg: Message) -> None:
         topic = msg.topic
@@ -783,36 +1075,113 @@ class PresenceServer:
             reason = "ChannelRateLimitReached: Too many channels"
             self._reply(conn, msg, "error", {"reason": reason})
             return
-        if self.auth is None:
-            self._join_allowed(conn, msg, payload)
+        config = payload.get("config")
+        private = _flag(config.get("private"), False) if isinstance(config, dict) else False
+        if self.private_only and not private:
+            audit("join_refused", conn=conn.id, reason="private_only")
+            self._reply(conn, msg, "error", {"reason": _PRIVATE_ONLY})
             return
-        token = payload.get("access_token")
-        verdict = self._verdict(token if isinstance(token, str) else conn.token, topic)
+        if private and self.policy is None:
+            audit("join_refused", conn=conn.id, reason="no_policy")
+            self._reply(conn, msg, "error", {"reason": _NO_POLICY})
+            return
+        join = self._identified_join(conn, msg, payload, key, private)
+        if join is None:
+            return
+        if self.auth is None:
+            self._join_authorised(conn, join, True)
+            return
+        verdict = self._verdict(join.token, topic, join.verified)
         if isinstance(verdict, bool):
-            self._join_authorised(conn, msg, payload, verdict)
+            self._join_authorised(conn, join, verdict)
         else:
-            self._defer(conn, verdict, lambda ok: self._join_authorised(conn, msg, payload, ok))
+            self._defer(conn, verdict, lambda ok: self._join_authorised(conn, join, bool(ok)))
 
-    def _join_authorised(
-        self, conn: Connection, msg: Message, payload: dict[str, Any], ok: bool
-    ) -> None:
-        if ok:
-            self._join_allowed(conn, msg, payload)
+    def _identified_join(
+        self,
+        conn: Connection,
+        msg: Message,
+        payload: dict[str, Any],
+        key: str | None,
+        private: bool,
+    ) -> _Join | None:
+        """A join's token verified and its presence key chosen, or None once refused.
+
+        The join's ``access_token`` replaces the socket's token for this channel, as in
+        Supabase Realtime.  With ``key_claim`` the key is the token's claim: a join that asks
+        for another is refused.
+        """
+        given = payload.get("access_token")
+        token = given if isinstance(given, str) and given else conn.token
+        verified = None
+        if self.verifier is not None and token is not None:
+            now = time.time()
+            socket = conn.verified
+            if socket is not None and socket.token == token and socket.expires_at > now:
+                verified = socket  # verified at the handshake, and still valid
+            else:
+                try:
+                    verified = self._verify(token, now)
+                except TokenError as exc:
+                    audit("token_refused", conn=conn.id, topic=msg.topic, reason=exc.reason)
+                    self._reply(conn, msg, "error", {"reason": exc.reason})
+                    return None
+        if self.key_claim is not None:
+            bound = None if verified is None else _claim_text(verified.claims.get(self.key_claim))
+            if key and key != bound:
+                audit("join_refused", conn=conn.id, topic=msg.topic, reason="key_not_bound")
+                reason = (
+                    f"Unauthorized: the presence key is the token's `{self.key_claim}` claim; "
+                    "this join asks for another"
+                )
+                self._reply(conn, msg, "error", {"reason": reason})
+                return None
+            if bound is not None:
+                try:
+                    self.tracker.check_key(bound)
+                except PresenceError as exc:
+                    self._reply(conn, msg, "error", {"reason": str(exc)})
+                    return None
+            key = bound
         else:
-            audit("token_refused", conn=conn.id, topic=msg.topic)
-            self._reply(conn, msg, "error", {"reason": "Unauthorized"})
+            key = key or secrets.token_hex(8)
+        return _Join(msg, payload, key, private, verified, token)
 
-    def _join_allowed(self, conn: Connection, msg: Message, payload: dict[str, Any]) -> None:
+    def _join_authorised(self, conn: Connection, join: _Join, ok: bool) -> None:
+        if not ok:
+            audit("token_refused", conn=conn.id, topic=join.msg.topic)
+            self._reply(conn, join.msg, "error", {"reason": "Unauthorized"})
+            return
+        if not join.private:
+            self._join_allowed(conn, join, Access.ALL)
+            return
+        if conn.id not in self._conns or not conn.open:  # cut while the hook ran
+            return
+        claims = join.verified.claims if join.verified is not None else {}
+        answer = self._ask_policy(claims, join.msg.topic)
+        if isinstance(answer, Access):
+            self._join_allowed(conn, join, answer)
+        else:
+            self._defer(
+                conn, answer, lambda a: self._join_allowed(conn, join, _access(a)), Access.NONE
+            )
+
+    def _join_allowed(self, conn: Connection, join: _Join, access: Access) -> None:
         if conn.id not in self._conns or not conn.open:  # cut while the join waited
             return
+        msg, payload, key = join.msg, join.payload, join.key
         topic = msg.topic
+        if not access.any_read:
+            audit("join_refused", conn=conn.id, topic=topic, reason="policy")
+            reason = _NO_READ + topic
+            self._reply(conn, msg, "error", {"reason": reason})
+            return
         config = payload.get("config")
         config = config if isinstance(config, dict) else {}
         presence_cfg = config.get("presence")
         presence_cfg = presence_cfg if isinstance(presence_cfg, dict) else {}
         broadcast_cfg = config.get("broadcast")
         broadcast_cfg = broadcast_cfg if isinstance(broadcast_cfg, dict) else {}
-        key = presence_key_from_join(payload) or secrets.token_hex(8)
         old = conn.channels.get(topic)
         if old is not None:
             # A second join of a joined topic replaces the first: close it under its join_ref.
@@ -825,8 +1194,14 @@ class PresenceServer:
             presence=_flag(presence_cfg.get("enabled"), True),
             self_broadcast=_flag(broadcast_cfg.get("self"), False),
             ack_broadcast=_flag(broadcast_cfg.get("ack"), False),
+            private=join.private,
+            access=access,
+            verified=join.verified,
         )
         conn.channels[topic] = channel
+        if self.key_claim is not None and key is not None:
+            # The Tracker refuses any other key too, so a bug here cannot let one through.
+            self.tracker.bind_key(conn.id, key, topic=topic)
         if not conn.joined:  # a reconnect storm counts sockets that join, not handshakes
             conn.joined = True
             self._window_joined.append(conn.id)
@@ -835,14 +1210,71 @@ class PresenceServer:
             unsubscribe = self.tracker.subscribe(topic, self._fan_out, send_state=False, raw=True)
             t = self._topics[topic] = _Topic(unsubscribe)
         t.members[conn.id] = conn
-        if channel.presence:
-            t.listeners[conn.version - 1][conn.id] = conn
+        self._place(conn, t, channel)
+        self._schedule(conn, topic, channel)
         # The join's reply carries the join's ref as both ref and join_ref.
-        join = Message(topic, msg.event, None, msg.ref, channel.join_ref)
-        self._reply(conn, join, "ok", {"postgres_changes": []})
-        if channel.presence:
+        reply = Message(topic, msg.event, None, msg.ref, channel.join_ref)
+        self._reply(conn, reply, "ok", {"postgres_changes": []})
+        if channel.presence and access.presence_read:
             state = self.tracker.initial_state_json(topic)
             self._send_raw(conn, topic, "presence_state", state, channel.join_ref)
+
+    def _place(self, conn: Connection, t: _Topic, channel: Channel) -> None:
+        """Put a member where its access lets it read: broadcasts, presence diffs."""
+        if channel.access.broadcast_read:
+            t.readers[conn.id] = conn
+        else:
+            t.readers.pop(conn.id, None)
+        listeners = t.listeners[conn.version - 1]
+        if channel.presence and channel.access.presence_read:
+            listeners[conn.id] = conn
+        else:
+            listeners.pop(conn.id, None)
+
+    # -- token expiry --------------------------------------------------------------------------
+
+    def _schedule(self, conn: Connection, topic: str, channel: Channel) -> None:
+        """Look at the channel's token again when it expires, and at least every hour."""
+        verified = channel.verified
+        if verified is None:
+            return
+        channel.serial = next(self._serials)
+        at = min(verified.expires_at, time.time() + _TOKEN_RECHECK)
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (at, channel.serial, conn.id, topic))
+        if len(deadlines) > self._deadlines_limit:
+            # Channels that left keep their entries until due: drop them now and then, so
+            # churn under long-lived tokens cannot grow the heap without bound.
+            live = [entry for entry in deadlines if self._timer_live(entry)]
+            heapq.heapify(live)
+            self._deadlines = live
+            self._deadlines_limit = max(1024, 2 * len(live))
+
+    def _timer_live(self, entry: tuple[float, int, int, str]) -> Channel | None:
+        _, serial, conn_id, topic = entry
+        conn = self._conns.get(conn_id)
+        channel = None if conn is None else conn.channels.get(topic)
+        return channel if channel is not None and channel.serial == serial else None
+
+    def _expire_tokens(self, now: float) -> None:
+        """Close every channel whose token has expired (a ``system`` error, then
+        ``phx_close``), as Supabase Realtime does; the others are rescheduled."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            entry = heapq.heappop(deadlines)
+            channel = self._timer_live(entry)
+            if channel is None or channel.verified is None:
+                continue
+            conn = self._conns[entry[2]]
+            expires_at = channel.verified.expires_at
+            if expires_at > now:  # the hourly look: still valid
+                self._schedule(conn, entry[3], channel)
+                continue
+            reason = f"InvalidJWTToken: Token has expired {int(now - expires_at)} seconds ago"
+            audit("token_expired", conn=conn.id, topic=entry[3])
+            message = Message(entry[3], "access_token", None, None, channel.join_ref)
+            self._close_channel(conn, message, reason)
+            deadlines = self._deadlines  # a reschedule may have rebuilt it
 
     def _leave_members(self, conn: Connection, topic: str) -> None:
         conn.channels.pop(topic, None)
@@ -850,7 +1282,10 @@ class PresenceServer:
         if t is None:
             return
         t.members.pop(conn.id, None)
+        t.readers.pop(conn.id, None)
         t.listeners[conn.version - 1].pop(conn.id, None)
+        if self.key_claim is not None:
+            self.tracker.unbind_key(conn.id, topic=topic)
         if not t.members:
             del self._topics[topic]
             t.unsubscribe()
@@ -858,8 +1293,17 @@ class PresenceServer:
     def _presence(self, conn: Connection, msg: Message) -> None:
         channel = conn.channels[msg.topic]
         action = parse_client_presence(msg)
+        if not channel.access.presence_write:
+            reason = (
+                "Unauthorized: You do not have permissions to write presence to this Channel topic"
+            )
+            self._reply(conn, msg, "error", {"reason": reason})
+            return
         try:
             if action.kind == "track":
+                if channel.key is None:
+                    self._reply(conn, msg, "error", {"reason": self._unbound_reason()})
+                    return
                 self.tracker.track(conn.id, msg.topic, channel.key, action.meta)
             else:
                 self.tracker.untrack(conn.id, msg.topic)
@@ -950,7 +1394,12 @@ class PresenceServer:
         self._broadcast(conn, msg, raw)
 
     def _admit_broadcast(self, conn: Connection, msg: Message) -> bool:
-        """Spend one broadcast from the socket's bucket, or answer that it is spent."""
+        """Check the channel may broadcast, and spend one broadcast from the socket's
+        bucket; or answer why not."""
+        if not conn.channels[msg.topic].access.broadcast_write:
+            reason = "Unauthorized: You do not have permissions to write to this Channel topic"
+            self._reply(conn, msg, "error", {"reason": reason})
+            return False
         try:
             conn.broadcasts_tat = admit(
                 self._broadcast_rate, conn.broadcasts_tat, time.monotonic(), conn.id
@@ -983,7 +1432,7 @@ class PresenceServer:
         t = self._topics.get(msg.topic)
         if t is not None:
             framed: list[bytes | None] = [None, None]
-            for member in t.members.values():
+            for member in t.readers.values():
                 if member is conn and not channel.self_broadcast:
                     continue
                 frame = framed[member.version - 1]
@@ -1037,6 +1486,14 @@ class PresenceServer:
                 conn.write(frame)
 
 
+def _access(answer: object) -> Access:
+    """A policy's answer: an `Access`, else (a bug in the policy) nothing is allowed."""
+    if isinstance(answer, Access):
+        return answer
+    logger.error("the policy returned %s, not an Access; refusing", type(answer).__name__)
+    return Access.NONE
+
+
 def _wire(version: int, topic: str, event: str, raw: bytes, join_ref: str | None) -> bytes:
     """A server push as JSON, around a payload already encoded as JSON."""
     if version == 2:
@@ -1044,6 +1501,11 @@ def _wire(version: int, topic: str, event: str, raw: bytes, join_ref: str | None
         return b"".join(head) + raw + b"]"
     head = [b'{"ref":null,"topic":', _dumps(topic), b',"event":', _dumps(event), b',"payload":']
     return b"".join(head) + raw + b"}"
+
+
+def _error(status: http.HTTPStatus, reason: str) -> Response:
+    """A refused HTTP request, in the shape Supabase's clients read: ``{"error": reason}``."""
+    return _response(status, _dumps({"error": reason}), "application/json")
 
 
 def _response(status: http.HTTPStatus, body: bytes, content_type: str = "text/plain") -> Response:
