@@ -9,7 +9,8 @@ satisfy the protocols below, handed to it as keyword arguments or registered lat
   answer with a `presence_core.scaling.ScaleDecision`, which the host applies;
 - a `MetricsSink` receives counters, gauges and latency observations, each naming one of the
   metrics declared in `presence_core.metrics` (`presence_core.metrics.Metrics` is the built-in
-  sink).
+  sink);
+- a `Policy` decides what a connection may do on a private channel, from its verified claims.
 
 The protocols that consist of ``__call__`` alone are satisfied by plain functions as well as by
 objects.  They are ``runtime_checkable``, but such an ``isinstance`` check only proves that the
@@ -18,13 +19,15 @@ object is callable: Python cannot check the signature at run time.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
+    from .auth import Access
     from .metrics import MetricDef
     from .scaling import LoadSample, ScaleDecision
 
-__all__ = ["ConnId", "MetricsSink", "RawTransport", "Scaler", "Transport"]
+__all__ = ["ConnId", "MetricsSink", "Policy", "RawTransport", "Scaler", "Transport"]
 
 ConnId: TypeAlias = str | int
 """A connection id: the host's own str (socket id, UUID) or int (64-bit)."""
@@ -103,4 +106,28 @@ class MetricsSink(Protocol):
 
     def observe(self, metric: MetricDef, seconds: float, labels: tuple[str, ...] = ()) -> None:
         """Record one duration of ``seconds`` in the histogram ``metric``."""
+        ...
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Decides what a connection may do on a *private* channel: ``policy(claims, topic)``.
+
+    ``claims`` are the connection's verified JWT claims (`presence_core.auth.Verified.claims`,
+    read-only), or an empty mapping for an anonymous connection; ``topic`` is the channel's
+    topic.  Public channels never reach a policy.
+
+    It returns a `presence_core.auth.Access` (``Access.ALL``, ``Access.NONE``, or any mix of
+    the four rights), or an awaitable of one, so that a policy may ask a database.  Raising
+    refuses the join.
+
+    The server calls it once per (connection, topic, token) and caches the answer until the
+    connection's token changes (a refresh by ``access_token``): a policy may be slow, and a
+    right it revokes takes effect at the connection's next token.  A synchronous policy should
+    not block (it is called from the server's event loop); one that must, can return an
+    awaitable instead (``asyncio.to_thread``).
+    """
+
+    def __call__(self, claims: Mapping[str, Any], topic: str) -> Access | Awaitable[Access]:
+        """What the holder of ``claims`` may do on ``topic``."""
         ...
