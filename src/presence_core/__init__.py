@@ -1,12 +1,15 @@
 """presence-core: who is here right now, fast, in the Phoenix Presence model.
 
 The public surface is re-exported here; `presence_core.phoenix` (wire codec),
-`presence_core.testing` (helpers for users' tests) and `presence_core.scaling` /
-`presence_core.metrics` / `presence_core.typing` are modules of their own.
+`presence_core.testing` (helpers for users' tests), `presence_core.auth` (`load_policy`, the
+refusal reasons) and `presence_core.scaling` / `presence_core.metrics` / `presence_core.typing`
+are modules of their own.
 """
 
+from .auth import Access, JwtVerifier, Verified
 from .errors import (
     InvalidMeta,
+    KeyMismatch,
     LimitExceeded,
     MetaTooLarge,
     NotTracked,
@@ -17,6 +20,7 @@ from .errors import (
     QuotaExceeded,
     RateLimited,
     StoreError,
+    TokenError,
     UnknownPlan,
 )
 from .limits import DEFAULT_PLAN, Limits
@@ -24,7 +28,7 @@ from .metrics import Metrics
 from .scaling import LoadCalendar, LoadSample, ScaleDecision, Threshold, ThresholdScaler
 from .table import TOMBSTONE, USING_EXTENSION, PresenceTable, Tombstone
 from .tracker import AWAY, BUSY, OFFLINE, ONLINE, Totals, Tracker, UserStatus
-from .typing import ConnId, MetricsSink, RawTransport, Scaler, Transport
+from .typing import ConnId, MetricsSink, Policy, RawTransport, Scaler, Transport
 
 __all__ = [
     "AWAY",
@@ -34,8 +38,11 @@ __all__ = [
     "ONLINE",
     "TOMBSTONE",
     "USING_EXTENSION",
+    "Access",
     "ConnId",
     "InvalidMeta",
+    "JwtVerifier",
+    "KeyMismatch",
     "LimitExceeded",
     "Limits",
     "LoadCalendar",
@@ -44,6 +51,7 @@ __all__ = [
     "Metrics",
     "MetricsSink",
     "NotTracked",
+    "Policy",
     "PresenceError",
     "PresenceTable",
     "PresenceTypeError",
@@ -53,15 +61,17 @@ __all__ = [
     "RateLimited",
     "RawTransport",
     "ScaleDecision",
-    "StoreError",
     "Scaler",
+    "StoreError",
     "Threshold",
     "ThresholdScaler",
+    "TokenError",
     "Tombstone",
     "Totals",
     "Tracker",
     "Transport",
     "UnknownPlan",
     "UserStatus",
+    "Verified",
 ]
 __version__ = "0.1.0"
