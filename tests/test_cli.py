@@ -22,9 +22,26 @@ from servers import ValkeyCluster, ValkeyServer, free_port, pid_alive, wait_unti
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from presence_core.server.cli import _parser, main, redact_url, redis_target
+from presence_core.server.cli import (
+    Redactor,
+    _env_names,
+    _options,
+    _parsers,
+    main,
+    parse_args,
+    redact_url,
+    redis_target,
+)
 
 EXE = shutil.which("presence-core") or str(Path(sys.executable).with_name("presence-core"))
+# Every variable serve reads: the tests' servers start without the ones the caller's shell has.
+SERVE_VARIABLES = {name for a in _options(_parsers()[1]) for name in _env_names(a.dest)}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the variables serve reads, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVE_VARIABLES}
+    return {**env, **extra}
 
 
 def healthy(port: int) -> bool:
@@ -43,19 +60,25 @@ def serve(tmp_path: Path) -> Iterator[object]:
         *args: str,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], object] | None = None,
+        log_json: bool = True,
     ) -> tuple[subprocess.Popen[bytes], int, Path]:
         port = free_port()
         log = tmp_path / f"serve-{port}.log"
-        with log.open("wb") as stderr:  # the child keeps its own descriptor
+        with log.open("wb") as output:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                [EXE, "serve", "--port", str(port), "--log-json", *args],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env=env,
+                [EXE, "serve", "--port", str(port), *(["--log-json"] * log_json), *args],
+                stdout=output,
+                stderr=output,
+                env=clean_env() if env is None else env,
                 preexec_fn=preexec_fn,
             )
         procs.append(proc)
-        wait_until(lambda: healthy(port), 15, "presence-core serve to be healthy")
+
+        def up() -> bool:
+            assert proc.poll() is None, f"serve exited {proc.returncode}: {log.read_text()}"
+            return healthy(port)
+
+        wait_until(up, 15, "presence-core serve to be healthy")
         return proc, port, log
 
     try:
@@ -305,35 +328,249 @@ def nofile_of(pid: int) -> tuple[int, int]:
 
 
 def test_serve_options_for_limits_and_their_defaults(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.delenv("PRESENCE_CORE_REDIS_URL", raising=False)
-    monkeypatch.delenv("PRESENCE_CORE_DASHBOARD_TOKEN", raising=False)
-    args = _parser().parse_args(["serve"])
+    args = parse_args(["serve"], {})
     assert args.max_connections_per_ip is None  # unlimited: behind a proxy, one address
     assert args.messages_per_second == 200.0
     assert args.redis is None and args.dashboard_token is None
-    args = _parser().parse_args(
-        ["serve", "--max-connections-per-ip", "5", "--messages-per-second", "12.5"]
+    assert args.host == "127.0.0.1" and args.allowed_origins is None
+    args = parse_args(
+        ["serve", "--max-connections-per-ip", "5", "--messages-per-second", "12.5"], {}
     )
     assert (args.max_connections_per_ip, args.messages_per_second) == (5, 12.5)
 
     # Empty variables count as unset.
-    monkeypatch.setenv("PRESENCE_CORE_REDIS_URL", "")
-    monkeypatch.setenv("PRESENCE_CORE_DASHBOARD_TOKEN", "")
-    args = _parser().parse_args(["serve"])
+    args = parse_args(
+        ["serve"], {"PRESENCE_CORE_REDIS_URL": "", "PRESENCE_CORE_DASHBOARD_TOKEN": ""}
+    )
     assert args.redis is None and args.dashboard_token is None
-    # The variable is --redis's default; --redis and --redis-cluster on the command line win.
-    monkeypatch.setenv("PRESENCE_CORE_REDIS_URL", "redis://:pw@env:6379")
-    assert redis_target(_parser().parse_args(["serve"])) == ("redis://:pw@env:6379", False)
-    given = _parser().parse_args(["serve", "--redis", "redis://cli:6379"])
+    # The variable gives --redis; --redis and --redis-cluster on the command line win.
+    env = {"PRESENCE_CORE_REDIS_URL": "redis://:pw@env:6379"}
+    assert redis_target(parse_args(["serve"], env)) == ("redis://:pw@env:6379", False)
+    given = parse_args(["serve", "--redis", "redis://cli:6379"], env)
     assert redis_target(given) == ("redis://cli:6379", False)
-    given = _parser().parse_args(["serve", "--redis-cluster", "redis://node:7000"])
+    given = parse_args(["serve", "--redis-cluster", "redis://node:7000"], env)
     assert redis_target(given) == ("redis://node:7000", True)
     # --help says where the default comes from.
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "$PRESENCE_CORE_REDIS_URL" in capsys.readouterr().out
+
+
+def test_serve_options_come_from_environment_variables() -> None:
+    env = {
+        "PRESENCE_CORE_PORT": "5001",
+        "PRESENCE_CORE_CONNECTION_TTL": "2.5",
+        "PRESENCE_CORE_HOST": "::1",
+        "PRESENCE_CORE_LOG_JSON": "Yes",
+        "PRESENCE_CORE_NO_DASHBOARD": "off",
+        "PRESENCE_CORE_PRIVATE_ONLY": "1",
+        "PRESENCE_CORE_LOG_LEVEL": "DEBUG",
+        "PRESENCE_CORE_SCALE": "connections=1:2, diff_p99_ms=3:4",
+        "PRESENCE_CORE_ALLOWED_ORIGINS": "https://a.example, HTTPS://B.example/",
+        "PRESENCE_CORE_JWT_SECRET": "s3cret-from-env",
+        "PRESENCE_CORE_PRESENCE_KEY_CLAIM": "sub",
+        "PRESENCE_CORE_MAX_CONNECTIONS_PER_IP": "7",
+        "PRESENCE_CORE_NODE": "",  # empty: unset
+    }
+    args = parse_args(["serve"], env)
+    assert (args.port, args.connection_ttl, args.host) == (5001, 2.5, "::1")
+    assert args.log_json is True and args.no_dashboard is False and args.private_only is True
+    assert args.log_level == "debug" and args.node is None
+    assert [t.signal for t in args.scale] == ["connections", "diff_p99_ms"]
+    assert args.allowed_origins == ["https://a.example", "https://b.example"]
+    assert args.jwt_secret == "s3cret-from-env" and args.presence_key_claim == "sub"
+    assert args.max_connections_per_ip == 7
+    # Every option has its variable, named after it.
+    assert {"PRESENCE_CORE_REDIS_PASSWORD", "PRESENCE_CORE_ALLOW_ANONYMOUS"} <= SERVE_VARIABLES
+    assert "PRESENCE_CORE_MAX_BUFFERED_BYTES" in SERVE_VARIABLES and "REDIS_URL" in SERVE_VARIABLES
+    # The command line wins, and repeating a list option there replaces the variable's list.
+    args = parse_args(["serve", "--port", "6000", "--allowed-origins", "https://c.example"], env)
+    assert args.port == 6000 and args.allowed_origins == ["https://c.example"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PRESENCE_CORE_LOG_JSON": "maybe"}, "$PRESENCE_CORE_LOG_JSON: expected true or false"),
+        ({"PRESENCE_CORE_PORT": "abc"}, "$PRESENCE_CORE_PORT: invalid int value: 'abc'"),
+        ({"PRESENCE_CORE_LOG_LEVEL": "loud"}, "$PRESENCE_CORE_LOG_LEVEL: invalid choice: 'loud'"),
+        ({"PRESENCE_CORE_SCALE": "nope=1:2"}, "$PRESENCE_CORE_SCALE: 'nope=1:2' is not SIGNAL"),
+        (
+            {"PRESENCE_CORE_ALLOWED_ORIGINS": "a.example"},
+            "$PRESENCE_CORE_ALLOWED_ORIGINS: 'a.example' is not an origin",
+        ),
+        ({"PRESENCE_CORE_REDIS_PASSWORD": "pw"}, "--redis-password needs --redis"),
+    ],
+)
+def test_a_bad_environment_value_exits_2_naming_the_variable(
+    env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["serve"], env)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"presence-core serve: error: {message}" in err, err
+
+
+def test_redis_url_from_the_environment_and_the_password_merged_into_it() -> None:
+    url = "redis://:pw@env:6379/0"
+    assert redis_target(parse_args(["serve"], {"REDIS_URL": url})) == (url, False)
+    # $PRESENCE_CORE_REDIS_URL wins over $REDIS_URL, a more specific option over both.
+    env = {"REDIS_URL": url, "PRESENCE_CORE_REDIS_URL": "redis://ours:6379"}
+    assert redis_target(parse_args(["serve"], env)) == ("redis://ours:6379", False)
+    env["PRESENCE_CORE_REDIS_CLUSTER"] = "redis://node:7000"
+    assert redis_target(parse_args(["serve"], env)) == ("redis://node:7000", True)
+    # The command line wins over any variable, whichever of the two it names.
+    given = parse_args(["serve", "--redis", "redis://cli:6379"], env)
+    assert redis_target(given) == ("redis://cli:6379", False)
+    # The password goes into the URL, percent-encoded; the log shows it as ***.
+    env = {"REDIS_URL": "redis://user@h:6379/0", "PRESENCE_CORE_REDIS_PASSWORD": "p@ss/w:rd"}
+    target, _ = redis_target(parse_args(["serve"], env))
+    assert target == "redis://user:p%40ss%2Fw%3Ard@h:6379/0"
+    assert redact_url(target) == "redis://user:***@h:6379/0"
+    given = parse_args(
+        ["serve", "--redis-cluster", "redis://:old@n:7000", "--redis-password", "new"], {}
+    )
+    assert redis_target(given) == ("redis://:new@n:7000", True)
+    given = parse_args(["serve", "--redis", "unix:///tmp/r.sock?db=1", "--redis-password", "x"], {})
+    assert redis_target(given) == ("unix:///tmp/r.sock?db=1&password=x", False)
+
+
+def test_serve_options_from_a_toml_file_under_the_environment_and_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        "port = 4100\n"
+        "[serve]\n"
+        'host = "localhost"\n'
+        "max_connections = 50\n"
+        "connection-ttl = 3\n"  # an int for a float option
+        "log-json = true\n"
+        'allowed-origins = ["https://a.example", "https://b.example"]\n'
+        'jwt-secret = "from-the-file"\n'
+        'dashboard-token = ""\n'  # empty: unset
+    )
+    args = parse_args(["serve", "--config", str(config)], {})
+    assert (args.port, args.host, args.max_connections) == (4100, "localhost", 50)
+    assert args.connection_ttl == 3.0 and args.log_json is True
+    assert args.allowed_origins == ["https://a.example", "https://b.example"]
+    assert args.jwt_secret == "from-the-file" and args.dashboard_token is None
+    # file < environment < command line; $PRESENCE_CORE_CONFIG names the file too.
+    env = {"PRESENCE_CORE_CONFIG": str(config), "PRESENCE_CORE_PORT": "4200"}
+    assert parse_args(["serve"], env).port == 4200
+    assert parse_args(["serve", "--port", "4300"], env).port == 4300
+    assert parse_args(["serve"], {}).port == 4000
+
+    for text, message in [
+        ("[serve]\njwt_secret = 'a'\nmax-conections = 5\n", "unknown option 'max-conections'"),
+        ("port = 'abc'\n", ": port: invalid int value: 'abc'"),
+        ("port = 1.5\n", ": port: invalid int value: '1.5'"),
+        ("jwt-secret = 12\n", ": jwt-secret: expected a string, not a int"),
+        ("log-json = 'maybe'\n", ": log-json: expected true or false"),
+        ("log-level = 'loud'\n", ": log-level: invalid choice: 'loud'"),
+        ("port = 1\n[serve]\nport = 2\n", "'port' is given twice"),
+        ("config = 'other.toml'\n", "unknown option 'config'"),
+        ("port = \n", "not valid TOML"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["serve", "--config", str(config)], {})
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"presence-core serve: error: --config {config}" in err and message in err, err
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--config", str(tmp_path / "missing.toml")], {})
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_options_that_need_a_jwt_key_exit_2_without_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in SERVE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # --policy may add the current directory
+    for argv in (
+        ["--presence-key-claim", "sub"],
+        ["--private-only"],
+        ["--jwt-audience", "authenticated"],
+        ["--policy", "json:loads", "--private-only"],  # a policy is no verifier
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "needs a JWT key to check tokens with: pass --jwt-secret or --jwks" in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--policy", "no_such_module_here:policy"])
+    assert exit_info.value.code == 2
+    assert "--policy no_such_module_here:policy: cannot import" in capsys.readouterr().err
+    # --help shows no value given by the environment.
+    monkeypatch.setenv("PRESENCE_CORE_JWT_SECRET", "jwt-secret-in-env")
+    monkeypatch.setenv("PRESENCE_CORE_DASHBOARD_TOKEN", "token-in-env")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "PRESENCE_CORE_JWT_SECRET" in out and "-in-env" not in out
+
+
+def test_the_redactor_hides_secrets_in_every_encoding() -> None:
+    redact = Redactor(['s3cret/pass"wörd', None, "", "abc"])
+    assert redact('pw s3cret/pass"wörd') == "pw ***"
+    assert redact("redis://:s3cret%2Fpass%22w%C3%B6rd@h") == "redis://:***@h"
+    assert redact(json.dumps({"m": 's3cret/pass"wörd'})) == '{"m": "***"}'
+    assert redact("abc") == "abc"  # too short to be told from text
+
+
+def test_serve_refuses_other_addresses_without_auth_and_bad_values_without_a_traceback() -> None:
+    runs = {
+        "open": ["--host", "0.0.0.0"],
+        "level": ["--log-level", "foo"],
+        "env": [],
+    }
+    envs = {"env": clean_env(PRESENCE_CORE_MAX_TOPICS="ten")}
+    procs = {
+        name: subprocess.Popen(
+            [EXE, "serve", "--port", str(free_port()), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=envs.get(name, clean_env()),
+        )
+        for name, argv in runs.items()
+    }
+    outputs = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 2, (name, err)
+            assert b"Traceback" not in out + err and out == b"", (name, out, err)
+            outputs[name] = err.decode()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert (
+        "presence-core serve: error: refusing to listen on 0.0.0.0 without authentication: "
+        "pass --jwt-secret or --jwks (and --presence-key-claim sub) to verify clients, or "
+        "--allow-anonymous to serve anyone who can reach the port"
+    ) in outputs["open"]
+    assert "argument --log-level: invalid choice: 'foo'" in outputs["level"]
+    assert "$PRESENCE_CORE_MAX_TOPICS: invalid int value: 'ten'" in outputs["env"]
+
+
+def test_serve_listens_on_every_address_with_allow_anonymous_and_warns(serve: object) -> None:
+    proc, port, log = serve("--host", "0.0.0.0", "--allow-anonymous")  # type: ignore[operator]
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(15) == 0
+    found = records(log)
+    serving = next(str(r["message"]) for r in found if "serving" in str(r["message"]))
+    assert f"ws://0.0.0.0:{port}/" in serving and "auth: anonymous allowed" in serving
+    assert any(
+        r["level"] == "warning" and "nothing is authenticated" in str(r["message"]) for r in found
+    )
 
 
 @pytest.mark.parametrize(
@@ -395,3 +632,52 @@ def test_serve_takes_redis_from_the_environment_and_never_logs_its_password(
     assert "pw-not-for-logs" not in text
     serving = next(str(r["message"]) for r in records(log) if "serving" in str(r["message"]))
     assert f"redis redis://:***@127.0.0.1:{redis.port}" in serving, serving
+
+
+def test_serve_never_shows_its_secrets_even_at_debug_level(
+    serve: object, valkey_factory: Callable[..., ValkeyServer]
+) -> None:
+    """A Redis password in $REDIS_URL, a JWT secret on the command line, a dashboard token in
+    the environment and a client's token: none appears in the output, which says what is on."""
+    import jwt
+
+    redis = valkey_factory(password="redis-pw-not-for-logs")
+    secret = "jwt-secret-not-for-logs-0123456789abcdef"
+    env = clean_env(REDIS_URL=redis.url, PRESENCE_CORE_DASHBOARD_TOKEN="dash-token-not-for-logs")
+    proc, port, log = serve(  # type: ignore[operator]
+        "--jwt-secret", secret, "--log-level", "debug", env=env, log_json=False
+    )
+    claims = {"sub": "alice", "role": "authenticated", "exp": int(time.time()) + 60}
+    token = jwt.encode(claims, secret, algorithm="HS256")
+
+    async def main() -> None:
+        url = f"ws://127.0.0.1:{port}/realtime/v1/websocket?vsn=2.0.0&apikey={token}"
+        async with connect(url) as ws:
+            join = {"config": {"presence": {"key": "alice"}}, "access_token": token}
+            await ws.send(json.dumps(["1", "1", "realtime:room", "phx_join", join]))
+            while json.loads(await asyncio.wait_for(ws.recv(), 5))[3] != "phx_reply":
+                pass
+
+    asyncio.run(main())
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(15) == 0
+    text = log.read_text()
+    assert f"redis redis://:***@127.0.0.1:{redis.port}" in text and "auth: JWT secret" in text
+    for shown in ("redis-pw-not-for-logs", secret, "dash-token-not-for-logs", token):
+        assert shown not in text, shown
+
+    # A wrong password: the start fails with one line, and quotes neither password.
+    env = clean_env(
+        PRESENCE_CORE_REDIS=f"redis://:other-pw-not-for-logs@127.0.0.1:{redis.port}",
+        PRESENCE_CORE_REDIS_PASSWORD="wrong-pw-not-for-logs",
+    )
+    failed = subprocess.run(
+        [EXE, "serve", "--port", str(free_port()), "--log-level", "debug"],
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    output = (failed.stdout + failed.stderr).decode()
+    assert failed.returncode == 2 and "presence-core serve: error:" in output, output
+    assert "Traceback" not in output and "not-for-logs" not in output, output
