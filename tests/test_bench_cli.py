@@ -103,6 +103,29 @@ def test_bench_runs_its_own_server(tmp_path: Path) -> None:
     assert "from other servers" not in done.stdout  # one server
 
 
+def test_bench_jwt_secret_gives_each_client_a_token_its_server_verifies(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    secret = "bench-secret-" + "s3cr3t" * 6
+    args = ["--clients", "30", "--topics", "3", "--rate", "15", "--duration", "2", *LOOSE]
+    done = subprocess.run(
+        [EXE, "bench", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PRESENCE_CORE_JWT_SECRET": secret},  # the option's default
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    _check(report, 30)  # every client joined with its token, the key its sub: 0 errors
+    assert report["parameters"]["jwt"] is True
+    assert "--presence-key-claim" in report["server"]["command"]  # the server verified them
+    assert report["server"]["cpu_seconds_connect"] >= 0
+    assert "a JWT (HS256, sub = presence key) per client" in done.stdout
+    for text in (done.stdout, done.stderr, out.read_text()):
+        assert secret not in text
+
+
 def test_bench_against_a_running_server(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
 

@@ -27,6 +27,14 @@ What is measured:
 * updates and presence operations per second, heartbeat round trips, errors by kind,
   connections held at the end, and the server's CPU (% of one core) and RSS when its PID is known.
 
+Authentication.  With ``--jwt-secret`` (or ``$PRESENCE_CORE_JWT_SECRET``) each client carries a
+token of its own, HS256 with the claims ``sub`` (its presence key), ``role`` ("authenticated")
+and ``exp`` (an hour on), sent as the ``apikey`` query parameter as realtime-js sends it; its
+join asks for the token's ``sub`` as its key.  The tokens are minted before the clients start
+connecting, so minting is not in any measured time.  A server started here then verifies them
+(``serve --presence-key-claim sub``, the secret passed in its environment).  The secret is never
+printed nor written to the report.
+
 Delivery accounting.  A diff can only be expected by the members of its topic, and members come
 and go during the run (the switches).  A client counts as a member for an update when the update
 was sent after the client's ``presence_state`` arrived and, if the client left the topic later,
@@ -52,6 +60,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import gc
 import heapq
 import math
@@ -68,13 +77,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+import warnings
 from array import array
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, cast
 
+import jwt
 import orjson
 import websockets.version
 from websockets.client import ClientProtocol
@@ -82,7 +94,7 @@ from websockets.exceptions import ProtocolError
 from websockets.frames import Close, CloseCode, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
-from websockets.uri import parse_uri
+from websockets.uri import WebSocketURI, parse_uri
 
 from . import bench_plot
 from .loop import raise_nofile, uvloop_installed
@@ -97,6 +109,7 @@ __all__ = [
     "add_parser",
     "format_report",
     "main",
+    "mint_tokens",
     "run",
     "run_bench",
 ]
@@ -111,6 +124,11 @@ _SETTLE = 1.0
 _FD_MARGIN = 32  # descriptors a process needs besides its sockets
 _PROGRESS_EVERY = 0.25
 _LETTERS = {"track": "j", "switch": "s", "update": "u"}  # a meta's "k": why it was tracked
+_JWT_ENV = "PRESENCE_CORE_JWT_SECRET"  # --jwt-secret's default, as for serve
+_TOKEN_LIFETIME = 3600.0  # a client's token is valid this long (longer for a longer run)
+# PyJWT (2.13 and later) warns about an HMAC secret shorter than its hash: the operator's choice,
+# not the bench's, and once per token it would flood stderr.
+_SHORT_KEY_WARNING: type[Warning] | None = getattr(jwt, "InsecureKeyLengthWarning", None)
 
 # The targets the report checks (``--target NAME=LIMIT``): name -> (path of the value in the
 # report, default limit, unit).  A value at or below its limit meets the target.
@@ -157,6 +175,8 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     targets: dict[str, float] = field(default_factory=lambda: dict(TARGET_DEFAULTS))
+    # HS256 secret: each client sends a token of its own (never in a repr or the report)
+    jwt_secret: str | None = field(default=None, repr=False)
 
     def updates_per_second(self) -> float:
         return self.rate if self.rate is not None else self.clients / 100.0
@@ -194,6 +214,7 @@ class _WorkerSpec:
     switch: bool
     switch_fraction: float
     seed: int
+    jwt_secret: str | None = field(default=None, repr=False)
 
 
 def _topic(index: int) -> str:
@@ -213,6 +234,25 @@ def _clients_per_server(clients: int, topics: int, servers: int) -> list[int]:
     for gid in range(clients):
         counts[_server_of(gid, topics, servers)] += 1
     return counts
+
+
+def mint_tokens(secret: str, keys: Sequence[str], lifetime: float = _TOKEN_LIFETIME) -> list[str]:
+    """An HS256 token per presence key, as a Supabase project's users hold: ``sub`` the key,
+    ``role`` "authenticated", ``exp`` ``lifetime`` seconds from now."""
+    exp = int(time.time() + lifetime)
+    with warnings.catch_warnings():
+        if _SHORT_KEY_WARNING is not None:
+            warnings.simplefilter("ignore", _SHORT_KEY_WARNING)
+        return [
+            jwt.encode({"sub": key, "role": "authenticated", "exp": exp}, secret, "HS256")
+            for key in keys
+        ]
+
+
+def _with_token(wsuri: WebSocketURI, token: str) -> WebSocketURI:
+    """The URI with the token as its ``apikey`` query parameter (where realtime-js puts it)."""
+    param = "apikey=" + urllib.parse.quote(token, safe="")
+    return dataclasses.replace(wsuri, query=f"{wsuri.query}&{param}" if wsuri.query else param)
 
 
 # -- descriptors, ports and the server's /proc -----------------------------------------------------
@@ -431,13 +471,18 @@ class _Conn(asyncio.Protocol):
     """One WebSocket client on an asyncio transport: websockets' Sans-I/O protocol does the
     handshake and frames what it sends; the server's frames are parsed here (`_frames`)."""
 
-    def __init__(self, worker: _Worker, gid: int, topic: int, server: int = 0) -> None:
+    def __init__(
+        self, worker: _Worker, gid: int, topic: int, server: int = 0, token: str | None = None
+    ) -> None:
         self.worker = worker
         self.gid = gid
-        self.key = f"c{gid}"
+        self.key = f"c{gid}"  # a token's sub when it carries one
         self.topic = topic
         self.server = server  # which of the servers it talks to
-        self.ws = ClientProtocol(worker.wsuris[server], max_size=None)
+        wsuri = worker.wsuris[server]
+        if token is not None:
+            wsuri = _with_token(wsuri, token)
+        self.ws = ClientProtocol(wsuri, max_size=None)
         self.transport: asyncio.Transport | None = None
         self.refs = 0
         self.join_ref = ""
@@ -993,9 +1038,14 @@ class _Worker:
 
     async def _connect_all(self) -> None:
         spec = self.spec
+        gids = range(spec.first, spec.first + spec.count)
+        tokens: list[str | None] = [None] * spec.count
+        if spec.jwt_secret:  # minted before any clock starts: the client's cost, not the server's
+            lifetime = max(_TOKEN_LIFETIME, spec.duration + _TOKEN_LIFETIME / 2)
+            tokens[:] = mint_tokens(spec.jwt_secret, [f"c{gid}" for gid in gids], lifetime)
         self.conns = [
-            _Conn(self, gid, gid % spec.topics, _server_of(gid, spec.topics, self.servers))
-            for gid in range(spec.first, spec.first + spec.count)
+            _Conn(self, gid, gid % spec.topics, _server_of(gid, spec.topics, self.servers), token)
+            for gid, token in zip(gids, tokens, strict=True)
         ]
         slots = asyncio.Semaphore(max(1, spec.concurrency))
         stop = asyncio.Event()
@@ -1219,6 +1269,7 @@ class _LocalServer:
         node: str | None = None,
         prefix: str | None = None,
         taken: Collection[int] = (),
+        jwt_secret: str | None = None,
     ) -> None:
         self.port = _free_port()
         while self.port in taken:  # two servers on one port: the second would not start
@@ -1245,10 +1296,15 @@ class _LocalServer:
             command += ["--node", node]
         if prefix:
             command += ["--prefix", prefix]
+        env = None
+        if jwt_secret:  # in its environment, out of ps and of the report's command
+            command += ["--presence-key-claim", "sub"]
+            env = {**os.environ, _JWT_ENV: jwt_secret}
         self.command = command
         # Its RLIMIT_NOFILE is this process's, raised to the hard limit before it starts.
         self.proc = subprocess.Popen(
             command,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log,
@@ -1317,6 +1373,7 @@ def _start_servers(cfg: BenchConfig) -> list[_LocalServer]:
                     node=f"{run_id}-{index + 1}" if redis else None,
                     prefix=run_id if redis else None,
                     taken=[s.port for s in servers],
+                    jwt_secret=cfg.jwt_secret,
                 )
             )
         deadline = time.monotonic() + 20.0 + 5.0 * count
@@ -1470,6 +1527,7 @@ def _split(cfg: BenchConfig, urls: list[str], processes: int) -> list[_WorkerSpe
                 switch=cfg.switch and cfg.topics > 1,
                 switch_fraction=cfg.switch_fraction,
                 seed=cfg.seed,
+                jwt_secret=cfg.jwt_secret,
             )
         )
         first += count
@@ -1652,6 +1710,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 info["rss_bytes"] = rss
                 info["rss_peak_bytes"] = peak
                 info["cpu_percent_connect"] = _percent(cpu_a[i], cpu_b[i], wall_b - wall_a)
+                before, after = cpu_a[i], cpu_b[i]
+                info["cpu_seconds_connect"] = (
+                    None if before is None or after is None else round(after - before, 3)
+                )
                 info["cpu_percent_run"] = _percent(
                     cpu_c[i], sampled["cpu"][i], sampled["wall"] - wall_c
                 )
@@ -1743,7 +1805,8 @@ def _report(
     presence_ops = sum(ops[k] for k in ("update", "switch", "join", "leave", "track"))
     report: dict[str, Any] = {
         "parameters": {
-            **{k: v for k, v in asdict(cfg).items() if k != "progress"},
+            **{k: v for k, v in asdict(cfg).items() if k not in ("progress", "jwt_secret")},
+            "jwt": cfg.jwt_secret is not None,  # whether the clients carried tokens
             "rate": cfg.updates_per_second(),
             "processes": processes,
             "url": urls[0],
@@ -1945,7 +2008,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"presence-core bench: {p['clients']:,} clients, {p['topics']:,} topics, "
         f"{p['rate']:g} updates/s, {p['duration']:g} s, {p['processes']} process(es), "
-        f"heartbeat {p['heartbeat']:g} s, switch {'on' if p['switch'] else 'off'}",
+        f"heartbeat {p['heartbeat']:g} s, switch {'on' if p['switch'] else 'off'}"
+        + (", a JWT (HS256, sub = presence key) per client" if p.get("jwt") else ""),
     ]
     if len(servers) == 1:
         lines.append(
@@ -2152,6 +2216,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument(
+        "--jwt-secret",
+        metavar="SECRET",
+        default=None,
+        help="each client sends an HS256 token of its own signed with this secret (sub = its "
+        "presence key, role authenticated, exp in an hour) as the apikey query parameter; a "
+        "server started here verifies them (serve --presence-key-claim sub); prefer "
+        f"${_JWT_ENV}, which keeps it out of ps",
+    )
+    parser.add_argument(
         "--target",
         action="append",
         type=_target,
@@ -2216,6 +2289,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         targets={**TARGET_DEFAULTS, **dict(args.target)},
+        # an empty value counts as unset, as for serve
+        jwt_secret=args.jwt_secret or os.environ.get(_JWT_ENV) or None,
     )
     problem = None
     if urls and (cfg.redis or cfg.redis_cluster):
