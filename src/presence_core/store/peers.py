@@ -227,6 +227,7 @@ class PeerSync:
         self._own_probe = self._own + b'"p"'
         self._pubsubs: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._readers: set[asyncio.Future[None]] = set()  # one per subscription, while it runs
         self._closing = False
         self._resync = asyncio.Event()
         self._resync_reasons: set[str] = set()
@@ -268,12 +269,31 @@ class PeerSync:
         ]
 
     async def stop(self) -> None:
+        """Stop receiving, and close every subscription.
+
+        The readers are waited for as well as the tasks that start them: a reader still
+        running when its subscription is closed would reconnect it (redis-py reconnects a
+        pub/sub read that fails), and that socket would outlive the store.  A task is
+        cancelled again until it ends, within `_STOP_TIMEOUT`: one stuck in a library call on
+        a dead server must not hold the stop.  One that ends later still closes its own
+        sockets (see `_read` and `_subscribe`).
+        """
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            # Bounded: a task stuck in a library call on a dead server must not hold the stop.
-            await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STOP_TIMEOUT
+        pending: set[asyncio.Future[None]] = {*self._tasks, *self._readers}
+        while pending:
+            for task in pending:
+                task.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                logger.warning(
+                    "%d peer tasks did not stop in time; they close their own "
+                    "sockets when they end",
+                    len(pending),
+                )
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(0.1, left))
         self._tasks = []
         await self._unsubscribe()
 
@@ -288,10 +308,16 @@ class PeerSync:
         """Subscribe afresh: one subscription per server, to the channels it serves."""
         await self._unsubscribe()
         for client, channels in await self._subscriptions():
+            if self._closing:  # stopped meanwhile: open nothing more
+                return
             pubsub = client.pubsub()
             self._pubsubs.append(pubsub)
-            for channel in channels:  # one by one: a cluster refuses channels of two slots
-                await pubsub.ssubscribe(channel)
+            try:
+                for channel in channels:  # one by one: a cluster refuses channels of two slots
+                    await pubsub.ssubscribe(channel)
+            finally:
+                if self._closing:  # a stop came during the subscribe: it is this task's to close
+                    await _close_pubsub(pubsub)
 
     async def _unsubscribe(self) -> None:
         pubsubs, self._pubsubs = self._pubsubs, []
@@ -311,6 +337,9 @@ class PeerSync:
                 self._resubscribe = None
                 failures = 0
                 readers = [asyncio.ensure_future(self._read(p)) for p in self._pubsubs]
+                for reader in readers:  # what `stop` waits for, even if this task ends first
+                    self._readers.add(reader)
+                    reader.add_done_callback(self._readers.discard)
                 try:
                     # Until one fails or the watcher asks for new subscriptions.
                     done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
@@ -336,7 +365,17 @@ class PeerSync:
         Each server's subscription is read by its own task: a message never waits behind
         another server's poll.
         """
-        while self._resubscribe is None:
+        # The subscription's connection, held here: closing the subscription hands it back to
+        # the pool, where a read that fails here would reconnect it.
+        connection = pubsub.connection
+        try:
+            await self._read_until_asked(pubsub)
+        finally:
+            if self._closing and connection is not None:
+                await connection.disconnect(nowait=True)
+
+    async def _read_until_asked(self, pubsub: Any) -> None:
+        while self._resubscribe is None and not self._closing:
             message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=_POLL)
             if message is None:
                 continue
