@@ -381,8 +381,6 @@ class PresenceServer:
                 "(JWT), a policy or an auth hook, or allow_anonymous=True to serve anyone who "
                 "can reach the port"
             )
-        if not self.auth_enabled:
-            logger.warning("no authentication: any client that reaches the port is served")
         loop = asyncio.get_running_loop()
         max_size = self.limits.max_frame_bytes
         frames_rate, max_fragments = self._frames_rate, self.limits.max_fragments
