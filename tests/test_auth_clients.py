@@ -78,6 +78,7 @@ from websockets.exceptions import InvalidStatus
 
 from presence_core.auth import Access
 from presence_core.server import PresenceServer
+from presence_core.server.server import PRIVATE_PREFIX
 
 AUTH_CLIENT = JS_DIR / "auth_client.mjs"
 TOPIC = "realtime:room"
@@ -626,7 +627,9 @@ def test_private_channels_are_refused_without_a_policy_and_follow_one(node: Auth
             alice_js,
             alice_py,
         )
-        assert list(guarded.tracker.list(TOPIC)) == ["alice"]
+        # A private channel's presences live apart from the public channel of its name.
+        assert list(guarded.tracker.list(PRIVATE_PREFIX + TOPIC)) == ["alice"]
+        assert guarded.tracker.list(TOPIC) == {}
         assert eve_js.events("sync") == [] and eve_py.state() == {}
 
     run(node, scenario)

@@ -10,6 +10,7 @@ clients (phoenix.js, realtime-js, Supabase's Python client) carrying tokens are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -27,6 +28,7 @@ from presence_core.auth import Access, JwtVerifier
 from presence_core.errors import KeyMismatch, PresenceValueError
 from presence_core.metrics import Metrics
 from presence_core.server import PresenceServer
+from presence_core.server import server as server_module
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256!"
 VERIFIER = JwtVerifier(secret=SECRET)
@@ -435,5 +437,51 @@ def test_the_auth_hook_gets_the_verified_claims_and_anonymous_sockets_when_allow
         )
         assert seen[1][1] == "room" and seen[1][2]["sub"] == "alice"
         assert seen[2] == (None, None, {})
+
+    run(main)
+
+
+def test_a_public_channel_of_a_private_ones_name_sees_none_of_it() -> None:
+    """Private and public channels of one name are two channels, as in Supabase Realtime: a
+    public member must not read a private channel's presences or broadcasts (it would get
+    round the policy by knowing the name)."""
+
+    def policy(claims: Mapping[str, Any], topic: str) -> Access:
+        return Access.ALL if claims.get("sub") == "alice" else Access.NONE
+
+    async def main() -> None:
+        async with serving(verifier=VERIFIER, key_claim="sub", policy=policy) as server:
+            async with (
+                client(server, apikey=token("alice")) as alice,
+                client(server, apikey=token("eve")) as eve,
+            ):
+                assert (await join(alice, "secret", private=True))["status"] == "ok"
+                await reply(alice, "secret", "presence", {"event": "track", "payload": {"x": 1}})
+                assert (await join(eve, "secret", broadcast={"self": True}))["status"] == "ok"
+                state = await until_on(eve, "secret", "presence_state")
+                assert state["payload"] == {}
+                await reply(eve, "secret", "presence", {"event": "track", "payload": {}})
+                await alice.push(
+                    "secret",
+                    "broadcast",
+                    {"type": "broadcast", "event": "psst", "payload": {}},
+                    "1",
+                )
+                await eve.push(
+                    "secret", "broadcast", {"type": "broadcast", "event": "own", "payload": {}}, "1"
+                )
+                # eve's own broadcast arrives; alice's private one never does, nor her presence.
+                seen = []
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        seen.append(await eve.recv(timeout=0.5))
+                events = [(m["event"], m["payload"]) for m in seen if m["topic"] == "secret"]
+                broadcasts = [p["event"] for e, p in events if e == "broadcast"]
+                joins = [set(p["joins"]) for e, p in events if e == "presence_diff"]
+                assert broadcasts == ["own"] and joins == [{"eve"}], events
+                assert set(server.tracker.list("secret")) == {"eve"}
+                # A client cannot reach the private channel's Tracker topic by its name.
+                answer = await join(eve, server_module.PRIVATE_PREFIX + "secret")
+                assert answer["status"] == "error"
 
     run(main)

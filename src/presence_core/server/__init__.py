@@ -5,6 +5,6 @@ is the ``presence-core`` command (``serve``).
 """
 
 from presence_core.server.config import AuthHook, Refused, ServerLimits
-from presence_core.server.server import PresenceServer
+from presence_core.server.server import PRIVATE_PREFIX, PresenceServer
 
-__all__ = ["AuthHook", "PresenceServer", "Refused", "ServerLimits"]
+__all__ = ["PRIVATE_PREFIX", "AuthHook", "PresenceServer", "Refused", "ServerLimits"]

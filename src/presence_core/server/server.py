@@ -146,6 +146,11 @@ _NO_TOKEN = "a token is required: send it as the apikey query parameter or the x
 _PRIVATE_ONLY = "PrivateOnly: This project only allows private channels"
 _NO_POLICY = "Unauthorized: private channels need a policy on the server, and none is configured"
 _NO_READ = "Unauthorized: You do not have permissions to read from this Channel topic: "
+# A private channel's presence lives in the Tracker under this prefix and its topic: a public
+# channel of the same name is another channel, as in Supabase Realtime, so a public member never
+# sees a private channel's presences or broadcasts.  Clients cannot name a topic that starts
+# with NUL (a public join of one is refused), so nothing else can reach these.
+PRIVATE_PREFIX = "\x00private:"
 _TOKEN_RECHECK = 3600.0  # seconds: a channel's token is looked at again at least this often
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -161,6 +166,7 @@ class Channel:
 
     join_ref: str | None
     key: str | None  # None: bound to a claim the token lacks, so tracks are refused
+    tracked: str  # the Tracker's topic: the topic itself, or PRIVATE_PREFIX and the topic
     presence: bool
     self_broadcast: bool
     ack_broadcast: bool
@@ -178,6 +184,7 @@ class _Join:
     payload: dict[str, Any]
     key: str | None
     private: bool
+    tracked: str
     verified: Verified | None
     token: str | None
 
@@ -186,9 +193,10 @@ class _Topic:
     """The connections in one topic: all of them (broadcasts), and those that get presence,
     by protocol version (diffs), so a fan-out walks a ready list."""
 
-    __slots__ = ("members", "readers", "listeners", "unsubscribe")
+    __slots__ = ("wire", "members", "readers", "listeners", "unsubscribe")
 
-    def __init__(self, unsubscribe: Callable[[], None]) -> None:
+    def __init__(self, wire: str, unsubscribe: Callable[[], None]) -> None:
+        self.wire = wire  # the topic clients know it by
         self.members: dict[int, Connection] = {}
         self.readers: dict[int, Connection] = {}  # members a policy lets read broadcasts
         self.listeners: tuple[dict[int, Connection], dict[int, Connection]] = ({}, {})
@@ -945,8 +953,7 @@ class PresenceServer:
             self._text_broadcast(conn, msg, data)
         elif event == EVENT_LEAVE:
             self._reply(conn, msg, "ok", {})
-            self._leave_members(conn, msg.topic)
-            self.tracker.untrack(conn.id, msg.topic)
+            self._leave(conn, msg.topic)
             self._send(conn, Message(msg.topic, EVENT_CLOSE, {}, msg.ref, msg.join_ref))
         elif event == "access_token":
             self._access_token(conn, msg)
@@ -1011,7 +1018,7 @@ class PresenceServer:
                     self._close_channel(conn, msg, str(exc))
                     return
                 channel.key = bound
-                self.tracker.bind_key(conn.id, bound, topic=topic)
+                self.tracker.bind_key(conn.id, bound, topic=channel.tracked)
         if not channel.private:
             self._renewed(conn, msg, channel, verified, channel.access)
             return
@@ -1038,11 +1045,11 @@ class PresenceServer:
             return
         channel.verified = verified
         channel.access = access
-        t = self._topics.get(topic)
+        t = self._topics.get(channel.tracked)
         if t is not None:
             self._place(conn, t, channel)
         if not access.presence_write:
-            self.tracker.untrack(conn.id, topic)  # what it may no longer write leaves
+            self.tracker.untrack(conn.id, channel.tracked)  # what it may no longer write leaves
         self._schedule(conn, topic, channel)
         self._reply(conn, msg, "ok", {})
 
@@ -1083,7 +1090,17 @@ class PresenceServer:
             audit("join_refused", conn=conn.id, reason="no_policy")
             self._reply(conn, msg, "error", {"reason": _NO_POLICY})
             return
-        join = self._identified_join(conn, msg, payload, key, private)
+        if topic.startswith("\x00"):
+            self._reply(conn, msg, "error", {"reason": "a topic must not start with NUL"})
+            return
+        tracked = PRIVATE_PREFIX + topic if private else topic
+        if private:
+            try:
+                self.tracker.check_topic(tracked)
+            except PresenceError as exc:
+                self._reply(conn, msg, "error", {"reason": f"private topic: {exc}"})
+                return
+        join = self._identified_join(conn, msg, payload, key, private, tracked)
         if join is None:
             return
         if self.auth is None:
@@ -1102,6 +1119,7 @@ class PresenceServer:
         payload: dict[str, Any],
         key: str | None,
         private: bool,
+        tracked: str,
     ) -> _Join | None:
         """A join's token verified and its presence key chosen, or None once refused.
 
@@ -1143,7 +1161,7 @@ class PresenceServer:
             key = bound
         else:
             key = key or secrets.token_hex(8)
-        return _Join(msg, payload, key, private, verified, token)
+        return _Join(msg, payload, key, private, tracked, verified, token)
 
     def _join_authorised(self, conn: Connection, join: _Join, ok: bool) -> None:
         if not ok:
@@ -1184,11 +1202,12 @@ class PresenceServer:
         if old is not None:
             # A second join of a joined topic replaces the first: close it under its join_ref.
             self._send(conn, Message(topic, EVENT_CLOSE, {}, old.join_ref, old.join_ref))
-            self._leave_members(conn, topic)
-            self.tracker.untrack(conn.id, topic)
+            self._leave(conn, topic)
+        tracked = join.tracked
         channel = Channel(
             join_ref=msg.join_ref if msg.join_ref is not None else msg.ref,
             key=key,
+            tracked=tracked,
             presence=_flag(presence_cfg.get("enabled"), True),
             self_broadcast=_flag(broadcast_cfg.get("self"), False),
             ack_broadcast=_flag(broadcast_cfg.get("ack"), False),
@@ -1199,14 +1218,14 @@ class PresenceServer:
         conn.channels[topic] = channel
         if self.key_claim is not None and key is not None:
             # The Tracker refuses any other key too, so a bug here cannot let one through.
-            self.tracker.bind_key(conn.id, key, topic=topic)
+            self.tracker.bind_key(conn.id, key, topic=tracked)
         if not conn.joined:  # a reconnect storm counts sockets that join, not handshakes
             conn.joined = True
             self._window_joined.append(conn.id)
-        t = self._topics.get(topic)
+        t = self._topics.get(tracked)
         if t is None:
-            unsubscribe = self.tracker.subscribe(topic, self._fan_out, send_state=False, raw=True)
-            t = self._topics[topic] = _Topic(unsubscribe)
+            unsubscribe = self.tracker.subscribe(tracked, self._fan_out, send_state=False, raw=True)
+            t = self._topics[tracked] = _Topic(topic, unsubscribe)
         t.members[conn.id] = conn
         self._place(conn, t, channel)
         self._schedule(conn, topic, channel)
@@ -1214,7 +1233,7 @@ class PresenceServer:
         reply = Message(topic, msg.event, None, msg.ref, channel.join_ref)
         self._reply(conn, reply, "ok", {"postgres_changes": []})
         if channel.presence and access.presence_read:
-            state = self.tracker.initial_state_json(topic)
+            state = self.tracker.initial_state_json(tracked)
             self._send_raw(conn, topic, "presence_state", state, channel.join_ref)
 
     def _place(self, conn: Connection, t: _Topic, channel: Channel) -> None:
@@ -1274,19 +1293,30 @@ class PresenceServer:
             self._close_channel(conn, message, reason)
             deadlines = self._deadlines  # a reschedule may have rebuilt it
 
-    def _leave_members(self, conn: Connection, topic: str) -> None:
-        conn.channels.pop(topic, None)
-        t = self._topics.get(topic)
+    def _leave(self, conn: Connection, topic: str) -> None:
+        """The channel ends: out of the topic's members, and its presence leaves."""
+        tracked = self._leave_members(conn, topic)
+        if tracked is not None:
+            self.tracker.untrack(conn.id, tracked)
+
+    def _leave_members(self, conn: Connection, topic: str) -> str | None:
+        """Take the channel out of the topic's members; returns its Tracker topic."""
+        channel = conn.channels.pop(topic, None)
+        if channel is None:
+            return None
+        tracked = channel.tracked
+        if self.key_claim is not None:
+            self.tracker.unbind_key(conn.id, topic=tracked)
+        t = self._topics.get(tracked)
         if t is None:
-            return
+            return tracked
         t.members.pop(conn.id, None)
         t.readers.pop(conn.id, None)
         t.listeners[conn.version - 1].pop(conn.id, None)
-        if self.key_claim is not None:
-            self.tracker.unbind_key(conn.id, topic=topic)
         if not t.members:
-            del self._topics[topic]
+            del self._topics[tracked]
             t.unsubscribe()
+        return tracked
 
     def _presence(self, conn: Connection, msg: Message) -> None:
         channel = conn.channels[msg.topic]
@@ -1302,9 +1332,9 @@ class PresenceServer:
                 if channel.key is None:
                     self._reply(conn, msg, "error", {"reason": self._unbound_reason()})
                     return
-                self.tracker.track(conn.id, msg.topic, channel.key, action.meta)
+                self.tracker.track(conn.id, channel.tracked, channel.key, action.meta)
             else:
-                self.tracker.untrack(conn.id, msg.topic)
+                self.tracker.untrack(conn.id, channel.tracked)
         except RateLimited as exc:
             audit("limit_hit", conn=conn.id, topic=msg.topic, limit=exc.limit)
             self._close_channel(conn, msg, "Client presence rate limit exceeded")
@@ -1427,7 +1457,7 @@ class PresenceServer:
         if size > self.limits.max_frame_bytes:
             self._too_large(conn, msg, size)
             return
-        t = self._topics.get(msg.topic)
+        t = self._topics.get(channel.tracked)
         if t is not None:
             framed: list[bytes | None] = [None, None]
             for member in t.readers.values():
@@ -1446,8 +1476,7 @@ class PresenceServer:
         system = {"message": reason, "status": "error", "extension": "system", "channel": topic}
         self._send(conn, Message(topic, "system", system, None, msg.join_ref))
         join_ref = conn.channels[topic].join_ref if topic in conn.channels else msg.join_ref
-        self._leave_members(conn, topic)
-        self.tracker.untrack(conn.id, topic)
+        self._leave(conn, topic)
         self._send(conn, Message(topic, EVENT_CLOSE, {}, join_ref, join_ref))
 
     # -- writing -------------------------------------------------------------------------------
@@ -1475,11 +1504,11 @@ class PresenceServer:
             return
         v1, v2 = t.listeners
         if v1:
-            frame = text_frame(_wire(1, topic, event, payload, None))
+            frame = text_frame(_wire(1, t.wire, event, payload, None))
             for conn in v1.values():
                 conn.write(frame)
         if v2:
-            frame = text_frame(_wire(2, topic, event, payload, None))
+            frame = text_frame(_wire(2, t.wire, event, payload, None))
             for conn in v2.values():
                 conn.write(frame)
 
