@@ -25,6 +25,7 @@ policy from a ``"package.module:callable"`` string (a command-line option).
 
 from __future__ import annotations
 
+import hmac
 import importlib
 import json
 import os
@@ -69,6 +70,8 @@ REASON_INVALID: Final = "InvalidJWTToken: Invalid token"
 _REASON_DEFAULT_FIELDS: Final = "Fields `role` and `exp` are required in JWT"
 
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+_HMAC_DIGESTS: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+_PLAIN_HEADER: Final = frozenset({"alg", "typ", "kid"})  # what the HS* fast path reads
 _RSA_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS: Final = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _OKP_CURVES: Final = frozenset({"Ed25519", "Ed448"})
@@ -153,6 +156,7 @@ class JwtVerifier:
     __slots__ = (
         "_audience",
         "_by_kid",
+        "_fast_hmac",
         "_fields_reason",
         "_issuer",
         "_leeway",
@@ -214,6 +218,15 @@ class JwtVerifier:
             "require": list(self._required),
         }
         self._options = options
+        # The HS* tokens the fast path may take: with the secret, and no audience or issuer
+        # to check (Supabase's usual setup).  See `_verify_hmac`.
+        self._fast_hmac: dict[str, str] = (
+            {}
+            if self._secret is None or self._audience is not None or self._issuer is not None
+            else {
+                alg: _HMAC_DIGESTS[alg] for alg in _HMAC_ALGORITHMS if alg not in self._short_secret
+            }
+        )
 
     @classmethod
     def from_jwks_file(
@@ -276,7 +289,68 @@ class JwtVerifier:
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenError(REASON_TOO_LONG)
         header = _peek_header(token)
+        alg = header.get("alg")
+        digest = self._fast_hmac.get(alg) if type(alg) is str else None
+        claims = None
+        if digest is not None and header.keys() <= _PLAIN_HEADER:
+            claims = self._verify_hmac(token, digest)
+        if claims is None:
+            claims = self._verify_pyjwt(token, header)
+        exp = _seconds(claims["exp"])  # present: "exp" is always required
+        if exp is None:
+            raise TokenError(REASON_BAD_EXP)
+        leeway = self._leeway
+        if exp <= now - leeway:
+            ago = int(now - exp)
+            raise TokenError(f"InvalidJWTToken: Token has expired {max(ago, 0)} seconds ago")
+        for name in ("nbf", "iat"):
+            value = claims.get(name)
+            if value is not None:
+                seconds = _seconds(value)
+                if seconds is None:
+                    raise TokenError(f"InvalidJWTToken: Invalid claim `{name}`")
+                if seconds > now + leeway:
+                    raise TokenError(REASON_NOT_YET_VALID)
+        return Verified(token, MappingProxyType(claims), exp)
 
+    def _verify_hmac(self, token: str, digest: str) -> dict[str, Any] | None:
+        """The claims of a plain HS* token whose signature and claims PyJWT would accept, or
+        None: then PyJWT decides (and words the refusal).
+
+        PyJWT costs about 30 µs per token, most of it generic machinery; this is about 5 µs,
+        which a reconnect storm of thousands of clients feels (``bench/jwt_join.py``).  It
+        accepts only a subset of what PyJWT accepts: the same signing input, the same
+        base64url and JSON decoding, a header of just ``alg``, ``typ`` and ``kid`` (no
+        ``crit``, no ``b64``), no audience or issuer configured, the required claims present,
+        and ``sub`` and ``jti`` strings when present.  Anything else, a wrong signature
+        included, goes to PyJWT.
+        """
+        assert self._secret is not None
+        signing, dot, signature = token.rpartition(".")
+        if not dot or signing.count(".") != 1:
+            return None
+        payload = signing.partition(".")[2]
+        try:
+            given = urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+            if not hmac.compare_digest(
+                given, hmac.digest(self._secret, signing.encode("ascii"), digest)
+            ):
+                return None
+            claims = json.loads(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (ValueError, RecursionError):
+            return None
+        if type(claims) is not dict:
+            return None
+        for name in self._required:
+            if claims.get(name) is None:  # PyJWT counts a null claim as missing
+                return None
+        for name in ("sub", "jti"):
+            if name in claims and type(claims[name]) is not str:
+                return None
+        return claims
+
+    def _verify_pyjwt(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
+        """The claims of ``token`` as PyJWT verifies them; its errors become `TokenError`."""
         key, short = self._key_for(header)
         try:
             if short and _SHORT_KEY_WARNING is not None:
@@ -306,23 +380,7 @@ class JwtVerifier:
         except jwt.InvalidTokenError:
             # A ``sub`` or ``jti`` that is not a string, an unsupported ``crit`` extension...
             raise TokenError(REASON_INVALID) from None
-
-        exp = _seconds(claims["exp"])  # present: "exp" is always required
-        if exp is None:
-            raise TokenError(REASON_BAD_EXP)
-        leeway = self._leeway
-        if exp <= now - leeway:
-            ago = int(now - exp)
-            raise TokenError(f"InvalidJWTToken: Token has expired {max(ago, 0)} seconds ago")
-        for name in ("nbf", "iat"):
-            value = claims.get(name)
-            if value is not None:
-                seconds = _seconds(value)
-                if seconds is None:
-                    raise TokenError(f"InvalidJWTToken: Invalid claim `{name}`")
-                if seconds > now + leeway:
-                    raise TokenError(REASON_NOT_YET_VALID)
-        return Verified(token, MappingProxyType(claims), exp)
+        return claims
 
     def _key_for(self, header: Mapping[str, Any]) -> tuple[Any, bool]:
         # The key (and whether it is short) that may verify a token with this header, chosen by
