@@ -23,6 +23,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 import presence_core
@@ -845,3 +847,50 @@ def test_public_surface() -> None:
         assert getattr(presence_core, name) is not None
     assert issubclass(KeyMismatch, PresenceValueError)
     assert "Policy" in presence_core.typing.__all__
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    claims=st.dictionaries(
+        st.sampled_from(["sub", "role", "exp", "jti", "aud", "x"]),
+        st.one_of(st.none(), st.text(max_size=5), st.integers(), st.floats(), st.booleans()),
+    ),
+    flip=st.integers(min_value=-1, max_value=400),
+    header=st.dictionaries(
+        st.sampled_from(["typ", "kid", "crit", "b64", "cty"]),
+        st.one_of(st.text(max_size=4), st.integers(), st.booleans()),
+        max_size=2,
+    ),
+)
+def test_the_hmac_fast_path_decides_as_pyjwt_does(
+    claims: dict[str, Any], flip: int, header: dict[str, Any]
+) -> None:
+    """Whatever the token, `verify` (fast path first) gives the verdict and reason that the
+    PyJWT path alone gives: the fast path may only take what PyJWT accepts."""
+    verifier = JwtVerifier(secret=SECRET)
+    try:
+        token = jwt.encode(claims, SECRET, algorithm="HS256", headers=header or None)
+    except (jwt.InvalidTokenError, TypeError, ValueError):
+        assume(False)  # PyJWT will not sign it (a kid that is not a str, a NaN claim)
+    if 0 <= flip < len(token):  # one character changed: signature, payload or header
+        swapped = "A" if token[flip] != "A" else "B"
+        token = token[:flip] + swapped + token[flip + 1 :]
+    now = 1_000.0
+
+    def outcome(decide: Any) -> Any:
+        try:
+            return ("ok", dict(decide()))
+        except TokenError as exc:
+            return ("refused", exc.reason)
+
+    fast = outcome(lambda: verifier.verify(token, now=now).claims)
+    slow = outcome(lambda: _claims_via_pyjwt(verifier, token, now))
+    assert fast == slow
+
+
+def _claims_via_pyjwt(verifier: JwtVerifier, token: str, now: float) -> Mapping[str, Any]:
+    fast, verifier._fast_hmac = verifier._fast_hmac, {}
+    try:
+        return verifier.verify(token, now=now).claims
+    finally:
+        verifier._fast_hmac = fast
