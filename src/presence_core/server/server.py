@@ -688,7 +688,8 @@ class PresenceServer:
                 return _error(http.HTTPStatus.FORBIDDEN, "this origin is not allowed")
         token = request.headers.get("x-api-key")
         if not token:
-            tokens = parse_qs(query).get("apikey") or parse_qs(query).get("token")
+            params = parse_qs(query)
+            tokens = params.get("apikey") or params.get("token")
             token = tokens[0] if tokens else None
         conn.token = token or None
         if self.verifier is None:
