@@ -74,6 +74,7 @@ class Connection(asyncio.Protocol):
         "fragments_binary",
         "max_fragments",
         "backlog",
+        "held",
         "timer",
         "unread",
         "events",
@@ -109,6 +110,8 @@ class Connection(asyncio.Protocol):
         self.fragments_binary = False
         self.max_fragments = max_fragments
         self.backlog: list[tuple[bytes, bool]] | None = None  # held while an auth hook runs
+        # Reading stopped until an auth hook or policy answers (see `_message`, `release`).
+        self.held = False
         self.timer: asyncio.TimerHandle | None = None
         self.unread = b""  # received, not yet given to the parser (reading is paused)
         self.events: list[Request | Response | Frame] = []  # parsed, not yet handled
@@ -126,7 +129,7 @@ class Connection(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        if self.resume is not None:  # paused, yet a read was already under way
+        if self.resume is not None or self.held:  # paused, yet a read was already under way
             self.unread += data
             return
         if len(data) > READ_SLICE:
@@ -136,7 +139,7 @@ class Connection(asyncio.Protocol):
         self._handle()
 
     def eof_received(self) -> bool | None:
-        if self.resume is None and not self.unread:
+        if self.resume is None and not self.held and not self.unread:
             self.ws.receive_eof()
             self._flush()
         return None  # the transport closes itself
@@ -194,6 +197,10 @@ class Connection(asyncio.Protocol):
                     at += 1
                     handled += 1
                     self._frame(event)
+                    if self.held:  # the rest waits, unread, for the hook's answer
+                        del events[:at]
+                        self._flush()
+                        return
                 else:
                     at += 1
                     if isinstance(event, Request):
@@ -235,7 +242,7 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self._handle()
-        if self.resume is None:
+        if self.resume is None and not self.held:
             transport.resume_reading()
             self.server._flush_soon()
 
@@ -291,9 +298,25 @@ class Connection(asyncio.Protocol):
         if not self.open:
             return
         if self.backlog is not None:
+            # An auth hook or policy is under way: this frame waits for its answer, and so
+            # does the socket.  Reading stops here, so what waits is at most what was read
+            # already, and a flood waits in the client's TCP window, not in our memory.
             self.backlog.append((data, binary))
+            if not self.held:
+                self.held = True
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    transport.pause_reading()
             return
         self.server._received(self, data, binary)
+
+    def release(self) -> None:
+        """Read again after an auth hook or policy answered (see `_message`)."""
+        if not self.held:
+            return
+        self.held = False
+        if self.resume is None:
+            self.resume = asyncio.get_running_loop().call_soon(self._resume)
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -174,6 +174,7 @@ class Channel:
     access: Access = Access.ALL  # the policy's answer, cached until the token changes
     verified: Verified | None = None  # the channel's token, once verified
     serial: int = 0  # names the channel's expiry timer: an older timer is ignored
+    renewing: Verified | None = None  # a refresh waiting for the policy: no expiry meanwhile
 
 
 @dataclass(slots=True)
@@ -216,8 +217,11 @@ def _loopback(host: object) -> bool:
     """Whether listening on ``host`` reaches this machine only."""
     if not isinstance(host, str) or not host:
         return False  # None or "": every interface
+    host = host.strip().lower()
     if host == "localhost":
         return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -277,6 +281,7 @@ class PresenceServer:
         allow_anonymous: Serve without authentication on an address other than loopback (by
             default `start` refuses to), and, with a verifier, let in a handshake that carries
             no token (its channels are public ones only, and it cannot track a bound key).
+            Without a verifier, a policy is asked with empty claims.
 
     ``async with PresenceServer(...) as server`` starts it and stops it: on stop, every
     client is sent away (close 1001) and its presences leave.
@@ -896,6 +901,12 @@ class PresenceServer:
                 ok = await verdict
             except Refused:
                 ok = refused
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this wait was cancelled: the server is stopping
+                ok = refused  # the hook's own cancellation (a timeout in it): a refusal
+                logger.error("the auth hook or policy was cancelled; refusing")
             except Exception:
                 logger.exception("the auth hook or policy failed; refusing")
                 ok = refused
@@ -909,6 +920,8 @@ class PresenceServer:
                     conn.backlog.extend(backlog[at:])
                     break
                 self._received(conn, data, binary)
+            if conn.backlog is None:
+                conn.release()
 
         task = asyncio.ensure_future(settle())
         self._tasks.add(task)  # a task nobody holds may be collected mid-way
@@ -1023,6 +1036,7 @@ class PresenceServer:
         if not channel.private:
             self._renewed(conn, msg, channel, verified, channel.access)
             return
+        channel.renewing = verified
         answer = self._ask_policy(verified.claims, topic)
         if isinstance(answer, Access):
             self._renewed(conn, msg, channel, verified, answer)
@@ -1038,6 +1052,8 @@ class PresenceServer:
         self, conn: Connection, msg: Message, channel: Channel, verified: Verified, access: Access
     ) -> None:
         topic = msg.topic
+        if channel.renewing is verified:
+            channel.renewing = None
         if conn.channels.get(topic) is not channel or conn.id not in self._conns:
             return  # left, rejoined or cut while the policy was asked
         if not access.any_read:
@@ -1174,6 +1190,11 @@ class PresenceServer:
             return
         if conn.id not in self._conns or not conn.open:  # cut while the hook ran
             return
+        if self.verifier is not None and join.verified is None:
+            audit("join_refused", conn=conn.id, topic=join.msg.topic, reason="anonymous")
+            reason = "Unauthorized: a private channel needs a token"
+            self._reply(conn, join.msg, "error", {"reason": reason})
+            return
         claims = join.verified.claims if join.verified is not None else {}
         answer = self._ask_policy(claims, join.msg.topic)
         if isinstance(answer, Access):
@@ -1188,6 +1209,13 @@ class PresenceServer:
             return
         msg, payload, key = join.msg, join.payload, join.key
         topic = msg.topic
+        now = time.time()
+        if join.verified is not None and join.verified.expires_at <= now:
+            # It expired while the auth hook or the policy was asked.
+            ago = int(now - join.verified.expires_at)
+            reason = f"InvalidJWTToken: Token has expired {ago} seconds ago"
+            self._reply(conn, msg, "error", {"reason": reason})
+            return
         if not access.any_read:
             audit("join_refused", conn=conn.id, topic=topic, reason="policy")
             reason = _NO_READ + topic
@@ -1287,6 +1315,11 @@ class PresenceServer:
             expires_at = channel.verified.expires_at
             if expires_at > now:  # the hourly look: still valid
                 self._schedule(conn, entry[3], channel)
+                continue
+            renewing = channel.renewing
+            if renewing is not None and renewing.expires_at > now:
+                # Refreshed in time; the policy has yet to answer for the new token.
+                heapq.heappush(deadlines, (now + 0.25, entry[1], entry[2], entry[3]))
                 continue
             reason = f"InvalidJWTToken: Token has expired {int(now - expires_at)} seconds ago"
             audit("token_expired", conn=conn.id, topic=entry[3])
