@@ -28,9 +28,10 @@ from __future__ import annotations
 import hmac
 import importlib
 import json
+import logging
 import os
 import warnings
-from base64 import urlsafe_b64decode
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -54,6 +55,8 @@ __all__ = [
     "Verified",
     "load_policy",
 ]
+
+logger = logging.getLogger("presence_core.auth")
 
 MAX_TOKEN_LENGTH: Final = 16 * 1024
 """Tokens longer than this many characters are refused unparsed (Supabase's are under 2 KiB)."""
@@ -186,6 +189,15 @@ class JwtVerifier:
         self._short_secret: frozenset[str] = frozenset()
         if secret is not None:
             self._secret, self._short_secret = _load_secret(secret)
+            if self._short_secret:
+                # PyJWT's own warning is silenced per token (see `_SHORT_KEY_WARNING`): say it
+                # once here instead.  The length only, never the secret.
+                logger.warning(
+                    "the JWT secret is %d bytes, shorter than %s needs (32 bytes for HS256, "
+                    "64 for HS512): a short secret can be guessed offline from one token",
+                    len(self._secret),
+                    ", ".join(sorted(self._short_secret)),
+                )
         self._by_kid: dict[str, _Key] = {}
         self._sole: dict[str, _Key] = {}
         if jwks is not None:
@@ -292,7 +304,12 @@ class JwtVerifier:
         alg = header.get("alg")
         digest = self._fast_hmac.get(alg) if type(alg) is str else None
         claims = None
-        if digest is not None and header.keys() <= _PLAIN_HEADER:
+        if (
+            digest is not None
+            and header.keys() <= _PLAIN_HEADER
+            and type(header.get("kid", "")) is str
+            and type(header.get("typ", "")) is str
+        ):
             claims = self._verify_hmac(token, digest)
         if claims is None:
             claims = self._verify_pyjwt(token, header)
@@ -330,12 +347,13 @@ class JwtVerifier:
         if not dot or signing.count(".") != 1:
             return None
         payload = signing.partition(".")[2]
+        # The signature is compared in its one canonical encoding (unpadded base64url), so
+        # "==" or stray characters after it, which lenient base64 decoding would skip, make
+        # it another token for PyJWT to judge: a token's text names one token only.
+        mac = urlsafe_b64encode(hmac.digest(self._secret, signing.encode("ascii"), digest))
+        if not hmac.compare_digest(signature.encode("ascii"), mac.rstrip(b"=")):
+            return None
         try:
-            given = urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-            if not hmac.compare_digest(
-                given, hmac.digest(self._secret, signing.encode("ascii"), digest)
-            ):
-                return None
             claims = json.loads(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         except (ValueError, RecursionError):
             return None
