@@ -394,7 +394,7 @@ def test_serve_options_come_from_environment_variables() -> None:
     ("env", "message"),
     [
         ({"PRESENCE_CORE_LOG_JSON": "maybe"}, "$PRESENCE_CORE_LOG_JSON: expected true or false"),
-        ({"PRESENCE_CORE_PORT": "abc"}, "$PRESENCE_CORE_PORT: invalid int value: 'abc'"),
+        ({"PRESENCE_CORE_PORT": "abc"}, "$PRESENCE_CORE_PORT: invalid port: 'abc'"),
         ({"PRESENCE_CORE_LOG_LEVEL": "loud"}, "$PRESENCE_CORE_LOG_LEVEL: invalid choice: 'loud'"),
         ({"PRESENCE_CORE_SCALE": "nope=1:2"}, "$PRESENCE_CORE_SCALE: 'nope=1:2' is not SIGNAL"),
         (
@@ -466,8 +466,8 @@ def test_serve_options_from_a_toml_file_under_the_environment_and_the_command_li
 
     for text, message in [
         ("[serve]\njwt_secret = 'a'\nmax-conections = 5\n", "unknown option 'max-conections'"),
-        ("port = 'abc'\n", ": port: invalid int value: 'abc'"),
-        ("port = 1.5\n", ": port: invalid int value: '1.5'"),
+        ("port = 'abc'\n", ": port: invalid port: 'abc'"),
+        ("port = 1.5\n", ": port: invalid port: '1.5'"),
         ("jwt-secret = 12\n", ": jwt-secret: expected a string, not a int"),
         ("log-json = 'maybe'\n", ": log-json: expected true or false"),
         ("log-level = 'loud'\n", ": log-level: invalid choice: 'loud'"),

@@ -114,7 +114,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
         help="address to listen on (127.0.0.1); an address other than loopback needs "
         "authentication (--jwt-secret, --jwks, --policy) or --allow-anonymous",
     )
-    serve.add_argument("--port", type=int, default=4000, help="port to listen on (4000)")
+    serve.add_argument("--port", type=_port, default=4000, help="port to listen on (4000)")
     serve.add_argument(
         "--connection-ttl",
         type=float,
@@ -340,10 +340,23 @@ def parse_args(
         url, cluster = redis_target(args)
         if not url:
             serve.error("--redis-password needs --redis or --redis-cluster (or $REDIS_URL)")
-        setattr(
-            args, "redis_cluster" if cluster else "redis", with_password(url, args.redis_password)
-        )
+        try:
+            with_secret = with_password(url, args.redis_password)
+        except ValueError:  # the URL's own text may hold a password: not repeated here
+            serve.error("--redis-password: the Redis URL cannot be parsed")
+        setattr(args, "redis_cluster" if cluster else "redis", with_secret)
     return args
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535 (an argparse type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not between 0 and 65535")
+    return port
 
 
 def _env_names(dest: str) -> tuple[str, ...]:
@@ -408,7 +421,11 @@ def _convert(
                 value = _typed(serve, action, item.strip(), where)
                 out.extend(value) if isinstance(value, list) else out.append(value)
         return out
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and action.type in (int, float):
+    if (
+        isinstance(raw, int | float)
+        and not isinstance(raw, bool)
+        and action.type in (int, float, _port)
+    ):
         raw = str(raw)  # then int() refuses a float for an int option
     if not isinstance(raw, str):
         serve.error(f"{where}: expected a string, not a {type(raw).__name__}")
@@ -544,8 +561,9 @@ class Redactor:
             if secret and len(secret) >= 4:
                 forms |= {
                     secret,
-                    urllib.parse.quote(secret, safe=""),
-                    urllib.parse.quote_plus(secret),
+                    # A secret from argv may hold undecodable bytes as surrogate escapes.
+                    urllib.parse.quote(secret, safe="", errors="surrogateescape"),
+                    urllib.parse.quote_plus(secret, errors="surrogateescape"),
                     json.dumps(secret)[1:-1],
                     json.dumps(secret, ensure_ascii=False)[1:-1],
                 }
@@ -799,6 +817,11 @@ async def _serve(
         f"redis {redact_url(url)}" if url else "in-process",
         _auth_summary(args),
     )
+    if args.policy and not (args.jwt_secret or args.jwks):
+        logger.warning(
+            "--policy without --jwt-secret or --jwks: no client is identified, so the policy "
+            "sees empty claims, and public channels are open to anyone who can connect"
+        )
     if not auth_on(args):
         logger.warning(
             "nothing is authenticated: any client that can connect to port %d (on %s) may "
