@@ -46,21 +46,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import os
-import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import IO, Any
+from typing import Any
 
 import jwt
 import pytest
 from realtime import AsyncRealtimeClient
-from servers import _die_with_parent, pid_alive
+from servers import pid_alive
 from test_server import serving
 from test_server_auth import VERIFIER, token
 from test_server_clients import (
@@ -131,44 +127,12 @@ def node() -> Iterator[AuthNode]:
 class AuthNode(NodeClient):
     """``node auth_client.mjs``: any number of phoenix.js and realtime-js clients, by name.
 
-    Reuses `NodeClient`'s reader thread, event log, ``command`` (a reply that must be ``ok``)
-    and ``close`` (by PID); only the script and its argv differ.
+    `NodeClient` with another script: its reader thread, event log, ``ask``, ``command`` and
+    ``close`` (by PID).
     """
 
-    def __init__(self) -> None:  # replaces NodeClient's: another script, no client argv
-        self.name = "auth_client.mjs"
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            ["node", "--experimental-websocket", str(AUTH_CLIENT)],
-            cwd=JS_DIR,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            preexec_fn=_die_with_parent,
-        )
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    async def ask(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        """Run one command; its reply, whatever its status."""
-        ident = next(self._ids)
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps({"id": ident, "cmd": cmd, **fields}).encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise AssertionError(f"{cmd}: cannot write ({exc}): {self.diagnosis()}") from exc
-
-        def reply() -> dict[str, Any] | None:
-            return next((e for e in self._of("reply") if e.get("id") == ident), None)
-
-        await eventually(lambda: reply() is not None, f"{cmd} {fields.get('name')}", self)
-        answer = reply()
-        assert answer is not None
-        return answer
+    def __init__(self) -> None:
+        super().__init__("auth_client.mjs", "", argv=[str(AUTH_CLIENT)])
 
     def client(self, name: str) -> JsClient:
         return JsClient(self, name)

@@ -49,51 +49,9 @@
 import { createInterface } from "node:readline"
 import { Presence, Socket } from "phoenix"
 import { RealtimeClient } from "@supabase/realtime-js"
+import { COMMAND_TIMEOUT_MS, describe, emit, reply, stripRefs, withTimeout } from "./common.mjs"
 
 const HEARTBEAT_MS = Number(process.env.LIVE_CLIENT_HEARTBEAT_MS ?? 500)
-const COMMAND_TIMEOUT_MS = 5_000
-const REF_FIELDS = new Set(["phx_ref", "phx_ref_prev", "presence_ref"])
-
-function emit(message) {
-  process.stdout.write(JSON.stringify(message) + "\n")
-}
-
-function describe(error) {
-  return error instanceof Error ? `${error.name}: ${error.message}` : String(error)
-}
-
-// A library throwing from a timer or a socket callback is reported, never a silent death.
-process.on("uncaughtException", (error) => {
-  emit({ type: "error", where: "uncaught", error: describe(error) })
-})
-process.on("unhandledRejection", (error) => {
-  emit({ type: "error", where: "unhandled", error: describe(error) })
-})
-
-function stripRefs(meta) {
-  const out = {}
-  for (const [name, value] of Object.entries(meta)) if (!REF_FIELDS.has(name)) out[name] = value
-  return out
-}
-
-function withTimeout(promise, what) {
-  let timer
-  const timeout = new Promise((_, reject) => {
-    const error = new Error(`${what}: no answer in ${COMMAND_TIMEOUT_MS} ms`)
-    timer = setTimeout(() => reject(error), COMMAND_TIMEOUT_MS)
-  })
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
-}
-
-// A phoenix.js push as a promise of its reply: [status, response].
-function reply(push) {
-  return new Promise((resolve) => {
-    push
-      .receive("ok", (response) => resolve(["ok", response]))
-      .receive("error", (response) => resolve(["error", response]))
-      .receive("timeout", () => resolve(["timeout", null]))
-  })
-}
 
 // -- phoenix.js ------------------------------------------------------------------------------
 
