@@ -30,6 +30,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import warnings
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import jwt
-import orjson
 from jwt.algorithms import get_default_algorithms
 
 from ._validate import check_finite, check_time, is_number, type_name
@@ -76,6 +76,7 @@ _REASON_DEFAULT_FIELDS: Final = "Fields `role` and `exp` are required in JWT"
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 _HMAC_DIGESTS: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 _PLAIN_HEADER: Final = frozenset({"alg", "typ", "kid"})  # what the HS* fast path reads
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 _RSA_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _EC_ALGORITHMS: Final = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _OKP_CURVES: Final = frozenset({"Ed25519", "Ed448"})
@@ -333,7 +334,8 @@ class JwtVerifier:
 
     def _verify_hmac(self, token: str, digest: str) -> dict[str, Any] | None:
         """The claims of a plain HS* token whose signature and claims PyJWT would accept, or
-        None: then PyJWT decides (and words the refusal).
+        None: then PyJWT decides (and words the refusal).  Its JSON is read by `json`, as
+        PyJWT's is (orjson would turn an int beyond 64 bits into a float).
 
         PyJWT costs about 30 µs per token, most of it generic machinery; this is about 5 µs,
         which a reconnect storm of thousands of clients feels (``bench/jwt_join.py``).  It
@@ -347,7 +349,7 @@ class JwtVerifier:
         signing, dot, signature = token.rpartition(".")
         if not dot or signing.count(".") != 1:
             return None
-        payload = signing.partition(".")[2]
+        head, _, payload = signing.partition(".")
         # The signature is compared in its one canonical encoding (unpadded base64url), so
         # "==" or stray characters after it, which lenient base64 decoding would skip, make
         # it another token for PyJWT to judge: a token's text names one token only.
@@ -355,7 +357,8 @@ class JwtVerifier:
         if not hmac.compare_digest(signature.encode("ascii"), mac.rstrip(b"=")):
             return None
         try:
-            claims = _loads(urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            _canonical_b64(head)  # read already (`_peek_header`), but leniently
+            claims = json.loads(_canonical_b64(payload))
         except (ValueError, RecursionError):
             return None
         if type(claims) is not dict:
@@ -447,7 +450,7 @@ def _peek_header(token: str) -> dict[str, Any]:
     if not dot:
         raise TokenError(REASON_MALFORMED)
     try:
-        header = _loads(urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        header = json.loads(urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (ValueError, RecursionError):  # binascii.Error and JSONDecodeError are ValueErrors
         raise TokenError(REASON_MALFORMED) from None
     if type(header) is not dict:
@@ -455,16 +458,15 @@ def _peek_header(token: str) -> dict[str, Any]:
     return header
 
 
-def _loads(data: bytes) -> Any:
-    """JSON as PyJWT reads it (Python's `json`), at orjson's speed where the two agree.
-
-    orjson reads strict RFC 8259 only; what it refuses and `json` takes (NaN, Infinity, an int
-    beyond 64 bits, a lone surrogate escape) goes to `json`, so the result is always `json`'s.
-    """
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+def _canonical_b64(segment: str) -> bytes:
+    """A segment's bytes if it is unpadded base64url in its one canonical spelling (as PyJWT
+    2.15 requires), else ValueError: the fast path must not take what PyJWT refuses."""
+    if not _B64URL.fullmatch(segment):
+        raise ValueError("not base64url")
+    data = urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
+        raise ValueError("not the canonical spelling")
+    return data
 
 
 def _seconds(value: object) -> float | None:

@@ -269,7 +269,9 @@ class SupabaseBridge:
             WebSocket pings (sent after a third of that without an answer) before the bridge
             takes it for dead: the mirrors go stale and the bridge reconnects.  ``math.inf``
             turns the check off.
-        private: Join the channels as private channels.
+        private: Join the channels as private channels.  The mirror goes to the Tracker topic
+            the host names; to keep it apart from a public channel of that name on a
+            `presence_core.server.PresenceServer`, name it ``PRIVATE_PREFIX + topic``.
         flush: Flush the Tracker after each mirror change, so subscribers get it at once.
         timeout: Seconds `start` waits for each channel's join and first presence state.
 

@@ -40,6 +40,7 @@ OPEN_TIMEOUT = 10.0  # seconds from TCP accept to a complete handshake
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the socket is cut
 READ_SLICE = 16 << 10  # bytes handed to the parser at once (a slice of tiny frames is bounded)
 MESSAGES_PER_ITERATION = 64  # frames of one socket handled before the loop reads the others
+HELD_BYTES = 64 << 10  # unparsed bytes kept while an auth hook or policy answers
 
 
 def text_frame(data: bytes) -> bytes:
@@ -75,6 +76,7 @@ class Connection(asyncio.Protocol):
         "max_fragments",
         "backlog",
         "held",
+        "waiting",
         "timer",
         "unread",
         "events",
@@ -110,8 +112,9 @@ class Connection(asyncio.Protocol):
         self.fragments_binary = False
         self.max_fragments = max_fragments
         self.backlog: list[tuple[bytes, bool]] | None = None  # held while an auth hook runs
-        # Reading stopped until an auth hook or policy answers (see `_message`, `release`).
+        # Frames wait, unparsed, until an auth hook or policy answers (`_message`, `release`).
         self.held = False
+        self.waiting: asyncio.Task[None] | None = None  # that answer's task, while it runs
         self.timer: asyncio.TimerHandle | None = None
         self.unread = b""  # received, not yet given to the parser (reading is paused)
         self.events: list[Request | Response | Frame] = []  # parsed, not yet handled
@@ -129,7 +132,14 @@ class Connection(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(OPEN_TIMEOUT, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        if self.resume is not None or self.held:  # paused, yet a read was already under way
+        if self.held:
+            # Still read, so that a close or an EOF is seen and the client's presences leave
+            # at once; past HELD_BYTES the rest waits in the client's TCP window.
+            self.unread += data
+            if len(self.unread) > HELD_BYTES and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        if self.resume is not None:  # paused, yet a read was already under way
             self.unread += data
             return
         if len(data) > READ_SLICE:
@@ -146,6 +156,11 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
+        self.held = False
+        self.backlog = None
+        if self.waiting is not None:  # nobody is left to answer
+            self.waiting.cancel()
+            self.waiting = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -298,15 +313,11 @@ class Connection(asyncio.Protocol):
         if not self.open:
             return
         if self.backlog is not None:
-            # An auth hook or policy is under way: this frame waits for its answer, and so
-            # does the socket.  Reading stops here, so what waits is at most what was read
-            # already, and a flood waits in the client's TCP window, not in our memory.
+            # An auth hook or policy is under way: this frame waits for its answer, and what
+            # follows waits unparsed (see `data_received`), so a flood waits in the client's
+            # TCP window, not in our memory.
             self.backlog.append((data, binary))
-            if not self.held:
-                self.held = True
-                transport = self.transport
-                if transport is not None and not transport.is_closing():
-                    transport.pause_reading()
+            self.held = True
             return
         self.server._received(self, data, binary)
 
@@ -335,6 +346,8 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        self.backlog = None  # what waited for an auth hook is not for a closing socket
+        self.release()  # the client's close frame must be read
         if self.ws.state is State.OPEN:
             self.open = False
             self.ws.send_close(code, reason)
@@ -356,6 +369,8 @@ class Connection(asyncio.Protocol):
             self.ws.fail(code, reason)
         self.events = []
         self.unread = b""
+        self.backlog = None
+        self.held = False
         self._flush()
 
     def abort(self) -> None:

@@ -910,6 +910,8 @@ class PresenceServer:
             except Exception:
                 logger.exception("the auth hook or policy failed; refusing")
                 ok = refused
+            if conn.waiting is asyncio.current_task():
+                conn.waiting = None
             backlog, conn.backlog = conn.backlog or [], None
             if conn.open:
                 then(ok)
@@ -926,6 +928,7 @@ class PresenceServer:
         task = asyncio.ensure_future(settle())
         self._tasks.add(task)  # a task nobody holds may be collected mid-way
         task.add_done_callback(self._tasks.discard)
+        conn.waiting = task  # cancelled if the socket ends first (`Connection.connection_lost`)
 
     # -- frames --------------------------------------------------------------------------------
 
