@@ -151,7 +151,8 @@ _NO_READ = "Unauthorized: You do not have permissions to read from this Channel 
 # sees a private channel's presences or broadcasts.  Clients cannot name a topic that starts
 # with NUL (a public join of one is refused), so nothing else can reach these.
 PRIVATE_PREFIX = "\x00private:"
-_TOKEN_RECHECK = 3600.0  # seconds: a channel's token is looked at again at least this often
+_TOKEN_RECHECK = 3600.0
+_RENEW_GRACE = 5.0  # seconds past exp a channel waits for the policy to judge its new token  # seconds: a channel's token is looked at again at least this often
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -1320,7 +1321,11 @@ class PresenceServer:
                 self._schedule(conn, entry[3], channel)
                 continue
             renewing = channel.renewing
-            if renewing is not None and renewing.expires_at > now:
+            if (
+                renewing is not None
+                and renewing.expires_at > now
+                and now - expires_at < _RENEW_GRACE  # a policy that hangs fails closed
+            ):
                 # Refreshed in time; the policy has yet to answer for the new token.
                 heapq.heappush(deadlines, (now + 0.25, entry[1], entry[2], entry[3]))
                 continue
