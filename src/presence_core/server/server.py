@@ -151,8 +151,8 @@ _NO_READ = "Unauthorized: You do not have permissions to read from this Channel 
 # sees a private channel's presences or broadcasts.  Clients cannot name a topic that starts
 # with NUL (a public join of one is refused), so nothing else can reach these.
 PRIVATE_PREFIX = "\x00private:"
-_TOKEN_RECHECK = 3600.0
-_RENEW_GRACE = 5.0  # seconds past exp a channel waits for the policy to judge its new token  # seconds: a channel's token is looked at again at least this often
+_TOKEN_RECHECK = 3600.0  # seconds: a channel's token is looked at again at least this often
+_RENEW_GRACE = 5.0  # seconds past exp a channel waits for the policy to judge its new token
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
