@@ -302,12 +302,13 @@ class JwtVerifier:
             raise TokenError(REASON_MALFORMED)
         if len(token) > MAX_TOKEN_LENGTH:
             raise TokenError(REASON_TOO_LONG)
-        header = _peek_header(token)
+        header, canonical = _peek_header(token)
         alg = header.get("alg")
         digest = self._fast_hmac.get(alg) if type(alg) is str else None
         claims = None
         if (
             digest is not None
+            and canonical
             and header.keys() <= _PLAIN_HEADER
             and type(header.get("kid", "")) is str
             and type(header.get("typ", "")) is str
@@ -320,8 +321,7 @@ class JwtVerifier:
             raise TokenError(REASON_BAD_EXP)
         leeway = self._leeway
         if exp <= now - leeway:
-            ago = int(now - exp)
-            raise TokenError(f"InvalidJWTToken: Token has expired {max(ago, 0)} seconds ago")
+            raise TokenError(expired_reason(now, exp))
         for name in ("nbf", "iat"):
             value = claims.get(name)
             if value is not None:
@@ -349,7 +349,7 @@ class JwtVerifier:
         signing, dot, signature = token.rpartition(".")
         if not dot or signing.count(".") != 1:
             return None
-        head, _, payload = signing.partition(".")
+        payload = signing.partition(".")[2]
         # The signature is compared in its one canonical encoding (unpadded base64url), so
         # "==" or stray characters after it, which lenient base64 decoding would skip, make
         # it another token for PyJWT to judge: a token's text names one token only.
@@ -357,7 +357,6 @@ class JwtVerifier:
         if not hmac.compare_digest(signature.encode("ascii"), mac.rstrip(b"=")):
             return None
         try:
-            _canonical_b64(head)  # read already (`_peek_header`), but leniently
             claims = json.loads(_canonical_b64(payload))
         except (ValueError, RecursionError):
             return None
@@ -441,21 +440,30 @@ class JwtVerifier:
         )
 
 
-def _peek_header(token: str) -> dict[str, Any]:
-    # The token's header, read only to choose the key: PyJWT then parses the whole token
-    # strictly and checks that its ``alg`` is the one the key was chosen for.  This is a
-    # quarter of PyJWT's own header parser's cost (which checks the base64 character by
-    # character); anything it accepts and PyJWT does not is refused by PyJWT.
+def _peek_header(token: str) -> tuple[dict[str, Any], bool]:
+    # The token's header, read to choose the key, and whether its segment is canonical
+    # base64url (which the HS* fast path needs).  A header that is not is read leniently:
+    # PyJWT then parses the whole token strictly and checks that its ``alg`` is the one the
+    # key was chosen for, so anything read here that PyJWT refuses is refused by PyJWT.
     segment, dot, _ = token.partition(".")
     if not dot:
         raise TokenError(REASON_MALFORMED)
     try:
-        header = json.loads(urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        try:
+            data, canonical = _canonical_b64(segment), True
+        except ValueError:
+            data, canonical = urlsafe_b64decode(segment + "=" * (-len(segment) % 4)), False
+        header = json.loads(data)
     except (ValueError, RecursionError):  # binascii.Error and JSONDecodeError are ValueErrors
         raise TokenError(REASON_MALFORMED) from None
     if type(header) is not dict:
         raise TokenError(REASON_MALFORMED)
-    return header
+    return header, canonical
+
+
+def expired_reason(now: float, exp: float) -> str:
+    """Why a token whose ``exp`` is past at ``now`` is refused, in Supabase Realtime's words."""
+    return f"InvalidJWTToken: Token has expired {max(int(now - exp), 0)} seconds ago"
 
 
 def _canonical_b64(segment: str) -> bytes:

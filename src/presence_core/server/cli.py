@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from ..tracker import Tracker
 from . import bench
 from .config import ServerLimits
 from .loop import raise_nofile, run
-from .server import PresenceServer
+from .server import PresenceServer, is_loopback
 
 if TYPE_CHECKING:
     from ..auth import JwtVerifier
@@ -476,16 +475,6 @@ def _origins(text: str) -> list[str]:
             )
         origins.append(origin)
     return origins
-
-
-def is_loopback(host: str) -> bool:
-    """Whether listening on ``host`` reaches this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # "", "0.0.0.0"'s hostname forms, any name: maybe every interface
-        return False
 
 
 def auth_on(args: argparse.Namespace) -> bool:

@@ -83,7 +83,7 @@ from websockets.http11 import Request, Response
 
 from .._validate import check_seconds, check_text
 from ..audit import audit, flush_suppressed
-from ..auth import Access, JwtVerifier, Verified
+from ..auth import Access, JwtVerifier, Verified, expired_reason
 from ..errors import (
     PresenceError,
     PresenceValueError,
@@ -214,7 +214,7 @@ def _flag(value: object, default: bool) -> bool:
     return bool(value)
 
 
-def _loopback(host: object) -> bool:
+def is_loopback(host: object) -> bool:
     """Whether listening on ``host`` reaches this machine only."""
     if not isinstance(host, str) or not host:
         return False  # None or "": every interface
@@ -348,7 +348,7 @@ class PresenceServer:
         # Members' metas are personal data: with auth on, or reachable from elsewhere, the
         # dashboard's JSON is served only with a token.
         self._dashboard_locked = dashboard_token is None and (
-            verifier is not None or policy is not None or auth is not None or not _loopback(host)
+            verifier is not None or policy is not None or auth is not None or not is_loopback(host)
         )
         self.host = host
         self.port = port
@@ -389,7 +389,7 @@ class PresenceServer:
     async def start(self) -> None:
         """Listen.  Raises `PresenceValueError` for an address other than loopback without
         authentication, unless ``allow_anonymous``."""
-        if not self.auth_enabled and not self.allow_anonymous and not _loopback(self.host):
+        if not self.auth_enabled and not self.allow_anonymous and not is_loopback(self.host):
             raise PresenceValueError(
                 f"refusing to listen on {self.host!r} without authentication: set a verifier "
                 "(JWT), a policy or an auth hook, or allow_anonymous=True to serve anyone who "
@@ -986,8 +986,7 @@ class PresenceServer:
         now = time.time() if now is None else now
         verified = self.verifier.verify(token, now=now)
         if verified.expires_at <= now:
-            ago = int(now - verified.expires_at)
-            raise TokenError(f"InvalidJWTToken: Token has expired {ago} seconds ago")
+            raise TokenError(expired_reason(now, verified.expires_at))
         return verified
 
     def _unbound_reason(self) -> str:
@@ -1213,13 +1212,13 @@ class PresenceServer:
             return
         msg, payload, key = join.msg, join.payload, join.key
         topic = msg.topic
-        now = time.time()
-        if join.verified is not None and join.verified.expires_at <= now:
-            # It expired while the auth hook or the policy was asked.
-            ago = int(now - join.verified.expires_at)
-            reason = f"InvalidJWTToken: Token has expired {ago} seconds ago"
-            self._reply(conn, msg, "error", {"reason": reason})
-            return
+        if join.verified is not None:
+            now = time.time()
+            if join.verified.expires_at <= now:
+                # It expired while the auth hook or the policy was asked.
+                reason = expired_reason(now, join.verified.expires_at)
+                self._reply(conn, msg, "error", {"reason": reason})
+                return
         if not access.any_read:
             audit("join_refused", conn=conn.id, topic=topic, reason="policy")
             reason = _NO_READ + topic
@@ -1329,7 +1328,7 @@ class PresenceServer:
                 # Refreshed in time; the policy has yet to answer for the new token.
                 heapq.heappush(deadlines, (now + 0.25, entry[1], entry[2], entry[3]))
                 continue
-            reason = f"InvalidJWTToken: Token has expired {int(now - expires_at)} seconds ago"
+            reason = expired_reason(now, expires_at)
             audit("token_expired", conn=conn.id, topic=entry[3])
             message = Message(entry[3], "access_token", None, None, channel.join_ref)
             self._close_channel(conn, message, reason)
