@@ -312,6 +312,7 @@ class Tracker:
         "_plans",
         "_read_key_limit",
         "_read_topic_limit",
+        "_remote_meta_limit",
         "_refs",
         "_scalers",
         "_seen",
@@ -363,6 +364,8 @@ class Tracker:
         # Reads and leaves are not tied to a plan: accept anything some plan allows.
         self._read_key_limit = max(limits.max_key_length for limits in self._plans.values())
         self._read_topic_limit = max(limits.max_topic_length for limits in self._plans.values())
+        # A peer's metas obey the limit its own Tracker enforced: the largest of any plan.
+        self._remote_meta_limit = max(limits.max_meta_bytes for limits in self._plans.values())
         if clock is not None:
             check_callable(clock, "clock")
         # time.monotonic needs no checking; any other clock's readings are checked.
@@ -1037,8 +1040,7 @@ class Tracker:
         """
         check_text(topic, "topic", self._read_topic_limit)
         own = self._node
-        # A peer's metas obey the limit its own Tracker enforced: the largest of any plan.
-        max_meta = max(limits.max_meta_bytes for limits in self._plans.values())
+        max_meta = self._remote_meta_limit
         checked: builtins.list[tuple[str, bytes, bytes | None]] = []
         for item in joins:
             if type(item) is not tuple or len(item) != 3:
