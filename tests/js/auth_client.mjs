@@ -45,7 +45,16 @@
 import { createInterface } from "node:readline"
 import { Presence, Socket } from "phoenix"
 import { RealtimeClient } from "@supabase/realtime-js"
-import { COMMAND_TIMEOUT_MS, describe, emit, reply, stripRefs, withTimeout } from "./common.mjs"
+import {
+  COMMAND_TIMEOUT_MS,
+  describe,
+  emit,
+  reply,
+  stripRefs,
+  subscribed,
+  unsubscribed,
+  withTimeout,
+} from "./common.mjs"
 
 const HEARTBEAT_MS = 1_000
 const RECONNECT_MS = 2_000
@@ -186,16 +195,12 @@ class SupabaseClient {
       emit({ type: "sync", name, state: this.state() })
     })
     channel.on("system", {}, (payload) => emit({ type: "system", name, payload, t: now() }))
-    return new Promise((resolve) => {
-      let settled = false
-      channel.subscribe((status, error) => {
-        const reason = error ? error.message : null
-        emit({ type: "channel", name, status, error: reason, t: now() })
-        if (settled) return
-        settled = true
-        resolve([status === "SUBSCRIBED" ? "ok" : status, reason])
-      })
-    })
+    // The reason as the server wrote it (the tests compare it): the Error's message alone.
+    return subscribed(
+      channel,
+      (error) => error.message,
+      (status, reason) => emit({ type: "channel", name, status, error: reason, t: now() }),
+    )
   }
 
   async track(meta) {
@@ -206,9 +211,7 @@ class SupabaseClient {
     if (this.channel === null) return ["ok", null]
     const channel = this.channel
     this.channel = null
-    const status = await channel.unsubscribe(COMMAND_TIMEOUT_MS)
-    channel.teardown()
-    return [status, null]
+    return unsubscribed(channel)
   }
 
   channelState() {

@@ -36,6 +36,29 @@ export function withTimeout(promise, what) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
 }
 
+// realtime-js: the first status a channel's subscribe reports, as [status ("ok" for
+// SUBSCRIBED), reason]; every status, with its error turned into a reason by reasonOf, also
+// goes to onStatus.
+export function subscribed(channel, reasonOf, onStatus) {
+  return new Promise((resolve) => {
+    let settled = false
+    channel.subscribe((status, error) => {
+      const reason = error ? reasonOf(error) : null
+      onStatus(status, reason)
+      if (settled) return
+      settled = true
+      resolve([status === "SUBSCRIBED" ? "ok" : status, reason])
+    })
+  })
+}
+
+// realtime-js: leave a channel and drop it from its client, as [status, null].
+export async function unsubscribed(channel) {
+  const status = await channel.unsubscribe(COMMAND_TIMEOUT_MS)
+  channel.teardown()
+  return [status, null]
+}
+
 // A phoenix.js push as a promise of its reply: [status, response].
 export function reply(push) {
   return new Promise((resolve) => {

@@ -49,7 +49,16 @@
 import { createInterface } from "node:readline"
 import { Presence, Socket } from "phoenix"
 import { RealtimeClient } from "@supabase/realtime-js"
-import { COMMAND_TIMEOUT_MS, describe, emit, reply, stripRefs, withTimeout } from "./common.mjs"
+import {
+  COMMAND_TIMEOUT_MS,
+  describe,
+  emit,
+  reply,
+  stripRefs,
+  subscribed,
+  unsubscribed,
+  withTimeout,
+} from "./common.mjs"
 
 const HEARTBEAT_MS = Number(process.env.LIVE_CLIENT_HEARTBEAT_MS ?? 500)
 
@@ -159,15 +168,8 @@ class SupabaseClient {
     channel.on("broadcast", { event: "*" }, (message) =>
       emit({ type: "broadcast", event: message?.event, payload: message?.payload }),
     )
-    return new Promise((resolve) => {
-      let settled = false
-      channel.subscribe((status, error) => {
-        const reason = error ? describe(error) : null
-        if (status !== "SUBSCRIBED") emit({ type: "channel", status, error: reason })
-        if (settled) return
-        settled = true
-        resolve([status === "SUBSCRIBED" ? "ok" : status, reason])
-      })
+    return subscribed(channel, describe, (status, reason) => {
+      if (status !== "SUBSCRIBED") emit({ type: "channel", status, error: reason })
     })
   }
 
@@ -187,9 +189,7 @@ class SupabaseClient {
     if (this.channel === null) return ["ok", null]
     const channel = this.channel
     this.channel = null
-    const status = await channel.unsubscribe(COMMAND_TIMEOUT_MS)
-    channel.teardown()
-    return [status, null]
+    return unsubscribed(channel)
   }
 
   state() {
