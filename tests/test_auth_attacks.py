@@ -24,8 +24,7 @@ from test_server_auth import SECRET, VERIFIER, client, join, settle, token, unti
 
 from presence_core.auth import Access, JwtVerifier
 from presence_core.errors import TokenError
-from presence_core.server import cli
-from presence_core.server.config import ServerLimits
+from presence_core.server import ServerLimits, cli
 
 
 def _b64(data: bytes) -> str:
@@ -93,7 +92,7 @@ def test_frames_held_while_a_policy_waits_are_bounded() -> None:
             try:
                 async with client(s, apikey=token("mallory")) as c:
                     await c.push("p", "phx_join", {"config": {"private": True}})
-                    conn = s._conns[max(s._conns)]
+                    conn = s.core.sessions[max(s.core.sessions)]
                     assert await settle(lambda: conn.backlog is not None)
                     big = json.dumps([None, "1", "p", "heartbeat", {"x": "A" * (60 * 1024)}])
 
@@ -211,7 +210,7 @@ def test_a_refresh_sent_before_exp_keeps_the_channel_while_a_slow_policy_answers
                 assert "phx_close" not in names, names
                 replies = [m for m in events if m["event"] == "phx_reply" and m["ref"] == ref]
                 assert replies and replies[0]["payload"]["status"] == "ok"
-                assert "slow" in server._conns[max(server._conns)].channels
+                assert "slow" in server.core.sessions[max(server.core.sessions)].channels
 
     run(main)
 

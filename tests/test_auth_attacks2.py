@@ -120,7 +120,7 @@ def test_a_client_that_leaves_while_a_policy_waits_leaves_at_once() -> None:
                         assert "ghost" in diff["payload"]["joins"]
                         await push("3", "3", "slow", "phx_join", {"config": {"private": True}})
                         await push(None, "4", "phoenix", "heartbeat", {})  # held
-                        conn = s._conns[max(s._conns)]
+                        conn = s.core.sessions[max(s.core.sessions)]
                         assert await settle(lambda: conn.held)
                     closed = time.monotonic()
                     left = False
@@ -157,7 +157,7 @@ def test_stop_does_not_wait_out_the_close_timeout_for_a_held_socket() -> None:
             async with client(server, apikey=token("a")) as c:
                 await c.push("p", "phx_join", {"config": {"private": True}})
                 await c.push("phoenix", "heartbeat", {})  # held
-                conn = server._conns[max(server._conns)]
+                conn = server.core.sessions[max(server.core.sessions)]
                 assert await settle(lambda: conn.held)
                 started = time.monotonic()
                 await cm.__aexit__(None, None, None)
@@ -196,7 +196,7 @@ def test_a_socket_that_ended_while_a_policy_waits_holds_no_frames(
                     json.dumps([None, "1", "p", "phx_join", {"config": {"private": True}}])
                 )
                 await ws.send(big)
-                conn = s._conns[max(s._conns)]
+                conn = s.core.sessions[max(s.core.sessions)]
                 assert await settle(lambda: conn.held)
                 assert await settle(lambda: conn not in s._sockets, timeout=5.0)
             held = sum(len(data) for data, _ in conn.backlog or [])

@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.uri import parse_uri
 
 from presence_core import Limits, Tracker
+from presence_core.protocol import core as core_module
 from presence_core.server import PresenceServer, Refused, ServerLimits
 from presence_core.server import connection as connection_module
-from presence_core.server import server as server_module
 
 T = TypeVar("T")
 
@@ -539,8 +539,8 @@ def test_a_reconnect_storm_batches_diffs_and_ends(
 ) -> None:
     """Sockets arriving fast make a storm: diffs go out every 0.5 s, each carrying many joins,
     none lost; once the arrivals stop, diffs go out at once again."""
-    monkeypatch.setattr(server_module, "_STORM_SOCKETS", 20.0)  # 5 sockets in 0.25 s
-    caplog.set_level("INFO", logger="presence_core.server")
+    monkeypatch.setattr(core_module, "_STORM_SOCKETS", 20.0)  # 5 sockets in 0.25 s
+    caplog.set_level("INFO", logger="presence_core.protocol")
     clients = 60
 
     async def main() -> None:

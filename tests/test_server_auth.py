@@ -268,7 +268,7 @@ def test_a_refreshed_token_keeps_the_channel_and_a_bad_or_foreign_one_closes_it(
                 await asyncio.sleep(3.2)
                 assert "alice" in server.tracker.list("room")
                 # hall kept the first token: it was closed at its exp.
-                assert "hall" not in server._conns[max(server._conns)].channels
+                assert "hall" not in server.core.sessions[max(server.core.sessions)].channels
                 # A token for someone else closes the channel; so does a wrongly signed one.
                 await alice.push("room", "access_token", {"access_token": token("bob")}, "1")
                 system = await until_on(alice, "room", "system")

@@ -58,7 +58,7 @@ async def eventually(predicate: Callable[[], object], timeout: float = 5.0) -> b
 
 def server_side(server: PresenceServer, address: Any) -> Connection:
     """The server's open `Connection` for the client socket bound to ``address``."""
-    for conn in list(server._conns.values()):
+    for conn in list(server.core.sessions.values()):
         transport = conn.transport
         if transport is not None and transport.get_extra_info("peername") == address:
             return conn
@@ -67,7 +67,7 @@ def server_side(server: PresenceServer, address: Any) -> Connection:
 
 def socket_ids(server: PresenceServer) -> set[int]:
     """Ids of the connections the server still holds in any way."""
-    return {conn.id for conn in list(server._sockets)} | set(server._conns)
+    return {conn.id for conn in list(server._sockets)} | set(server.core.sessions)
 
 
 def parse(raw: str | bytes) -> dict[str, Any]:
@@ -188,7 +188,7 @@ async def slow_member(server: PresenceServer, topic: str, join_ref: str = "1") -
         join = {"config": {"presence": {"key": "slow"}}}
         await raw.send(raw.frame(v2_push(join_ref, join_ref, topic, "phx_join", join)))
         assert await eventually(
-            lambda: conn.id in getattr(server._topics.get(topic), "members", ())
+            lambda: conn.id in getattr(server.core.topics.get(topic), "members", ())
         )
     except BaseException:
         raw.close()
@@ -203,7 +203,7 @@ async def fill_until_cut(server: PresenceServer, talker: Client, conn_id: int) -
     for _ in range(60):
         ref = await talker.push("room", "broadcast", body)
         assert (await talker.until("phx_reply", timeout=5.0))["ref"] == ref
-        if conn_id not in server._conns:
+        if conn_id not in server.core.sessions:
             return
     raise AssertionError("the slow reader was never cut")
 
@@ -338,7 +338,7 @@ async def until_cut(
         sent += 1
         if not await eventually(caught_up(c, seqs, sent - 1), 3.0):
             break  # a reader missed it: the assertions say which
-        if c.slow_id not in server._conns:
+        if c.slow_id not in server.core.sessions:
             after_cut += 1
     return sent
 
@@ -357,7 +357,7 @@ def test_a_slow_reader_cut_during_a_broadcast_costs_the_others_nothing() -> None
                 await c.sender.push("room", "broadcast", body, c.sender_join)
 
             sent = await until_cut(server, c, send, broadcast_seqs)
-            assert c.slow_id not in server._conns, "the slow reader was never cut"
+            assert c.slow_id not in server.core.sessions, "the slow reader was never cut"
             for i, box in enumerate(c.inboxes):
                 assert broadcast_seqs(box) == list(range(sent)), f"reader {i}"
             ref = await c.sender.push("phoenix", "heartbeat", {})
@@ -380,7 +380,7 @@ def test_a_slow_reader_cut_during_a_diff_costs_the_others_nothing() -> None:
                 await c.sender.push("room", "presence", track, c.sender_join)
 
             sent = await until_cut(server, c, send, diff_seqs)
-            assert c.slow_id not in server._conns, "the slow reader was never cut"
+            assert c.slow_id not in server.core.sessions, "the slow reader was never cut"
             for i, box in enumerate(c.inboxes):
                 assert diff_seqs(box) == list(range(sent)), f"reader {i}"
 
@@ -826,7 +826,7 @@ def test_a_join_of_a_topic_the_tracker_refuses_gets_an_error_and_leaves_nothing(
                 assert reply["ref"] == ref and reply["payload"]["status"] == "error", reply
                 reason = reply["payload"]["response"]["reason"]
                 assert isinstance(reason, str) and reason
-                assert topic not in server._topics
+                assert topic not in server.core.topics
             await c.join("a", "k")
             await c.join("b", "k")
 
@@ -845,7 +845,7 @@ def test_a_join_with_a_presence_key_over_the_limit_gets_an_error_and_tracks_noth
             await c.push("room", "presence", track, ref)
             assert (await c.until("phx_reply"))["payload"]["status"] == "error"
             assert server.tracker.totals().presences == 0
-            assert "room" not in server._topics
+            assert "room" not in server.core.topics
 
     run(main)
 
@@ -871,9 +871,9 @@ def test_a_join_after_a_protocol_error_in_the_same_segment_does_not_register() -
                 await raw.send(raw.frame("{not json"), rejoin)
                 close = await raw.until_closed()
                 assert close is not None and close.code == 1007, close
-                assert await eventually(lambda: conn_id not in server._conns)
+                assert await eventually(lambda: conn_id not in server.core.sessions)
                 await asyncio.sleep(0.05)
-                members = server._topics["room"].members
+                members = server.core.topics["room"].members
                 assert conn_id not in members
                 assert all(m.open for m in members.values())
             finally:
@@ -919,12 +919,12 @@ def test_a_rejoin_whose_writes_cut_the_socket_does_not_register() -> None:
                     await cast(min(4000, room - overhead))
                 buffered = transport.get_write_buffer_size()
                 assert high - 2 * len(old_ref) < buffered <= high, buffered
-                assert conn_id in server._conns
+                assert conn_id in server.core.sessions
                 rejoin = v2_push("r", "r", "room", "phx_join", {"config": {}})
                 await slow.send(slow.frame(rejoin))
-                assert await eventually(lambda: conn_id not in server._conns), "never cut"
+                assert await eventually(lambda: conn_id not in server.core.sessions), "never cut"
                 await asyncio.sleep(0.05)
-                members = server._topics["room"].members
+                members = server.core.topics["room"].members
                 assert conn_id not in members, "the cut connection is a member of the topic"
                 assert all(m.open for m in members.values())
             finally:
@@ -945,7 +945,7 @@ HANDSHAKE = (
 
 async def sample_storm(server: PresenceServer, samples: list[bool]) -> None:
     while True:
-        samples.append(server._storm)
+        samples.append(server.core.storm)
         await asyncio.sleep(0.01)
 
 
@@ -954,7 +954,7 @@ async def storm_while(
     arrive: Callable[[int], Awaitable[None]],
     then: Callable[[list[bool]], Awaitable[object]],
 ) -> list[bool]:
-    """``server._storm`` every 10 ms while 400 ``arrive(i)`` run, 50 at a time, and while
+    """``server.core.storm`` every 10 ms while 400 ``arrive(i)`` run, 50 at a time, and while
     ``then(samples)`` runs after them."""
     samples: list[bool] = []
     sampler = asyncio.ensure_future(sample_storm(server, samples))
@@ -1174,12 +1174,12 @@ def test_disconnects_are_counted_by_reason() -> None:
             try:
                 silent_id = server_side(server, silent.address).id
                 for _ in range(300):  # the talker heartbeats; the silent one expires
-                    if silent_id not in server._conns:
+                    if silent_id not in server.core.sessions:
                         break
                     ref = await talker.push("phoenix", "heartbeat", {})
                     assert (await talker.until("phx_reply"))["ref"] == ref
                     await asyncio.sleep(0.01)
-                assert silent_id not in server._conns, "the silent connection never expired"
+                assert silent_id not in server.core.sessions, "the silent connection never expired"
             finally:
                 silent.close()
             server.tracker.sync_metrics()

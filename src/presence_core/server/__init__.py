@@ -4,7 +4,8 @@
 is the ``presence-core`` command (``serve``).
 """
 
-from presence_core.server.config import AuthHook, Refused, ServerLimits
-from presence_core.server.server import PRIVATE_PREFIX, PresenceServer
+from presence_core.protocol import PRIVATE_PREFIX
+from presence_core.protocol.config import AuthHook, Refused, ServerLimits
+from presence_core.server.server import PresenceServer
 
 __all__ = ["PRIVATE_PREFIX", "AuthHook", "PresenceServer", "Refused", "ServerLimits"]

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import __version__
 from ..errors import PresenceError
 from ..limits import Limits
+from ..protocol.config import ServerLimits
 from ..scaling import LOAD_SIGNALS, Threshold, ThresholdScaler
 from ..tracker import Tracker
 from . import bench
-from .config import ServerLimits
 from .loop import raise_nofile, run
 from .server import PresenceServer, is_loopback
 

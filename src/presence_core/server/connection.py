@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Protocol, cast
 
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import CloseCode, Frame, Opcode
@@ -29,12 +29,9 @@ from websockets.server import ServerProtocol
 
 from ..errors import RateLimited
 from ..limits import Limits, admit
+from ..protocol import Session
 
-if TYPE_CHECKING:
-    from ..auth import Verified
-    from .server import Channel, PresenceServer
-
-__all__ = ["Connection", "text_frame"]
+__all__ = ["Connection", "Owner", "text_frame"]
 
 OPEN_TIMEOUT = 10.0  # seconds from TCP accept to a complete handshake
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the socket is cut
@@ -48,35 +45,55 @@ def text_frame(data: bytes) -> bytes:
     return Frame(Opcode.TEXT, data).serialize(mask=False)
 
 
-class Connection(asyncio.Protocol):
-    """A WebSocket client of a `PresenceServer`, with its Phoenix state.
+class Owner(Protocol):
+    """What a `Connection` tells the server that accepted it (`PresenceServer`)."""
 
-    The transport calls `data_received`; complete messages go to the server's ``_received``,
-    the handshake to its ``_handshake``, and the end of the socket to its ``_closed``.
+    def accept_socket(self, conn: Connection) -> bool:
+        """A new TCP connection: False to cut it at once."""
+
+    def answer(self, conn: Connection, request: Request) -> Response:
+        """The answer to the socket's HTTP request (101 to open it as a WebSocket)."""
+
+    def opened(self, conn: Connection) -> None:
+        """The WebSocket handshake is done."""
+
+    def received(self, conn: Connection, data: bytes, binary: bool) -> None:
+        """One complete message."""
+
+    def dropped(self, conn: Connection, why: str | None) -> None:
+        """The socket is ending (a close frame, a protocol or limit fault counted as ``why``):
+        its presences leave now, whatever the closing handshake does."""
+
+    def slow(self, conn: Connection) -> None:
+        """The client reads slower than its topics change (called soon after, never inside,
+        the fan-out that found it)."""
+
+    def closed(self, conn: Connection) -> None:
+        """The socket has ended (only for one `accept_socket` let in)."""
+
+    def flush_soon(self) -> None:
+        """What this socket changed should go out."""
+
+
+class Connection(Session, asyncio.Protocol):
+    """A WebSocket client, with its Phoenix state (`Session`, the protocol core's).
+
+    The transport calls `data_received`; the handshake, complete messages and the end of the
+    socket go to its `Owner`.
     """
 
     __slots__ = (
-        "server",
-        "id",
+        "owner",
         "ws",
         "transport",
         "open",
-        "version",
-        "token",
-        "verified",
         "peer",
-        "joined",
-        "channels",
-        "joins_tat",
-        "broadcasts_tat",
         "frames_tat",
         "frames_rate",
         "fragments",
         "fragments_binary",
         "max_fragments",
-        "backlog",
         "held",
-        "waiting",
         "timer",
         "unread",
         "events",
@@ -86,35 +103,26 @@ class Connection(asyncio.Protocol):
 
     def __init__(
         self,
-        server: PresenceServer,
+        owner: Owner,
         conn_id: int,
         max_size: int,
         *,
         frames_rate: Limits | None = None,
         max_fragments: int = 64,
     ) -> None:
-        self.server = server
-        self.id = conn_id
+        Session.__init__(self, conn_id)
+        self.owner = owner
         self.ws = ServerProtocol(max_size=max_size)
         self.transport: asyncio.Transport | None = None
         self.open = False  # handshake done and no close frame sent or received
-        self.version: Literal[1, 2] = 1
-        self.token: str | None = None
-        self.verified: Verified | None = None  # the handshake's token, once verified
         self.peer: str | None = None  # the client's address, when counted per address
-        self.joined = False  # has joined a topic (what a reconnect storm counts)
-        self.channels: dict[str, Channel] = {}
-        self.joins_tat = -math.inf  # token buckets (`limits.admit`): theoretical arrival times
-        self.broadcasts_tat = -math.inf
-        self.frames_tat = -math.inf
+        self.frames_tat = -math.inf  # a token bucket (`limits.admit`)
         self.frames_rate = frames_rate  # None: frames are not rate limited
         self.fragments: list[bytes] | None = None  # a fragmented message being received
         self.fragments_binary = False
         self.max_fragments = max_fragments
-        self.backlog: list[tuple[bytes, bool]] | None = None  # held while an auth hook runs
         # Frames wait, unparsed, until an auth hook or policy answers (`_message`, `release`).
         self.held = False
-        self.waiting: asyncio.Task[None] | None = None  # that answer's task, while it runs
         self.timer: asyncio.TimerHandle | None = None
         self.unread = b""  # received, not yet given to the parser (reading is paused)
         self.events: list[Request | Response | Frame] = []  # parsed, not yet handled
@@ -125,7 +133,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if not self.server._accept(self):
+        if not self.owner.accept_socket(self):
             self.accepted = False
             self.transport.abort()
             return
@@ -157,10 +165,6 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
         self.held = False
-        self.backlog = None
-        if self.waiting is not None:  # nobody is left to answer
-            self.waiting.cancel()
-            self.waiting = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -175,7 +179,7 @@ class Connection(asyncio.Protocol):
         # cycle, so a closed connection is freed by reference counting alone.
         self.ws.parser.close()
         if self.accepted:
-            self.server._closed(self)
+            self.owner.closed(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than its topics change: it would hold ever more memory here.
@@ -184,7 +188,7 @@ class Connection(asyncio.Protocol):
         # the topic's members: writes to this socket stop now, its members leave after.
         if self.open:
             self.open = False
-            asyncio.get_running_loop().call_soon(self.server._slow, self)
+            asyncio.get_running_loop().call_soon(self.owner.slow, self)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -236,7 +240,7 @@ class Connection(asyncio.Protocol):
         exc = self.ws.parser_exc
         if exc is not None and self.open:
             self.open = False
-            self.server._failed(
+            self.owner.dropped(
                 self, "limit" if isinstance(exc, PayloadTooBig) else "protocol_error"
             )
 
@@ -259,16 +263,15 @@ class Connection(asyncio.Protocol):
         self._handle()
         if self.resume is None and not self.held:
             transport.resume_reading()
-            self.server._flush_soon()
+            self.owner.flush_soon()
 
     def _handshake(self, request: Request) -> None:
-        server = self.server
         if self.ws.parser_exc is not None:
             # Bytes after the request that are no WebSocket frames: a second, pipelined
             # request.  One request per connection here; say so rather than guess.
-            response = server._plain(400, b"one request per connection\n")
+            response = self.ws.reject(400, "one request per connection\n")
         else:
-            response = server._handshake(self, request)
+            response = self.owner.answer(self, request)
         if response.status_code != 101:
             # An HTTP answer ends the connection: written here, not through the protocol,
             # whose parser may already have failed on what followed the request.
@@ -285,7 +288,7 @@ class Connection(asyncio.Protocol):
         self.timer.cancel()
         self.timer = None
         self.open = True
-        server._opened(self)
+        self.owner.opened(self)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -307,19 +310,17 @@ class Connection(asyncio.Protocol):
             # The protocol has answered it, and the client will close the socket; its
             # presences leave now, not when (or if) it does.
             self.open = False
-            self.server._drop(self)
+            self.owner.dropped(self, None)
 
     def _message(self, data: bytes, binary: bool) -> None:
         if not self.open:
             return
-        if self.backlog is not None:
-            # An auth hook or policy is under way: this frame waits for its answer, and what
-            # follows waits unparsed (see `data_received`), so a flood waits in the client's
-            # TCP window, not in our memory.
-            self.backlog.append((data, binary))
+        self.owner.received(self, data, binary)
+        if self.waiting is not None:
+            # An auth hook or policy is under way: what follows waits unparsed (see
+            # `data_received`) for its answer, so a flood waits in the client's TCP window,
+            # not in our memory.
             self.held = True
-            return
-        self.server._received(self, data, binary)
 
     def release(self) -> None:
         """Read again after an auth hook or policy answered (see `_message`)."""
@@ -346,7 +347,6 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self.backlog = None  # what waited for an auth hook is not for a closing socket
         self.release()  # the client's close frame must be read
         if self.ws.state is State.OPEN:
             self.open = False
@@ -358,18 +358,19 @@ class Connection(asyncio.Protocol):
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
-    def fail(self, code: int, reason: str, why: str) -> None:
+    def fail(self, code: int, reason: str, why: str | None) -> None:
         """End the socket for breaking a rule of the protocol or a limit: a close frame with
         ``code`` and ``reason``, then the TCP connection ends; nothing it sends is read after.
-        ``why`` is counted in ``disconnects{reason}``."""
+        ``why`` is counted in ``disconnects{reason}`` (None: the protocol core has counted
+        it)."""
         if self.open:
             self.open = False
-            self.server._failed(self, why)
+            if why is not None:
+                self.owner.dropped(self, why)
         if self.ws.state is State.OPEN:
             self.ws.fail(code, reason)
         self.events = []
         self.unread = b""
-        self.backlog = None
         self.held = False
         self._flush()
 

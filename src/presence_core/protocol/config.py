@@ -1,4 +1,4 @@
-"""What a `PresenceServer` allows each connection, and the host's auth hook."""
+"""What a front door allows each connection (`ServerLimits`), and the host's auth hook."""
 
 from __future__ import annotations
 
