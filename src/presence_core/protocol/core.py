@@ -213,6 +213,7 @@ class Session:
         "joined",
         "waiting",
         "backlog",
+        "key",
     )
 
     def __init__(self, session_id: int) -> None:
@@ -228,6 +229,9 @@ class Session:
         # the answer if it fails).  Meanwhile its messages wait in `backlog`, in order.
         self.waiting: tuple[Callable[[Any, float], None], Any] | None = None
         self.backlog: list[tuple[bytes, bool]] | None = None
+        # The presence key the host chose for this socket (its own authentication decided
+        # it): every channel tracks under it, and a join that asks for another is refused.
+        self.key: str | None = None
 
 
 @dataclass(slots=True)
@@ -454,9 +458,14 @@ class PhoenixCore:
             self.disconnect(session, "refused_handshake")
             self.actions.append(Close(session, 1008, "unauthorized", False))
 
-    def disconnect(self, session: Session, reason: str | None = None) -> bool:
+    def disconnect(
+        self, session: Session, reason: str | None = None, *, keep_presences: bool = False
+    ) -> bool:
         """The socket ended (or is being closed): its channels end and its presences leave
-        now.  ``reason`` is counted in ``disconnects{reason}``.  False if it was not open."""
+        now.  ``reason`` is counted in ``disconnects{reason}``.  False if it was not open.
+
+        ``keep_presences``: a hand-over (the server restarts): the channels end, but the
+        Tracker connection and its presences stay until the door disconnects it there."""
         session.waiting = None
         session.backlog = None
         if self.sessions.pop(session.id, None) is None:
@@ -465,7 +474,8 @@ class PhoenixCore:
             self.tracker.record_disconnect(reason)
         for topic in list(session.channels):
             self._leave_members(session, topic)
-        self.tracker.disconnect(session.id)
+        if not keep_presences:
+            self.tracker.disconnect(session.id)
         return True
 
     def fail(self, session: Session, code: int, reason: str, why: str) -> None:
@@ -859,7 +869,17 @@ class PhoenixCore:
                     audit("token_refused", conn=session.id, topic=msg.topic, reason=exc.reason)
                     self._reply(session, msg, "error", {"reason": exc.reason})
                     return None
-        if self.key_claim is not None:
+        if session.key is not None:
+            if key and key != session.key:
+                audit("join_refused", conn=session.id, topic=msg.topic, reason="key_not_bound")
+                reason = (
+                    "Unauthorized: the server chose this socket's presence key; this join asks "
+                    "for another"
+                )
+                self._reply(session, msg, "error", {"reason": reason})
+                return None
+            key = session.key
+        elif self.key_claim is not None:
             bound = None if verified is None else _claim_text(verified.claims.get(self.key_claim))
             if key and key != bound:
                 audit("join_refused", conn=session.id, topic=msg.topic, reason="key_not_bound")
@@ -945,7 +965,7 @@ class PhoenixCore:
             verified=join.verified,
         )
         session.channels[topic] = channel
-        if self.key_claim is not None and key is not None:
+        if key is not None and (self.key_claim is not None or session.key is not None):
             # The Tracker refuses any other key too, so a bug here cannot let one through.
             self.tracker.bind_key(session.id, key, topic=tracked)
         if not session.joined:  # a reconnect storm counts sockets that join, not handshakes
@@ -989,7 +1009,7 @@ class PhoenixCore:
         if channel is None:
             return None
         tracked = channel.tracked
-        if self.key_claim is not None:
+        if self.key_claim is not None or session.key is not None:
             self.tracker.unbind_key(session.id, topic=tracked)
         t = self.topics.get(tracked)
         if t is None:

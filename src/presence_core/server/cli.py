@@ -36,6 +36,7 @@ from .server import PresenceServer, is_loopback
 
 if TYPE_CHECKING:
     from ..auth import JwtVerifier
+    from ..store import RedisStore
     from ..typing import Policy
 
 __all__ = ["main", "parse_args"]
@@ -728,9 +729,9 @@ async def _freeze_connections(server: PresenceServer) -> None:
             frozen_at = count
 
 
-async def _serve(
-    args: argparse.Namespace, verifier: JwtVerifier | None, policy: Policy | None
-) -> int:
+def components(args: argparse.Namespace) -> tuple[ServerLimits, Tracker, RedisStore | None]:
+    """What ``serve``'s options build: the limits, the Tracker and (with --redis or
+    --redis-cluster) its store, not started yet.  The ASGI app is built from the same."""
     limits = ServerLimits(
         max_frame_bytes=args.max_frame_bytes,
         max_connections=args.max_connections,
@@ -776,6 +777,15 @@ async def _serve(
             cluster=cluster,
             liveness_timeout=args.liveness_timeout,
         )
+    return limits, tracker, store
+
+
+async def _serve(
+    args: argparse.Namespace, verifier: JwtVerifier | None, policy: Policy | None
+) -> int:
+    limits, tracker, store = components(args)
+    url, _ = redis_target(args)
+    if store is not None:
         await store.start()
     server = PresenceServer(
         tracker,
@@ -837,6 +847,18 @@ async def _serve(
     if store is not None:
         await store.stop()
     return 0
+
+
+def configured(
+    argv: Sequence[str] = (), environ: Mapping[str, str] | None = None
+) -> tuple[argparse.Namespace, JwtVerifier | None, Policy | None]:
+    """``serve``'s options from ``argv``, the environment (``PRESENCE_CORE_*``,
+    ``REDIS_URL``) and ``--config``, with the verifier and policy they name: what another
+    front door (`presence_core.asgi.from_environment`) is configured from.  A bad value exits
+    2, as ``serve`` does."""
+    args = parse_args(["serve", *argv], environ)
+    verifier, policy = _auth_parts(_parsers()[1], args, Redactor.of(args))
+    return args, verifier, policy
 
 
 if __name__ == "__main__":  # pragma: no cover
