@@ -109,14 +109,41 @@ def health(port: int) -> int | None:
         return None
 
 
-class Serve:
-    """One ``presence-core serve`` process on a free port, ready once /health says 200."""
+DOORS = ("serve", "asgi")
 
-    def __init__(self, log_dir: Path, *args: str) -> None:
+
+def door_env(args: tuple[str, ...]) -> dict[str, str]:
+    """``serve``'s options as the environment the ASGI app reads them from
+    (``--liveness-timeout 2`` is ``PRESENCE_CORE_LIVENESS_TIMEOUT=2``)."""
+    env: dict[str, str] = {}
+    at = 0
+    while at < len(args):
+        name = "PRESENCE_CORE_" + args[at].removeprefix("--").replace("-", "_").upper()
+        if at + 1 < len(args) and not args[at + 1].startswith("--"):
+            env[name], at = args[at + 1], at + 2
+        else:
+            env[name], at = "true", at + 1
+    return env
+
+
+class Serve:
+    """One server process on a free port, ready once /health says 200: ``presence-core
+    serve``, or (``door="asgi"``) the ASGI app under uvicorn, configured from the same
+    options (`presence_core.asgi.from_environment`)."""
+
+    def __init__(self, log_dir: Path, *args: str, door: str = "serve") -> None:
         self.port = free_port()
-        self.log_path = log_dir / f"serve-{self.port}.log"
-        argv = [EXE, "serve", "--port", str(self.port), "--connection-ttl", str(TTL)]
-        argv += ["--max-frame-bytes", str(MAX_FRAME), *args]
+        self.door = door
+        self.log_path = log_dir / f"{door}-{self.port}.log"
+        options = ("--connection-ttl", str(TTL), "--max-frame-bytes", str(MAX_FRAME), *args)
+        env = None
+        if door == "serve":
+            argv = [EXE, "serve", "--port", str(self.port), *options]
+        else:
+            argv = [sys.executable, "-m", "uvicorn", "--factory"]
+            argv += ["presence_core.asgi:from_environment", "--port", str(self.port)]
+            argv += ["--log-level", "warning", "--timeout-graceful-shutdown", "2"]
+            env = {**os.environ, **door_env(options)}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
@@ -124,6 +151,7 @@ class Serve:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
+                env=env,
             )
         try:
             wait_until(self._ready, START_TIMEOUT, f"presence-core serve on {self.port}")
@@ -164,10 +192,13 @@ class Serve:
         assert not pid_alive(self.proc.pid)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    """One in-process server for the module's single-server tests (each uses its own topic)."""
-    serve = Serve(tmp_path_factory.mktemp("serve"))
+@pytest.fixture(scope="module", params=DOORS)
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Serve]:
+    """One server for the module's single-server tests (each uses its own topic), for each
+    front door: ``serve`` and the ASGI app under uvicorn."""
+    serve = Serve(tmp_path_factory.mktemp("serve"), door=request.param)
     try:
         yield serve
     finally:
@@ -685,8 +716,12 @@ def test_malformed_frames_leave_the_server_and_the_others_intact(
 # -- two servers sharing presence through Valkey ---------------------------------------------
 
 
-@pytest.fixture
-def two_servers(valkey: ValkeyServer, tmp_path: Path) -> Iterator[tuple[Serve, Serve]]:
+@pytest.fixture(params=DOORS)
+def two_servers(
+    valkey: ValkeyServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Serve, Serve]]:
+    """Two processes of one front door sharing presence through Valkey (for the ASGI app:
+    two uvicorn processes, one worker each, as a process manager would run them)."""
     prefix = f"live-{uuid.uuid4().hex[:8]}"  # keys of our own in the shared valkey
     started: list[Serve] = []
     try:
@@ -700,6 +735,7 @@ def two_servers(valkey: ValkeyServer, tmp_path: Path) -> Iterator[tuple[Serve, S
                     prefix,
                     "--liveness-timeout",
                     str(LIVENESS),
+                    door=request.param,
                 )
             )
         yield started[0], started[1]

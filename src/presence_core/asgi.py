@@ -405,8 +405,10 @@ class PresenceApp:
                     code, reason = item
                     await send({"type": "websocket.close", "code": code, "reason": reason})
                     return
-        except OSError:
-            return  # the socket is gone (ASGI 2.4: a send after disconnect raises)
+        except (OSError, RuntimeError):
+            # The socket is gone: ASGI 2.4 servers raise an OSError for a send after the
+            # disconnect; Starlette's WebSocket wrapper raises RuntimeError.
+            return
 
     # -- the core's actions --------------------------------------------------------------------
 
