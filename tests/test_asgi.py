@@ -61,6 +61,17 @@ async def uvicorn_serving(app: Any, **options: Any) -> AsyncIterator[int]:
             await task
 
 
+@contextlib.asynccontextmanager
+async def asgi_serving(**kwargs: Any) -> AsyncIterator[PresenceApp]:
+    """What tests/test_server.py's ``serving`` gives, through the ASGI door: a started
+    `PresenceApp` under uvicorn, with ``port`` set to where it listens."""
+    tracker = kwargs.pop("tracker", None) or Tracker(connection_ttl=kwargs.pop("ttl", 60.0))
+    app = PresenceApp(tracker, **kwargs)
+    async with uvicorn_serving(app, lifespan="on") as port:
+        app.port = port  # type: ignore[attr-defined]
+        yield app
+
+
 def get(port: int, path: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:

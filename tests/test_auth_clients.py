@@ -57,6 +57,7 @@ import jwt
 import pytest
 from realtime import AsyncRealtimeClient
 from servers import pid_alive
+from test_asgi import asgi_serving
 from test_server import serving
 from test_server_auth import VERIFIER, token
 from test_server_clients import (
@@ -102,8 +103,15 @@ def expired(sub: str = "alice") -> str:
 # -- availability ----------------------------------------------------------------------------
 
 
+@pytest.fixture(params=("serve", "asgi"))
+def door(request: pytest.FixtureRequest) -> str:
+    """The front door every server of the test is: ``PresenceServer``, or the ASGI app under
+    uvicorn (the same protocol core)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def node() -> Iterator[AuthNode]:
+def node(door: str) -> Iterator[AuthNode]:
     """One ``node auth_client.mjs`` process for the test, stopped by PID however it ends."""
     reason = _js_unavailable()
     if reason is not None:
@@ -113,7 +121,7 @@ def node() -> Iterator[AuthNode]:
                 pytrace=False,
             )
         pytest.skip(f"JavaScript clients unavailable: {reason} ({NPM_HINT} to run these tests)")
-    made = AuthNode()
+    made = AuthNode(door)
     try:
         yield made
     finally:
@@ -131,8 +139,9 @@ class AuthNode(NodeClient):
     ``close`` (by PID).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, door: str = "serve") -> None:
         super().__init__("auth_client.mjs", "", argv=[str(AUTH_CLIENT)])
+        self.door = door  # the front door of the test's servers (see `door`)
 
     def client(self, name: str) -> JsClient:
         return JsClient(self, name)
@@ -279,11 +288,13 @@ class Scene:
 
     def __init__(self, node: AuthNode) -> None:
         self.node = node
+        self.door = node.door
         self.pythons: list[PyClient] = []
         self.stack = contextlib.AsyncExitStack()
 
     async def server(self, **kwargs: Any) -> PresenceServer:
-        server: PresenceServer = await self.stack.enter_async_context(serving(**kwargs))
+        opened = serving(**kwargs) if self.door == "serve" else asgi_serving(**kwargs)
+        server: PresenceServer = await self.stack.enter_async_context(opened)
         return server
 
     def python(self, server: PresenceServer, name: str, apikey: str | None) -> PyClient:
