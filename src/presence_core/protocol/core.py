@@ -567,6 +567,11 @@ class PhoenixCore:
         except (ProtocolError, ValueError, TypeError) as exc:
             reason = f"not a Phoenix message: {exc}".encode()[:_CLOSE_REASON]
             self.fail(session, 1007, reason.decode("utf-8", "ignore"), "protocol_error")
+        except Exception:
+            # A bug here costs this socket (1011, no details: they may be sensitive), never
+            # the door's loop or the other sockets.
+            logger.exception("handling a message failed; closing its socket")
+            self.fail(session, 1011, "internal error", "internal_error")
 
     def settle(
         self,
