@@ -7,9 +7,9 @@ serves WebSockets at any path ending in ``/websocket`` and, on the same port, ``
 ``GET /metrics`` and the live dashboard (``GET /``, its script under ``/static/`` and its one
 JSON endpoint ``GET /api/dashboard``; see `presence_core.server.dashboard`).
 
-The data path: a frame from a client (see `Connection`) becomes a Tracker call (`track`,
-`untrack`, `heartbeat`...); every tick the Tracker expires silent connections and flushes;
-each topic's diff reaches this server once, as the Tracker's JSON bytes, is wrapped once per
+The data path: a frame from a client (see `Connection`) goes to the protocol core, which
+makes it a Tracker call (`track`, `untrack`, `heartbeat`...); every tick the Tracker expires
+silent connections and flushes; each topic's diff reaches this server once, as the Tracker's JSON bytes, is wrapped once per
 protocol version into a complete WebSocket frame and written as is to every member's socket:
 never decoded, re-encoded or re-framed per subscriber.  The flush runs at the end of the
 event-loop iteration that read a change, so the changes of every frame read in one iteration
@@ -29,26 +29,11 @@ back.  A flush writes for at most 20 ms before the loop reads its sockets again
 (`Tracker.flush`'s ``budget``): the topics left go out in the next iterations, in order, and a
 client joining one of them meanwhile gets the state before its diff, then the diff.
 
-Protocol notes (checked against the three clients):
-
-* A join is answered ``ok`` with ``{"postgres_changes": []}`` under the join's ref, then (when
-  presence is on) a ``presence_state``, even an empty one: without it both JS clients buffer
-  every diff forever.  A second join of the same topic closes the first with ``phx_close``
-  under the old join_ref.
-* Track and untrack come as ``presence`` events, with or without ``"type"``; one meta per
-  socket per topic, so a track again is an update (one diff).  The reply is ``ok {}``.
-* ``presence_diff`` frames always have ``joins`` and ``leaves`` and null refs.
-* Broadcasts go to the topic's members (the sender only with ``self``); with ``ack`` the push
-  is answered ``ok``.  They are relayed as text frames, which every client reads.
-* Errors that end a channel (limits) are a ``system`` message, then ``phx_close``; the socket
-  stays.  A join the server refuses (a topic or presence key the Tracker would refuse, a rate
-  or channel limit, the auth hook) and an unknown event get an error reply with the reason.
-  Clients are sent away with close code 1011 (they come back), never 1000.
-* A frame that is not a Phoenix message ends its socket with 1007 and a reason, as Phoenix's
-  serializer does (and an audit record); only Phoenix messages count as heartbeats.  A frame
-  over ``max_frame_bytes``, or a message of more than ``max_fragments`` frames, ends it with
-  1009.  Broadcasts relay their payload's bytes as they came where the frame allows it (a v2
-  text push, a kind-3 JSON push), and never a frame larger than the server itself accepts.
+The protocol itself (join, leave, presence, broadcast, the heartbeat, the limits, tokens,
+policies and bound keys) is `presence_core.protocol.PhoenixCore`'s, the same core the ASGI app
+(`presence_core.asgi`) drives; this module is its asyncio door: sockets, HTTP answers, the
+dashboard and the frames.  A frame over ``max_frame_bytes``, or a message of more than
+``max_fragments`` frames, ends its socket with 1009.
 
 Hostile clients: a slow reader is cut after the fan-out that found it, never during it, so the
 others get every frame; a socket's frames are read at most ``messages_per_second`` (and 64 per
