@@ -7,14 +7,15 @@ serves WebSockets at any path ending in ``/websocket`` and, on the same port, ``
 ``GET /metrics`` and the live dashboard (``GET /``, its script under ``/static/`` and its one
 JSON endpoint ``GET /api/dashboard``; see `presence_core.server.dashboard`).
 
-The data path: a frame from a client (see `Connection`) goes to the protocol core, which
-makes it a Tracker call (`track`, `untrack`, `heartbeat`...); every tick the Tracker expires
-silent connections and flushes; each topic's diff reaches this server once, as the Tracker's
-JSON bytes, is wrapped once per protocol version into a complete WebSocket frame and written
-as is to every member's socket: never decoded, re-encoded or re-framed per subscriber.  The flush runs at the end of the
-event-loop iteration that read a change, so the changes of every frame read in one iteration
-coalesce (a busier loop has longer iterations, hence larger diffs), and a tick every 10 ms
-expires silent connections and flushes what came from elsewhere (peers through Redis).
+The data path: a frame from a client (see `Connection`) goes to the protocol core, which makes
+it a Tracker call (`track`, `untrack`, `heartbeat`...); every tick the Tracker expires silent
+connections and flushes; each topic's diff reaches this server once, as the Tracker's JSON
+bytes, is wrapped once per protocol version into a complete WebSocket frame and written as is
+to every member's socket: never decoded, re-encoded or re-framed per subscriber. The flush runs
+at the end of the event-loop iteration that read a change, so the changes of every frame read
+in one iteration coalesce (a busier loop has longer iterations, hence larger diffs), and a tick
+every 10 ms expires silent connections and flushes what came from elsewhere (peers through
+Redis).
 
 A reconnect storm is the exception.  Each join goes to every member of its topic, so 20,000
 clients arriving at once in topics of 200 cost about two million frame writes, some 10 µs of
