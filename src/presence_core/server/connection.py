@@ -127,7 +127,7 @@ class Connection(Session, asyncio.Protocol):
         self.unread = b""  # received, not yet given to the parser (reading is paused)
         self.events: list[Request | Response | Frame] = []  # parsed, not yet handled
         self.resume: asyncio.Handle | None = None  # when reading goes on, while paused
-        self.accepted = True  # let in by the server's `_accept` (False: cut at once)
+        self.accepted = True  # let in by its owner's `accept_socket` (False: cut at once)
 
     # -- transport callbacks -----------------------------------------------------------------
 
