@@ -23,8 +23,8 @@ def uvloop_installed() -> bool:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)``, on uvloop when it is installed (a dependency except on Windows,
-    where asyncio's own loop runs)."""
+    """``asyncio.run(main)``, on uvloop when it is installed (the ``serve`` extra; it is never
+    required), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
