@@ -43,12 +43,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import orjson
 
 from .audit import audit
 from .driver import CoreDriver
-from .errors import RateLimited
+from .errors import PresenceValueError, RateLimited
 from .limits import Limits, admit
 from .protocol import (
     Action,
@@ -79,22 +80,31 @@ ASGISend = Callable[[Message], Awaitable[None]]
 
 _SLOW = 1013  # "try again later": the client reads slower than its topics change
 _HANDOVER = 5.0  # seconds a socket closed with 1012 keeps its presences
+_CLOSE_TIMEOUT = 5.0  # seconds a socket we close may take to end before we stop serving it
+_THROTTLED = 1.0  # seconds a socket may stay over its message rate before it is closed
+_HELD_BYTES = 64 << 10  # bytes a socket may send while an async hook answers
 _JSON = [(b"content-type", b"application/json")]
+_RESTART = -1012  # `_read`'s code for the ASGI server's own 1012
 
 
 class _Socket(Session):
     """One ASGI WebSocket: its Phoenix state, and its queue of messages to send."""
 
-    __slots__ = ("outbox", "queued", "wakeup", "resume", "frames_tat", "closing")
+    __slots__ = ("outbox", "queued", "wakeup", "closed", "frames_tat", "throttled", "held")
 
     def __init__(self, session_id: int) -> None:
         Session.__init__(self, session_id)
         self.outbox: deque[str | tuple[int, str]] = deque()
         self.queued = 0  # characters in the outbox
         self.wakeup = asyncio.Event()  # the writer has something to send
-        self.resume = asyncio.Event()  # an async hook has answered: read again
+        self.closed = asyncio.Event()  # a close is queued: nothing more goes out
         self.frames_tat = float("-inf")
-        self.closing = False  # a close is queued: nothing more goes out
+        self.throttled: float | None = None  # held back by the message rate since then
+        self.held = 0  # bytes received while an async hook answers
+
+    @property
+    def closing(self) -> bool:
+        return self.closed.is_set()
 
 
 class PresenceApp:
@@ -151,8 +161,10 @@ class PresenceApp:
         self._accepting = False
         self._draining = False
         self._per_ip: dict[str, int] = {}
-        # Sockets closed with 1012: their Tracker connections, held until the deadline.
-        self._handed: dict[int, float] = {}
+        self._open = 0  # sockets from their accept until `serve` returns
+        # Sockets the ASGI server closed with 1012: Tracker connection -> (deadline, address).
+        self._handed: dict[int, tuple[float, str | None]] = {}
+        self._ran = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -160,6 +172,11 @@ class PresenceApp:
         """Start the store (if any) and the tick; sockets are accepted from now on."""
         if self._accepting:
             return
+        if self._ran:
+            raise PresenceValueError(
+                "a PresenceApp runs once (its store and Tracker are spent): make a new one"
+            )
+        self._ran = True
         if self.store is not None:
             await self.store.start()
         self.driver.start()
@@ -177,6 +194,7 @@ class PresenceApp:
         # Handed-over connections stay in the Tracker, so that the last flush announces no
         # leave for them, and the store leaves them in Redis for the peers to expire.
         handed = bool(self._handed)
+        self._handed.clear()
         await self.driver.stop()
         if self.store is not None:
             await self.store.stop(remove_members=not handed)
@@ -203,10 +221,11 @@ class PresenceApp:
     def _periodic(self, now: float) -> None:
         if self._handed:
             wall = time.time()
-            for conn_id, deadline in list(self._handed.items()):
+            for conn_id, (deadline, address) in list(self._handed.items()):
                 if deadline <= wall:
                     del self._handed[conn_id]
                     self.tracker.disconnect(conn_id)
+                    self._left(address)
 
     # -- ASGI ----------------------------------------------------------------------------------
 
@@ -290,7 +309,10 @@ class PresenceApp:
             self.tracker.record_disconnect("refused_handshake")
             await self._refuse(scope, send, 503, "not serving")
             return
-        if len(self.core.sessions) >= self.limits.max_connections:
+        # Sockets count from before their accept (which may yield to other handshakes) until
+        # `serve` returns, and handed-over ones until their presences go: a socket we closed
+        # but whose client never reads still holds its buffers.
+        if self._open + len(self._handed) >= self.limits.max_connections:
             self._refuse_limit("max_connections", self.limits.max_connections)
             await self._refuse(scope, send, 503, "too many connections")
             return
@@ -319,48 +341,76 @@ class PresenceApp:
             await self._refuse(scope, send, refused.status, refused.reason)
             return
         sock.key = key
-        await send({"type": "websocket.accept"})
+        self._open += 1
         if address is not None:
             self._per_ip[address] = self._per_ip.get(address, 0) + 1
+        handed = False
+        try:
+            await send({"type": "websocket.accept"})
+            handed = await self._run(sock, receive, send)
+        finally:
+            self._open -= 1
+            if not handed:
+                self._left(address)
+            elif sock.id in self._handed:
+                self._handed[sock.id] = (self._handed[sock.id][0], address)
+
+    async def _run(self, sock: _Socket, receive: Receive, send: ASGISend) -> bool:
+        """An accepted socket until it ends; True if it was handed over (see the module)."""
+        reader = asyncio.ensure_future(self._read(sock, receive))
         writer = asyncio.ensure_future(self._write(sock, send))
-        code = 1005
+        closed = asyncio.ensure_future(sock.closed.wait())
+        code = 1006
         try:
             self.core.connect(sock, time.time())
             self.driver.drain()
-            code = await self._read(sock, receive)
+            await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                # We close it: the close goes out, and the client's answer ends the reader.
+                # A client that reads nothing never lets the close out; it is not served
+                # past the bound (its buffers are the ASGI server's to drop).
+                await asyncio.wait({reader}, timeout=_CLOSE_TIMEOUT)
+            if reader.done() and not reader.cancelled() and reader.exception() is None:
+                code = reader.result()
         finally:
+            for task in (reader, writer, closed):
+                task.cancel()
+            await asyncio.gather(reader, writer, closed, return_exceptions=True)
             self.driver.ended(sock)
-            if code == 1012 and sock.id in self.core.sessions:
+            handed = code == _RESTART and sock.id in self.core.sessions
+            if handed:
                 # The ASGI server is restarting: a hand-over, not a leave (see the module).
                 self.core.disconnect(sock, None, keep_presences=True)
-                self._handed[sock.id] = time.time() + self.handover_seconds
+                self._handed[sock.id] = (time.time() + self.handover_seconds, None)
             else:
                 self.core.disconnect(sock)
-            if address is not None:
-                left = self._per_ip.pop(address, 1) - 1
-                if left:
-                    self._per_ip[address] = left
             if self.driver.running:
                 self.driver.flush_soon()
-            sock.closing = True
-            sock.wakeup.set()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+        return handed
+
+    def _left(self, address: str | None) -> None:
+        if address is not None:
+            left = self._per_ip.pop(address, 1) - 1
+            if left:
+                self._per_ip[address] = left
 
     async def _read(self, sock: _Socket, receive: Receive) -> int:
-        """Hand the socket's messages to the core until it ends; returns its close code."""
+        """Hand the socket's messages to the core until it ends; returns its close code
+        (`_RESTART` only for the ASGI server's own restart)."""
         max_size = self.limits.max_frame_bytes
-        rate = self._frames_rate
         driver = self.driver
         while True:
             message = await receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
-                return int(message.get("code", 1005))
-            if kind != "websocket.receive":
-                continue
-            if sock.closing:
+                code = int(message.get("code", 1005))
+                # uvicorn's own shutdown disconnect has no reason; a client's close frame
+                # always brings one (maybe empty).  A client's 1012 is a plain close: it
+                # must not leave presences behind.
+                if code == 1012 and "reason" not in message:
+                    return _RESTART
+                return 1000 if code == 1012 else code
+            if kind != "websocket.receive" or sock.closing:
                 continue  # what comes after a close is not read (the core dropped it)
             text = message.get("text")
             if text is not None:
@@ -373,18 +423,50 @@ class PresenceApp:
                 self.core.fail(sock, 1009, "message too big", "limit")
                 driver.drain()
                 continue
-            while True:
-                try:
-                    sock.frames_tat = admit(rate, sock.frames_tat, time.monotonic(), sock.id)
-                    break
-                except RateLimited as exc:
-                    # Not read meanwhile: the flood waits in the ASGI server's buffer and the
-                    # client's TCP window.
-                    await asyncio.sleep(exc.retry_after)
-            driver.received(sock, data, binary)
-            while sock.waiting is not None and not sock.closing:
-                sock.resume.clear()
-                await sock.resume.wait()
+            if not await self._paced(sock):
+                self.core.fail(sock, 1008, "message rate limit exceeded", "limit")
+                driver.drain()
+                continue
+            self._deliver(sock, data, binary)
+
+    async def _paced(self, sock: _Socket) -> bool:
+        """Spend one message of the socket's rate (`ServerLimits.messages_per_second`),
+        waiting for the bucket as serve leaves a flood unread; False once the socket has been
+        over its rate for `_THROTTLED` seconds in a row.  The ASGI server reads ahead of us
+        (uvicorn up to 256 KiB), so such a client is closed rather than followed through its
+        whole backlog, with its close unseen meanwhile."""
+        rate = self._frames_rate
+        try:
+            sock.frames_tat = admit(rate, sock.frames_tat, time.monotonic(), sock.id)
+            sock.throttled = None
+            return True
+        except RateLimited as exc:
+            wait = exc.retry_after
+        now = time.monotonic()
+        if sock.throttled is None:
+            sock.throttled = now
+        while now - sock.throttled <= _THROTTLED:
+            await asyncio.sleep(max(wait, 0.001))
+            now = time.monotonic()
+            try:
+                sock.frames_tat = admit(rate, sock.frames_tat, now, sock.id)
+                return True  # still throttled: the next message decides
+            except RateLimited as exc:
+                wait = exc.retry_after
+        return False
+
+    def _deliver(self, sock: _Socket, data: bytes, binary: bool) -> None:
+        if sock.waiting is not None:
+            # An async hook is answering: the core queues what comes meanwhile; this bounds
+            # it, and the socket is still read, so that its close is seen at once.
+            sock.held += len(data)
+            if sock.held > _HELD_BYTES:
+                self.core.fail(sock, 1008, "too much sent while waiting for authorisation", "limit")
+                self.driver.drain()
+                return
+        else:
+            sock.held = 0
+        self.driver.received(sock, data, binary)
 
     async def _write(self, sock: _Socket, send: ASGISend) -> None:
         """The socket's one writer: its queue, in order, then its close (if any)."""
@@ -449,12 +531,11 @@ class PresenceApp:
         if sock.closing:
             return
         sock.outbox.append((code, reason))
-        sock.closing = True
-        sock.resume.set()
+        sock.closed.set()
         sock.wakeup.set()
 
     def _release(self, session: Session) -> None:
-        session.resume.set()  # type: ignore[attr-defined]
+        pass  # the socket was read all along (see `_deliver`)
 
     def _refuse_limit(self, limit: str, value: int) -> None:
         audit("limit_hit", limit=limit, value=value)
@@ -499,7 +580,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return found
 
 
-_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&])(?:apikey|token|access_token)=)[^&\s\"']*")
+_SECRET_NAMES = frozenset(("apikey", "token", "access_token"))
+# A query parameter: its separator, its name and its value (up to what ends a log's path).
+_PARAM = re.compile(r"([?&;])([^=&;\s\"']*)=([^&;\s\"']*)")
 
 
 class RedactTokens(logging.Filter):
@@ -531,7 +614,17 @@ class RedactTokens(logging.Filter):
 
 
 def _redact(text: str) -> str:
-    return _SECRET_PARAMS.sub(r"\1[redacted]", text)
+    if "=" not in text:
+        return text
+
+    def blank(match: re.Match[str]) -> str:
+        # Names as the server reads them: ``api%6Bey`` is ``apikey`` to parse_qs.
+        name = unquote_plus(match[2]).lower()
+        if name in _SECRET_NAMES:
+            return f"{match[1]}{match[2]}=[redacted]"
+        return match[0]
+
+    return _PARAM.sub(blank, text)
 
 
 def from_environment(

@@ -160,15 +160,19 @@ class CoreDriver:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK)
-            if self._on_tick is not None:
-                self._on_tick(loop.time())
-            storm = core.storm
-            core.handle_timer(time.time())
-            if storm and not core.storm and self._flush_handle is not None:
-                self._flush_handle.cancel()  # due now, not at the storm's pace
-                self._flush_handle = None
-            self.drain()
-            self.flush_soon()  # what expired, and what came from peers
+            try:
+                if self._on_tick is not None:
+                    self._on_tick(loop.time())
+                storm = core.storm
+                core.handle_timer(time.time())
+                if storm and not core.storm and self._flush_handle is not None:
+                    self._flush_handle.cancel()  # due now, not at the storm's pace
+                    self._flush_handle = None
+                self.drain()
+                self.flush_soon()  # what expired, and what came from peers
+            except Exception:
+                # A bug must cost one tick, never every timer from now on.
+                logger.exception("a presence tick failed")
 
     # -- async hooks ---------------------------------------------------------------------------
 
