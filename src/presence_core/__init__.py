@@ -28,7 +28,16 @@ from .metrics import Metrics
 from .scaling import LoadCalendar, LoadSample, ScaleDecision, Threshold, ThresholdScaler
 from .table import TOMBSTONE, USING_EXTENSION, PresenceTable, Tombstone
 from .tracker import AWAY, BUSY, OFFLINE, ONLINE, Totals, Tracker, UserStatus
-from .typing import ConnId, MetricsSink, Policy, RawTransport, Scaler, Transport
+from .typing import (
+    AsyncRawTransport,
+    AsyncTransport,
+    ConnId,
+    MetricsSink,
+    Policy,
+    RawTransport,
+    Scaler,
+    Transport,
+)
 
 __all__ = [
     "AWAY",
@@ -39,6 +48,8 @@ __all__ = [
     "TOMBSTONE",
     "USING_EXTENSION",
     "Access",
+    "AsyncRawTransport",
+    "AsyncTransport",
     "ConnId",
     "InvalidMeta",
     "JwtVerifier",

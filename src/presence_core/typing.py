@@ -4,7 +4,9 @@ The Tracker never imports a transport, an autoscaler or a metrics backend.  It c
 satisfy the protocols below, handed to it as keyword arguments or registered later:
 
 - a `Transport` receives every ``presence_state`` and ``presence_diff`` the Tracker emits as a
-  dict of its own; a `RawTransport` receives the same payload as JSON bytes;
+  dict of its own; a `RawTransport` receives the same payload as JSON bytes; an
+  `AsyncTransport` and an `AsyncRawTransport` are their ``async def`` forms, which the Tracker
+  awaits for the host, one delivery at a time per hook;
 - a `Scaler` receives a `presence_core.scaling.LoadSample` at every sampling interval and may
   answer with a `presence_core.scaling.ScaleDecision`, which the host applies;
 - a `MetricsSink` receives counters, gauges and latency observations, each naming one of the
@@ -27,7 +29,16 @@ if TYPE_CHECKING:
     from .metrics import MetricDef
     from .scaling import LoadSample, ScaleDecision
 
-__all__ = ["ConnId", "MetricsSink", "Policy", "RawTransport", "Scaler", "Transport"]
+__all__ = [
+    "AsyncRawTransport",
+    "AsyncTransport",
+    "ConnId",
+    "MetricsSink",
+    "Policy",
+    "RawTransport",
+    "Scaler",
+    "Transport",
+]
 
 ConnId: TypeAlias = str | int
 """A connection id: the host's own str (socket id, UUID) or int (64-bit)."""
@@ -63,6 +74,35 @@ class RawTransport(Protocol):
     """
 
     def __call__(self, topic: str, event: str, payload: bytes) -> object:
+        """Deliver one presence event for ``topic`` as JSON bytes."""
+        ...
+
+
+@runtime_checkable
+class AsyncTransport(Protocol):
+    """A transport whose sends are awaited: ``await transport(topic, event, payload)``.
+
+    An ``async def`` function, method or ``__call__`` (an ASGI WebSocket's
+    ``await websocket.send_text(...)`` behind it).  `Tracker.subscribe` and
+    `Tracker.add_transport` recognise one (`inspect.iscoroutinefunction`) and await its
+    deliveries on the event loop that was running when it was registered: per hook one at a
+    time, in order (``presence_state`` first, then the diffs in flush order), without delaying
+    the flush or any other hook.  At most ``max_pending`` deliveries wait per hook: one more
+    ends the hook (``on_overflow``).  The payload is the hook's own dict, as for `Transport`.
+
+    A plain function that returns an awaitable is not recognised: wrap it in an ``async def``.
+    """
+
+    async def __call__(self, topic: str, event: str, payload: dict[str, Any]) -> object:
+        """Deliver one presence event for ``topic``."""
+        ...
+
+
+@runtime_checkable
+class AsyncRawTransport(Protocol):
+    """An `AsyncTransport` that takes each payload as JSON bytes (register with ``raw=True``)."""
+
+    async def __call__(self, topic: str, event: str, payload: bytes) -> object:
         """Deliver one presence event for ``topic`` as JSON bytes."""
         ...
 
