@@ -2,8 +2,9 @@
 
 The package follows the data path: `tracker` (the facade every call enters), `state` (topics,
 presences, users), `feed` (coalesced changes), `delivery` (feed readers, subscribers and
-transports), `users` (status derivation) and `encoding` (presences as stored and the JSON
-payloads built from them).
+transports), `async_hooks` (the queue and task that await an async subscriber or transport),
+`users` (status derivation) and `encoding` (presences as stored and the JSON payloads built
+from them).
 """
 
 from .encoding import Presence

@@ -27,11 +27,14 @@ So a client never gets a diff twice, and never misses one.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeAlias
+from types import FunctionType, MethodType
+from typing import Any, Final, TypeAlias
 
 import orjson
 
@@ -40,7 +43,7 @@ from .encoding import DATA, KEY, Presence, diff_json, state_json
 from .feed import TopicChanges
 from .state import PresenceState, Topic, presences_of, ref_number
 
-__all__ = ["Delivery", "Hook", "disable_hook", "new_hook"]
+__all__ = ["Delivery", "Hook", "disable_hook", "is_async_callable", "new_hook"]
 
 logger = logging.getLogger("presence_core.tracker")
 
@@ -69,6 +72,42 @@ def disable_hook(entry: Hook) -> bool:
     entry[0] = _removed
     entry[1] = True
     return True
+
+
+_CO_COROUTINE: Final = inspect.CO_COROUTINE
+
+
+def is_async_callable(obj: object) -> bool:
+    """Whether calling ``obj`` makes a coroutine: an ``async def`` function or method, a
+    `functools.partial` of one, an object whose ``__call__`` is ``async def``, or anything
+    marked with `inspect.markcoroutinefunction` (or posing as a coroutine function, as
+    `unittest.mock.AsyncMock` does).  Such a hook is awaited by the Tracker
+    (`presence_core.tracker.async_hooks`) rather than called within the flush.
+
+    Asked at every subscribe: plain functions, methods and objects of Python classes are
+    answered from their code flags, without `inspect`'s slower general walk.
+    """
+    while type(obj) is functools.partial:
+        obj = obj.func
+    kind = type(obj)
+    if kind is MethodType:
+        obj = obj.__func__  # type: ignore[attr-defined]
+        kind = type(obj)
+    if kind is FunctionType:
+        if obj.__code__.co_flags & _CO_COROUTINE:  # type: ignore[attr-defined]
+            return True
+        # A sync function; markcoroutinefunction (3.12+) leaves a mark in its __dict__.
+        return bool(obj.__dict__) and inspect.iscoroutinefunction(obj)
+    call = getattr(kind, "__call__", None)  # noqa: B004 - what obj() runs
+    if type(call) is FunctionType:  # an object of a Python class
+        if call.__code__.co_flags & _CO_COROUTINE:
+            return True
+        return hasattr(obj, "__code__") and inspect.iscoroutinefunction(obj)
+    if isinstance(obj, type):
+        return False  # a class: calling it constructs
+    if inspect.iscoroutinefunction(obj):  # e.g. a compiled (Cython) async def
+        return True
+    return inspect.iscoroutinefunction(getattr(obj, "__call__", None))  # noqa: B004
 
 
 class _ReadersJob:
@@ -116,6 +155,7 @@ class Delivery:
         "_inflight",
         "_queue",
         "_state",
+        "async_hooks",
         "hook_errors",
         "latencies",
         "readers",
@@ -130,6 +170,9 @@ class Delivery:
         self._inflight: dict[str, _TopicJob] = {}
         self._flushing = False
         self.hook_errors = 0
+        # The live async subscribers and transports (`presence_core.tracker.async_hooks`),
+        # for `Tracker.wait_flushed`; the flush itself never looks at them.
+        self.async_hooks: dict[Any, None] = {}
         self.latencies: list[float] = []  # seconds, taken by the metrics sync
 
     def _undelivered(self) -> list[TopicChanges]:

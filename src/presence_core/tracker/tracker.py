@@ -26,6 +26,7 @@ injected clock does.
 from __future__ import annotations
 
 import builtins
+import inspect
 import logging
 import math
 import re
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import count, islice
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn, cast
 
 import orjson
 
@@ -88,8 +89,16 @@ from ..phoenix import EVENT_PRESENCE_STATE
 from ..scaling import LoadSample, ScaleDecision
 from ..table import PresenceTable
 from ..table._common import MAX_CAPACITY
-from ..typing import ConnId, MetricsSink, RawTransport, Scaler, Transport
-from .delivery import Delivery, disable_hook, new_hook
+from ..typing import (
+    AsyncRawTransport,
+    AsyncTransport,
+    ConnId,
+    MetricsSink,
+    RawTransport,
+    Scaler,
+    Transport,
+)
+from .delivery import Delivery, disable_hook, is_async_callable, new_hook
 from .encoding import (
     CONN,
     DATA,
@@ -115,6 +124,9 @@ from .state import (
     datas_of,
 )
 from .users import OFFLINE, UserStatus, derive_status
+
+if TYPE_CHECKING:
+    from .async_hooks import AsyncHook
 
 __all__ = ["FeedReader", "Totals", "Tracker"]
 
@@ -266,6 +278,22 @@ def _conn_ids_only(conns: Iterable[ConnId]) -> Sequence[ConnId]:
     return kept
 
 
+def _sync_options_refused(callback: object) -> NoReturn:
+    raise PresenceTypeError(
+        f"max_pending and on_overflow apply to async callbacks only; {callback!r} is not an "
+        "async def function, method or __call__ (a sync hook is called within the flush)"
+    )
+
+
+def _awaitable_refused(callback: object, result: object) -> NoReturn:
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited, and no warning saying so
+    raise PresenceTypeError(
+        f"{callback!r} returned an awaitable, which a sync call cannot await: make it an async "
+        "def (async callbacks are awaited for you), or wrap it in one"
+    )
+
+
 class Tracker:
     """Presence for one process: track, list, diff, expire, and per-user status.
 
@@ -280,7 +308,8 @@ class Tracker:
         clock: Seconds, used whenever a call's ``now`` is omitted (default `time.monotonic`;
             use `time.time` when last-seen times must mean something to other processes).
         metrics: Where counters, gauges and latencies go (default: a new `Metrics`).
-        transports: Hooks that receive every topic's events (see `add_transport`).
+        transports: Hooks that receive every topic's events (see `add_transport`).  An async
+            one needs a running event loop, as in `add_transport`.
         scalers: Policies consulted by `run_scalers`.
         last_seen_capacity: Users whose last-seen time is remembered after they leave (LRU).
         last_seen_ttl: Seconds a last-seen time is remembered (default 30 days).
@@ -334,7 +363,7 @@ class Tracker:
         default_plan: str = DEFAULT_PLAN,
         clock: Callable[[], float] | None = None,
         metrics: MetricsSink | None = None,
-        transports: Iterable[Transport] = (),
+        transports: Iterable[Transport | AsyncTransport] = (),
         scalers: Iterable[Scaler] = (),
         last_seen_capacity: int = 100_000,
         last_seen_ttl: float = 30 * 86400.0,
@@ -389,7 +418,10 @@ class Tracker:
         self._delivery = Delivery(self._state)
         for transport in transports:
             check_callable(transport, "a transport")
-            self._delivery.transports += (new_hook(transport, False),)
+            if is_async_callable(transport):
+                self._add_async_transport(transport, False, None, None)
+            else:
+                self._delivery.transports += (new_hook(transport, False),)
         self._scalers: tuple[Scaler, ...] = ()
         self._decisions: deque[tuple[datetime, ScaleDecision]] = deque(maxlen=_DECISIONS_KEPT)
         for scaler in scalers:
@@ -1215,10 +1247,12 @@ class Tracker:
     def subscribe(
         self,
         topic: str,
-        callback: Transport | RawTransport,
+        callback: Transport | RawTransport | AsyncTransport | AsyncRawTransport,
         *,
         send_state: bool = True,
         raw: bool = False,
+        max_pending: int | None = None,
+        on_overflow: Callable[[], object] | None = None,
     ) -> Callable[[], None]:
         """Deliver ``topic``'s diffs to ``callback(topic, event, payload)``; returns unsubscribe.
 
@@ -1231,9 +1265,24 @@ class Tracker:
         under way.  If the callback raises on the state, it is not subscribed and the error
         propagates.  Subscribing and unsubscribing cost O(1) however many subscribers a topic
         has.
+
+        An ``async def`` callback (`AsyncTransport`) is awaited for the host, on the event
+        loop running now (without one, `PresenceError`): its deliveries, the state first, are
+        queued and awaited one at a time in order, by a task of its own, so a slow one delays
+        neither the flush nor other hooks.  ``max_pending`` (default 1024) bounds what it may
+        have pending: one delivery more ends the subscription, logged and counted
+        (``hook_errors``), and calls ``on_overflow()`` (a coroutine it returns is run as a
+        task), so the host can close the socket.  An exception from the callback is logged and
+        counted and its later deliveries still go, except that a failed state ends the
+        subscription.  Unsubscribing drops what is queued and cancels its task.  See
+        `wait_flushed`.  ``max_pending`` and ``on_overflow`` apply to async callbacks only.
         """
         check_text(topic, "topic", self._read_topic_limit)
         check_callable(callback, "callback")
+        if is_async_callable(callback):
+            return self._subscribe_async(topic, callback, send_state, raw, max_pending, on_overflow)
+        if max_pending is not None or on_overflow is not None:
+            _sync_options_refused(callback)
         state, delivery = self._state, self._delivery
         t = state.topic(topic)
         subscribers = t.subscribers
@@ -1254,21 +1303,87 @@ class Tracker:
         if send_state:
             blob = delivery.state_json(t, callback)
             try:
-                callback(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
+                result = callback(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
             except BaseException:
                 unsubscribe()
                 raise
+            if result is not None and inspect.isawaitable(result):
+                unsubscribe()
+                _awaitable_refused(callback, result)
+        return unsubscribe
+
+    def _subscribe_async(
+        self,
+        topic: str,
+        callback: Callable[..., Any],
+        send_state: bool,
+        raw: bool,
+        max_pending: int | None,
+        on_overflow: Callable[[], object] | None,
+    ) -> Callable[[], None]:
+        from .async_hooks import AsyncHook, check_async_options, running_loop
+
+        loop = running_loop("subscribe")
+        limit = check_async_options(max_pending, on_overflow)
+        state, delivery = self._state, self._delivery
+        hook = AsyncHook(
+            callback,
+            raw=raw,
+            max_pending=limit,
+            on_overflow=on_overflow,
+            loop=loop,
+            delivery=delivery,
+            transport=False,
+            send_state=send_state,
+        )
+        t = state.topic(topic)
+        subscribers = t.subscribers
+        if subscribers is None:
+            subscribers = t.subscribers = {}
+        put = hook.put
+        entry = new_hook(put, True)  # the queue holds the shared bytes
+        token = id(entry)
+        subscribers[token] = entry
+        t.hooks = None
+        delivery.async_hooks[hook] = None
+
+        def unsubscribe() -> None:
+            if not disable_hook(entry):
+                return
+            del subscribers[token]
+            t.hooks = None
+            delivery.prune(t)
+            hook.close()
+
+        hook.end = unsubscribe
+        if send_state:
+            put(topic, EVENT_PRESENCE_STATE, delivery.state_json(t, put))
         return unsubscribe
 
     def add_transport(
-        self, transport: Transport | RawTransport, *, raw: bool = False
+        self,
+        transport: Transport | RawTransport | AsyncTransport | AsyncRawTransport,
+        *,
+        raw: bool = False,
+        max_pending: int | None = None,
+        on_overflow: Callable[[], object] | None = None,
     ) -> Callable[[], None]:
         """Deliver every topic's diffs to ``transport``; returns a function that removes it.
 
         A transport follows all topics, so the host sends each new client its starting state
         itself, with `send_state` (or `initial_state`).  ``raw`` as in `subscribe`.
+
+        An ``async def`` transport is awaited for the host as an async subscriber is (see
+        `subscribe`): one delivery at a time, in order, on the event loop running now, at most
+        ``max_pending`` (default 1024) pending, beyond which it is removed, logged, counted and
+        ``on_overflow()`` is called.  An exception from it is logged and counted, and its later
+        deliveries still go.  `send_state` with it queues the state among its deliveries.
         """
         check_callable(transport, "transport")
+        if is_async_callable(transport):
+            return self._add_async_transport(transport, raw, max_pending, on_overflow)
+        if max_pending is not None or on_overflow is not None:
+            _sync_options_refused(transport)
         entry = new_hook(transport, raw)
         delivery = self._delivery
         delivery.transports += (entry,)
@@ -1277,6 +1392,39 @@ class Tracker:
             if disable_hook(entry):
                 delivery.transports = tuple(h for h in delivery.transports if h is not entry)
 
+        return remove
+
+    def _add_async_transport(
+        self,
+        transport: Callable[..., Any],
+        raw: bool,
+        max_pending: int | None,
+        on_overflow: Callable[[], object] | None,
+    ) -> Callable[[], None]:
+        from .async_hooks import AsyncHook, check_async_options, running_loop
+
+        loop = running_loop("add_transport")
+        limit = check_async_options(max_pending, on_overflow)
+        delivery = self._delivery
+        hook = AsyncHook(
+            transport,
+            raw=raw,
+            max_pending=limit,
+            on_overflow=on_overflow,
+            loop=loop,
+            delivery=delivery,
+            transport=True,
+        )
+        entry = new_hook(hook.put, True)
+        delivery.transports += (entry,)
+        delivery.async_hooks[hook] = None
+
+        def remove() -> None:
+            if disable_hook(entry):
+                delivery.transports = tuple(h for h in delivery.transports if h is not entry)
+                hook.close()
+
+        hook.end = remove
         return remove
 
     def add_feed_reader(self, reader: FeedReader) -> Callable[[], None]:
@@ -1302,17 +1450,38 @@ class Tracker:
         return remove
 
     def send_state(
-        self, topic: str, transport: Transport | RawTransport, *, raw: bool = False
+        self,
+        topic: str,
+        transport: Transport | RawTransport | AsyncTransport | AsyncRawTransport,
+        *,
+        raw: bool = False,
     ) -> None:
         """Send ``transport`` the ``presence_state`` of ``topic`` for a client starting now.
 
         Called from inside a flush for a transport that has yet to receive the diff under way,
         the state leaves that diff out, so the client gets it exactly once.
+
+        For an async transport registered with `add_transport`, the state is queued among its
+        deliveries (in its own ``raw`` form), so it is awaited before every diff that follows;
+        an async callable that is not a registered transport cannot be awaited here and raises
+        `PresenceTypeError` (await it yourself with `initial_state_json`).
         """
         check_callable(transport, "transport")
         t = self._topic_of(topic)
-        blob = b"{}" if t is None else self._delivery.state_json(t, transport)
-        transport(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
+        delivery = self._delivery
+        if delivery.async_hooks:  # is it a registered async transport? (transports are few)
+            from .async_hooks import AsyncHook
+
+            for entry in delivery.transports:
+                hook = getattr(entry[0], "__self__", None)
+                if type(hook) is AsyncHook and hook.callback == transport:
+                    blob = b"{}" if t is None else delivery.state_json(t, hook.put)
+                    hook.state(topic, blob)
+                    return
+        blob = b"{}" if t is None else delivery.state_json(t, transport)
+        result = transport(topic, EVENT_PRESENCE_STATE, blob if raw else _loads(blob))  # type: ignore[arg-type]
+        if result is not None and inspect.isawaitable(result):
+            _awaitable_refused(transport, result)
 
     def pending(self) -> int:
         """Topics with changes not delivered yet (waiting for the next `flush`)."""
@@ -1336,6 +1505,9 @@ class Tracker:
         it is spent no further topic starts (at least one does), the others stay queued, and
         the next call works through them before any new change is taken.  Meanwhile a client
         that subscribes to a queued topic gets the state before its diff, then the diff.
+
+        An async hook is never awaited here: its diff is queued for its own task (see
+        `subscribe`), and `wait_flushed` waits for those.
         """
         if budget is not None:
             budget = check_seconds(budget, "budget")
@@ -1343,6 +1515,44 @@ class Tracker:
             return self._delivery.flush(budget)
         finally:
             self.sync_metrics()
+
+    async def wait_flushed(self, *, timeout: float | None = None) -> int:
+        """`flush`, then wait until the async hooks have awaited every delivery queued so far.
+
+        Returns what `flush` returned.  It waits for every async subscriber and transport of
+        the running event loop, each until it is done with what it had queued when this was
+        called (an exception counts as done, and a hook that is ended meanwhile, unsubscribed or
+        overflowing, stops being waited for); deliveries queued later are not waited for.
+        Sync hooks were called by the flush itself.  With a ``timeout`` (seconds) it raises
+        `TimeoutError` once that is spent, and the deliveries go on.  The metrics are published
+        again before it returns or raises, so errors the awaits met are counted.
+        """
+        import asyncio
+
+        if timeout is not None:
+            timeout = check_seconds(timeout, "timeout")
+        loop = asyncio.get_running_loop()
+        flushed = self.flush()
+        futures = []
+        hook: AsyncHook
+        for hook in builtins.list(self._delivery.async_hooks):
+            if hook.loop is loop:
+                future = hook.flushed()
+                if future is not None:
+                    futures.append(future)
+        try:
+            if futures:
+                _, waiting = await asyncio.wait(futures, timeout=timeout)
+                if waiting:
+                    raise TimeoutError(
+                        f"{len(waiting)} async presence hooks still had deliveries to await "
+                        f"after {timeout} s"
+                    )
+        finally:
+            for future in futures:
+                future.cancel()
+            self.sync_metrics()
+        return flushed
 
     # -- metrics and scaling -----------------------------------------------------------------
 
