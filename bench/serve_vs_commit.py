@@ -20,9 +20,15 @@ bench's delivery accounting) and, second, ``diffs.frames_received`` (every ``pre
 frame, the channel switches' included).  The workload is the same for both (same seed, same
 presence operations), so the first is CPU per unit of the same work; the second also moves
 with how many diffs a server coalesces into one frame (fewer, fuller frames cost more each).
-The table per size prints the median CPU-µs per message of each, the median of the per-pair ratios
-NEW / OLD (above 1: NEW costs more), connect-to-joined p95, and whether every client joined
-within the bench's timeout.  Nothing asserts.
+The table per size prints the median CPU-µs per message of each, the median of the per-pair
+ratios NEW / OLD (above 1: NEW costs more), connect-to-joined p95, and whether every client
+joined within the bench's timeout.  Nothing asserts.
+
+On a shared machine (a VM, neighbours, frequency changes) the CPU a fixed piece of work costs
+drifts by several % from one run to the next, for every process alike.  The bench's client
+workers run the same code and do the same work against both servers, so the table also gives
+the server's CPU over the workers' CPU, run by run, and its per-pair ratio: the machine's speed
+cancels out of it (what a server's frame count changes in the workers' parsing does not).
 
 A run that overlaps a process matching ``--busy-pattern`` (default: a pytest session) is
 listed.  Before each pair the script waits (up to ``--wait-idle`` s) until the machine uses
@@ -228,6 +234,7 @@ def one_run(
             f"{label}: bench wrote no report (exit {bench.returncode}):\n{bench.stderr[-3000:]}"
         )
     rep = json.loads(report_path.read_text())
+    workers = sum(x or 0.0 for x in rep.get("clients_cpu_percent") or [])
     srv = rep["server"]
     d = rep["diffs"]
     c = rep["connect"]
@@ -262,6 +269,9 @@ def one_run(
         "warnings": rep["warnings"],
         "other_percent": (rep.get("saturation") or {}).get("other_percent"),
         "workers_percent": sum(x or 0.0 for x in rep.get("clients_cpu_percent") or []),
+        "server_per_worker": (rep["server"]["cpu_percent_run"] or 0.0) / workers
+        if workers
+        else None,
         "rss_mb": (srv.get("rss_peak_bytes") or 0) / 2**20,
         "busy": sorted(watch.seen),
         "timewait_after": None,
@@ -295,15 +305,24 @@ def table(clients: int, topics: int, pairs: list[tuple[dict, dict]], timeout: fl
 
     ratios = [n["us_per_diff"] / o["us_per_diff"] for o, n in pairs]
     fratios = [n["us_per_frame"] / o["us_per_frame"] for o, n in pairs]
+    wratios = [
+        n["server_per_worker"] / o["server_per_worker"]
+        for o, n in pairs
+        if n["server_per_worker"] and o["server_per_worker"]
+    ]
     lines = [
         f"\n{clients:,} clients, {topics} topics, {len(pairs)} pairs "
         f"(per-pair ratios NEW/OLD per delivered diff: {', '.join(f'{x:.3f}' for x in ratios)};"
-        f" per frame: {', '.join(f'{x:.3f}' for x in fratios)})",
+        f" per frame: {', '.join(f'{x:.3f}' for x in fratios)};"
+        f" server/workers CPU: {', '.join(f'{x:.3f}' for x in wratios)})",
         f"{'':36}{'old':>11}{'new':>11}{'new/old':>9}",
         f"{'server CPU-us per delivered diff':36}{m(old, 'us_per_diff'):11.3f}"
         f"{m(new, 'us_per_diff'):11.3f}{med(ratios):9.3f}   (median of per-pair ratios)",
         f"{'server CPU-us per diff frame':36}{m(old, 'us_per_frame'):11.3f}"
         f"{m(new, 'us_per_frame'):11.3f}{med(fratios):9.3f}",
+        f"{'server CPU / bench workers CPU':36}{m(old, 'server_per_worker'):11.3f}"
+        f"{m(new, 'server_per_worker'):11.3f}"
+        f"{med(wratios) if wratios else float('nan'):9.3f}   (speed control, see above)",
         f"{'diff frames received (median)':36}{m(old, 'frames'):11,.0f}{m(new, 'frames'):11,.0f}",
         f"{'server CPU % during run':36}{m(old, 'cpu_percent_run'):11.1f}"
         f"{m(new, 'cpu_percent_run'):11.1f}",
