@@ -4,6 +4,10 @@
         --bench-src /tmp/new/src --clients 2000 10000 --topics 20 100 --pairs 5 \
         --duration 30 --pause 10 --idle-below 60 --max-other 30
 
+With ``--old-door serve --new-door asgi`` (and one ``src`` for both) it compares the front
+doors instead: ``serve`` against the ASGI app alone under uvicorn (``--factory
+presence_core.asgi:from_environment``, uvloop, httptools, websockets-sansio), the same load.
+
 ``--old-src`` and ``--new-src`` are ``src`` folders with their extension built in place (e.g.
 ``git worktree add /tmp/old COMMIT && cd /tmp/old && python setup.py build_ext --inplace``).
 Each run starts a fresh ``python -m presence_core.server.cli serve --port P`` with
@@ -169,8 +173,15 @@ def one_run(
     env = {**os.environ, "PYTHONPATH": src}
     env.pop("PRESENCE_CORE_REDIS_URL", None)
     env.pop("REDIS_URL", None)
+    door = args.old_door if label == "old" else args.new_door
+    if door == "serve":
+        argv = [args.python, "-m", "presence_core.server.cli", "serve", "--port", str(port)]
+    else:  # the ASGI app, alone under uvicorn as its README runs it (uvloop, httptools)
+        argv = [args.python, "-m", "uvicorn", "--factory", "presence_core.asgi:from_environment"]
+        argv += ["--port", str(port), "--loop", "uvloop", "--http", "httptools"]
+        argv += ["--ws", "websockets-sansio", "--log-level", "warning", "--no-access-log"]
     server = subprocess.Popen(
-        [args.python, "-m", "presence_core.server.cli", "serve", "--port", str(port)],
+        argv,
         env=env,
         cwd="/tmp",
         stdin=subprocess.DEVNULL,
@@ -377,6 +388,14 @@ def main() -> int:
         "TIME_WAIT sockets",
     )
     p.add_argument("--python", default=sys.executable)
+    p.add_argument(
+        "--old-door",
+        choices=("serve", "asgi"),
+        default="serve",
+        help="the front door the old side runs: presence-core serve, or the ASGI app under "
+        "uvicorn (with --old-src = --new-src this compares the doors)",
+    )
+    p.add_argument("--new-door", choices=("serve", "asgi"), default="serve")
     p.add_argument(
         "--bench-src",
         default=None,
