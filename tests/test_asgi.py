@@ -35,16 +35,22 @@ from presence_core import Tracker
 from presence_core.asgi import PresenceApp, RedactTokens
 from presence_core.server import ServerLimits
 
+# The door is the same code over either table: .ci/run runs it once, with the compiled one.
+pytestmark = pytest.mark.asgi_door
+
 WAIT = 5.0
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_serving(app: Any, **options: Any) -> AsyncIterator[int]:
-    """``app`` under uvicorn on a free loopback port, in this event loop; yields the port."""
+async def uvicorn_serving(
+    app: Any, exit_within: float = WAIT + 5, **options: Any
+) -> AsyncIterator[int]:
+    """``app`` under uvicorn on a free loopback port, in this event loop; yields the port.  Its
+    shutdown may take up to ``exit_within`` seconds (a test may leave uvicorn something to wait
+    for), then it is forced."""
     port = free_port()
     options = {"log_level": "warning", "ws": "websockets-sansio", **options}
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     try:
@@ -57,8 +63,14 @@ async def uvicorn_serving(app: Any, **options: Any) -> AsyncIterator[int]:
         yield port
     finally:
         server.should_exit = True
-        async with asyncio.timeout(WAIT + 5):
-            await task
+        done, _ = await asyncio.wait({task}, timeout=exit_within)
+        if not done:
+            server.force_exit = True
+            done, _ = await asyncio.wait({task}, timeout=WAIT)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 @contextlib.asynccontextmanager

@@ -13,13 +13,13 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
 import uvicorn
 from servers import free_port
-from test_asgi import join, track
+from test_asgi import join, track, uvicorn_serving
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
@@ -28,38 +28,16 @@ from presence_core.asgi import PresenceApp, RedactTokens
 from presence_core.protocol import PhoenixCore, Session
 from presence_core.server import ServerLimits
 
+# The door is the same code over either table: .ci/run runs it once, with the compiled one.
+pytestmark = pytest.mark.asgi_door
+
 WAIT = 5.0
 IMPLS = ["websockets-sansio", "wsproto"]
 
 
-@contextlib.asynccontextmanager
-async def serving(app: Any, exit_within: float = 30.0, **options: Any) -> AsyncIterator[int]:
-    """``app`` under uvicorn on loopback (lifespan on); yields the port.  Its shutdown may
-    take up to ``exit_within`` seconds (some tests leave uvicorn something to wait for), then
-    it is forced."""
-    port = free_port()
-    options = {"log_level": "warning", "ws": "websockets-sansio", "lifespan": "on", **options}
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(WAIT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise AssertionError("uvicorn stopped before it started")
-                await asyncio.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        done, _ = await asyncio.wait({task}, timeout=exit_within)
-        if not done:
-            server.force_exit = True
-            done, _ = await asyncio.wait({task}, timeout=WAIT)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+def serving(app: Any, exit_within: float = 30.0, **options: Any) -> Any:
+    """``app`` under uvicorn on loopback, lifespan on (tests/test_asgi.py's helper)."""
+    return uvicorn_serving(app, exit_within, **{"lifespan": "on", **options})
 
 
 def counting(app: PresenceApp) -> tuple[Any, dict[str, int]]:

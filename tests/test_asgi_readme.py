@@ -22,6 +22,9 @@ from test_server_clients import Client, health
 
 from presence_core.asgi import PresenceApp
 
+# The door is the same code over either table: .ci/run runs it once, with the compiled one.
+pytestmark = pytest.mark.asgi_door
+
 HEADING = "Embedding: the ASGI app (presence_core.asgi)"
 TOPIC = "realtime:room"
 

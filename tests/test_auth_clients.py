@@ -103,7 +103,7 @@ def expired(sub: str = "alice") -> str:
 # -- availability ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=("serve", "asgi"))
+@pytest.fixture(params=("serve", pytest.param("asgi", marks=pytest.mark.asgi_door)))
 def door(request: pytest.FixtureRequest) -> str:
     """The front door every server of the test is: ``PresenceServer``, or the ASGI app under
     uvicorn (the same protocol core)."""

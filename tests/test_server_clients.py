@@ -109,7 +109,7 @@ def health(port: int) -> int | None:
         return None
 
 
-DOORS = ("serve", "asgi")
+DOORS = ("serve", pytest.param("asgi", marks=pytest.mark.asgi_door))
 
 
 def door_env(args: tuple[str, ...]) -> dict[str, str]:
