@@ -400,3 +400,54 @@ def test_a_1012_shutdown_is_a_hand_over_not_a_leave(valkey: ValkeyServer) -> Non
                 print(f"handed-over presence expired {time.monotonic() - stopped:.1f} s later")
 
     run(main())
+
+
+def test_on_an_address_other_than_loopback_it_refuses_to_authenticate_nobody(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As serve refuses to listen beyond loopback without authentication, the ASGI door
+    refuses sockets that reach it there, unless a key, an authenticator or allow_anonymous
+    says who may come.  (Plain ASGI calls: no socket is opened.)"""
+
+    async def handshake(app: PresenceApp, server: tuple[str, int], **kw: Any) -> list[Any]:
+        sent: list[Any] = []
+        inbox = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+
+        async def receive() -> Any:
+            if inbox:
+                return inbox.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "websocket",
+            "path": "/socket/websocket",
+            "query_string": b"vsn=2.0.0",
+            "headers": [],
+            "server": server,
+            "client": ("203.0.113.9", 5555),
+            "extensions": {"websocket.http.response": {}},
+        }
+        async with app.lifespan():
+            await app.serve(scope, receive, send, **kw)
+        return [m["type"] for m in sent] + [m.get("status") for m in sent[:1]]
+
+    async def main() -> None:
+        public = ("10.0.0.5", 4000)
+        refused = await handshake(PresenceApp(Tracker()), public)
+        assert refused == ["websocket.http.response.start", "websocket.http.response.body", 403]
+        assert (await handshake(PresenceApp(Tracker()), public, key="alice"))[0] == (
+            "websocket.accept"
+        )
+        anyone = PresenceApp(Tracker(), allow_anonymous=True)
+        assert (await handshake(anyone, public))[0] == "websocket.accept"
+        verified = PresenceApp(Tracker(), verifier=VERIFIER)
+        assert (await handshake(verified, public))[-1] == 401  # asks for a token instead
+        assert (await handshake(PresenceApp(Tracker()), ("127.0.0.1", 4000)))[0] == (
+            "websocket.accept"
+        )
+
+    run(main())
+    assert "authenticates nobody" in caplog.text

@@ -11,6 +11,7 @@ favour clear messages over speed.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -168,3 +169,18 @@ def check_node(node: object) -> str:
     if not isinstance(node, str) or _NODE.fullmatch(node) is None:
         raise PresenceValueError(f"node must match [A-Za-z0-9_-]{{1,32}}, got {node!r}")
     return node
+
+
+def is_loopback(host: object) -> bool:
+    """Whether listening on ``host`` reaches this machine only."""
+    if not isinstance(host, str) or not host:
+        return False  # None or "": every interface
+    host = host.strip().lower()
+    if host == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -47,6 +47,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
+from ._validate import is_loopback
 from .audit import audit
 from .driver import CoreDriver
 from .errors import PresenceValueError, RateLimited
@@ -116,8 +117,11 @@ class PresenceApp:
             ``/health`` reports it.
         limits, auth, verifier, key_claim, policy, private_only, allowed_origins,
             allow_anonymous: As for `presence_core.server.PresenceServer`, enforced by the
-            same protocol core.  ``max_frame_bytes`` bounds a received message (the ASGI
-            server's own limit, such as uvicorn's ``--ws-max-size``, applies first).
+            same protocol core.  Without authentication (none of these, and no ``key`` given
+            to `serve`), sockets that reach the app on an address other than loopback are
+            refused (403) unless ``allow_anonymous``, as ``serve`` refuses to listen there.
+            ``max_frame_bytes`` bounds a received message (the ASGI server's own limit, such
+            as uvicorn's ``--ws-max-size``, applies first).
         handover_seconds: How long a socket the ASGI server closed with 1012 (a restart)
             keeps its presences (see the module).
     """
@@ -165,6 +169,7 @@ class PresenceApp:
         # Sockets the ASGI server closed with 1012: Tracker connection -> (deadline, address).
         self._handed: dict[int, tuple[float, str | None]] = {}
         self._ran = False
+        self._warned_open = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -300,6 +305,22 @@ class PresenceApp:
         if not _route_path(scope).endswith("/websocket"):
             await self._refuse(scope, send, 404, "not found")
             return
+        if key is None and not self.core.auth_enabled and not self.core.allow_anonymous:
+            server = scope.get("server")
+            if server and not is_loopback(server[0]):
+                # As serve refuses to listen beyond loopback without authentication: a door
+                # reachable from elsewhere that identifies nobody must be asked for.
+                if not self._warned_open:
+                    self._warned_open = True
+                    logger.error(
+                        "refusing sockets on %r: this presence app authenticates nobody; give "
+                        "it a verifier, a policy or an auth hook, serve(..., key=) from your "
+                        "own authenticated route, or allow_anonymous=True",
+                        server[0],
+                    )
+                self.tracker.record_disconnect("refused_handshake")
+                await self._refuse(scope, send, 403, "this server authenticates nobody")
+                return
         if not self._accepting:
             if not self.driver.running:
                 logger.error(

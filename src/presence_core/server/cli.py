@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import __version__
+from .._validate import is_loopback
 from ..errors import PresenceError
 from ..limits import Limits
 from ..protocol.config import ServerLimits
@@ -32,7 +33,7 @@ from ..scaling import LOAD_SIGNALS, Threshold, ThresholdScaler
 from ..tracker import Tracker
 from . import bench
 from .loop import raise_nofile, run
-from .server import PresenceServer, is_loopback
+from .server import PresenceServer
 
 if TYPE_CHECKING:
     from ..auth import JwtVerifier

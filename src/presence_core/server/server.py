@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import http
-import ipaddress
 import itertools
 import logging
 import time
@@ -62,7 +61,7 @@ import orjson
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
-from .._validate import check_seconds, check_text
+from .._validate import check_seconds, check_text, is_loopback
 from ..audit import audit, flush_suppressed
 from ..auth import JwtVerifier
 from ..driver import CoreDriver
@@ -104,21 +103,6 @@ _STATIC_TYPES = {
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
 }
-
-
-def is_loopback(host: object) -> bool:
-    """Whether listening on ``host`` reaches this machine only."""
-    if not isinstance(host, str) or not host:
-        return False  # None or "": every interface
-    host = host.strip().lower()
-    if host == "localhost":
-        return True
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class PresenceServer:
