@@ -98,7 +98,7 @@ from ..typing import (
     Scaler,
     Transport,
 )
-from .delivery import Delivery, disable_hook, is_async_callable, new_hook
+from .delivery import Delivery, Hook, disable_hook, is_async_callable, new_hook
 from .encoding import (
     CONN,
     DATA,
@@ -1283,22 +1283,11 @@ class Tracker:
             return self._subscribe_async(topic, callback, send_state, raw, max_pending, on_overflow)
         if max_pending is not None or on_overflow is not None:
             _sync_options_refused(callback)
-        state, delivery = self._state, self._delivery
-        t = state.topic(topic)
-        subscribers = t.subscribers
-        if subscribers is None:
-            subscribers = t.subscribers = {}
-        entry = new_hook(callback, raw)
-        token = id(entry)  # unique while the entry lives, and the closure keeps it alive
-        subscribers[token] = entry
-        t.hooks = None
+        delivery = self._delivery
+        t, remove = self._add_subscriber(topic, new_hook(callback, raw))
 
         def unsubscribe() -> None:
-            if not disable_hook(entry):
-                return
-            del subscribers[token]
-            t.hooks = None
-            delivery.prune(t)
+            remove()
 
         if send_state:
             blob = delivery.state_json(t, callback)
@@ -1321,11 +1310,81 @@ class Tracker:
         max_pending: int | None,
         on_overflow: Callable[[], object] | None,
     ) -> Callable[[], None]:
+        hook = self._async_hook(
+            callback,
+            "subscribe",
+            raw,
+            max_pending,
+            on_overflow,
+            transport=False,
+            send_state=send_state,
+        )
+        put = hook.put
+        t, remove = self._add_subscriber(topic, new_hook(put, True))  # the queue holds the bytes
+
+        def unsubscribe() -> None:
+            if remove():
+                hook.close()
+
+        hook.end = unsubscribe
+        if send_state:
+            put(topic, EVENT_PRESENCE_STATE, self._delivery.state_json(t, put))
+        return unsubscribe
+
+    def _add_subscriber(self, topic: str, entry: Hook) -> tuple[Topic, Callable[[], bool]]:
+        """Add ``entry`` (a `new_hook`) to ``topic``'s subscribers; returns the topic and a
+        function that removes it (True the first time, False after)."""
+        delivery = self._delivery
+        t = self._state.topic(topic)
+        subscribers = t.subscribers
+        if subscribers is None:
+            subscribers = t.subscribers = {}
+        token = id(entry)  # unique while the entry lives, and the closure keeps it alive
+        subscribers[token] = entry
+        t.hooks = None
+
+        def remove() -> bool:
+            if not disable_hook(entry):
+                return False
+            del subscribers[token]
+            t.hooks = None
+            delivery.prune(t)
+            return True
+
+        return t, remove
+
+    def _add_transport(self, entry: Hook) -> Callable[[], bool]:
+        """Add ``entry`` (a `new_hook`) to the transports; returns a function that removes it
+        (True the first time, False after)."""
+        delivery = self._delivery
+        delivery.transports += (entry,)
+
+        def remove() -> bool:
+            if not disable_hook(entry):
+                return False
+            delivery.transports = tuple(h for h in delivery.transports if h is not entry)
+            return True
+
+        return remove
+
+    def _async_hook(
+        self,
+        callback: Callable[..., Any],
+        what: str,
+        raw: bool,
+        max_pending: int | None,
+        on_overflow: Callable[[], object] | None,
+        *,
+        transport: bool,
+        send_state: bool = False,
+    ) -> AsyncHook:
+        """An `AsyncHook` for ``callback`` on the running loop, registered with the delivery
+        (``what`` names the call in the error without one)."""
         from .async_hooks import AsyncHook, check_async_options, running_loop
 
-        loop = running_loop("subscribe")
+        loop = running_loop(what)
         limit = check_async_options(max_pending, on_overflow)
-        state, delivery = self._state, self._delivery
+        delivery = self._delivery
         hook = AsyncHook(
             callback,
             raw=raw,
@@ -1333,32 +1392,11 @@ class Tracker:
             on_overflow=on_overflow,
             loop=loop,
             delivery=delivery,
-            transport=False,
+            transport=transport,
             send_state=send_state,
         )
-        t = state.topic(topic)
-        subscribers = t.subscribers
-        if subscribers is None:
-            subscribers = t.subscribers = {}
-        put = hook.put
-        entry = new_hook(put, True)  # the queue holds the shared bytes
-        token = id(entry)
-        subscribers[token] = entry
-        t.hooks = None
         delivery.async_hooks[hook] = None
-
-        def unsubscribe() -> None:
-            if not disable_hook(entry):
-                return
-            del subscribers[token]
-            t.hooks = None
-            delivery.prune(t)
-            hook.close()
-
-        hook.end = unsubscribe
-        if send_state:
-            put(topic, EVENT_PRESENCE_STATE, delivery.state_json(t, put))
-        return unsubscribe
+        return hook
 
     def add_transport(
         self,
@@ -1384,13 +1422,10 @@ class Tracker:
             return self._add_async_transport(transport, raw, max_pending, on_overflow)
         if max_pending is not None or on_overflow is not None:
             _sync_options_refused(transport)
-        entry = new_hook(transport, raw)
-        delivery = self._delivery
-        delivery.transports += (entry,)
+        remove_entry = self._add_transport(new_hook(transport, raw))
 
         def remove() -> None:
-            if disable_hook(entry):
-                delivery.transports = tuple(h for h in delivery.transports if h is not entry)
+            remove_entry()
 
         return remove
 
@@ -1401,27 +1436,13 @@ class Tracker:
         max_pending: int | None,
         on_overflow: Callable[[], object] | None,
     ) -> Callable[[], None]:
-        from .async_hooks import AsyncHook, check_async_options, running_loop
-
-        loop = running_loop("add_transport")
-        limit = check_async_options(max_pending, on_overflow)
-        delivery = self._delivery
-        hook = AsyncHook(
-            transport,
-            raw=raw,
-            max_pending=limit,
-            on_overflow=on_overflow,
-            loop=loop,
-            delivery=delivery,
-            transport=True,
+        hook = self._async_hook(
+            transport, "add_transport", raw, max_pending, on_overflow, transport=True
         )
-        entry = new_hook(hook.put, True)
-        delivery.transports += (entry,)
-        delivery.async_hooks[hook] = None
+        remove_entry = self._add_transport(new_hook(hook.put, True))
 
         def remove() -> None:
-            if disable_hook(entry):
-                delivery.transports = tuple(h for h in delivery.transports if h is not entry)
+            if remove_entry():
                 hook.close()
 
         hook.end = remove
