@@ -334,7 +334,7 @@ class PresenceApp:
         # `serve` returns, and handed-over ones until their presences go: a socket we closed
         # but whose client never reads still holds its buffers.
         if self._open + len(self._handed) >= self.limits.max_connections:
-            self._refuse_limit("max_connections", self.limits.max_connections)
+            self.core.refuse_handshake("max_connections", self.limits.max_connections)
             await self._refuse(scope, send, 503, "too many connections")
             return
         address = None
@@ -343,7 +343,7 @@ class PresenceApp:
             client = scope.get("client")
             address = str(client[0]) if client else "?"
             if self._per_ip.get(address, 0) >= per_ip:
-                self._refuse_limit("max_connections_per_ip", per_ip)
+                self.core.refuse_handshake("max_connections_per_ip", per_ip)
                 await self._refuse(scope, send, 429, "too many connections from one address")
                 return
         sock = _Socket(next(self._ids))
@@ -358,7 +358,6 @@ class PresenceApp:
             sock, origin=origin, api_key=api_key, query=query, now=time.time()
         )
         if refused is not None:
-            self.tracker.record_disconnect("refused_handshake")
             await self._refuse(scope, send, refused.status, refused.reason)
             return
         sock.key = key
@@ -557,11 +556,6 @@ class PresenceApp:
 
     def _release(self, session: Session) -> None:
         pass  # the socket was read all along (see `_deliver`)
-
-    def _refuse_limit(self, limit: str, value: int) -> None:
-        audit("limit_hit", limit=limit, value=value)
-        self.tracker.record_limit_hit(limit)
-        self.tracker.record_disconnect("refused_handshake")
 
     async def _refuse(self, scope: Scope, send: ASGISend, status: int, reason: str) -> None:
         """Refuse a handshake: HTTP ``status`` with ``{"error": reason}`` where the server

@@ -410,7 +410,16 @@ class PhoenixCore:
         """Check a WebSocket handshake: its ``Origin`` header, its token (the ``x-api-key``
         header, else the ``apikey`` or ``token`` query parameter, where Supabase Realtime and
         phoenix.js's ``params`` put it) and its protocol version (``vsn``).  Returns the
-        refusal to answer, or None to accept (then `connect` once the socket is open)."""
+        refusal to answer (counted as a refused handshake), or None to accept (then `connect`
+        once the socket is open)."""
+        refusal = self._identify(session, origin, api_key, query, now)
+        if refusal is not None:
+            self.tracker.record_disconnect("refused_handshake")
+        return refusal
+
+    def _identify(
+        self, session: Session, origin: str | None, api_key: str | None, query: str, now: float
+    ) -> Refusal | None:
         allowed = self.allowed_origins
         if allowed is not None and origin is not None and _origin(origin) not in allowed:
             audit("origin_refused", conn=session.id, origin=origin[:200])
@@ -1239,6 +1248,12 @@ class PhoenixCore:
         """A limit refused something: audited, and counted in ``limit_hits``."""
         audit("limit_hit", limit=limit, **fields)
         self.tracker.record_limit_hit(limit)
+
+    def refuse_handshake(self, limit: str, value: int) -> None:
+        """A door's connection limit (``max_connections``, ``max_connections_per_ip``)
+        refused a socket: audited, counted as a limit hit and as a refused handshake."""
+        self._limit_hit(limit, value=value)
+        self.tracker.record_disconnect("refused_handshake")
 
     def _reply(self, session: Session, msg: Message, status: str, response: Any) -> None:
         payload = {"status": status, "response": response}

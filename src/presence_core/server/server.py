@@ -353,16 +353,6 @@ class PresenceServer:
                     decision.reason,
                 )
 
-    def _refuse_handshake(self, limit: str, value: int) -> None:
-        """A socket refused by a connection limit: a limit hit and a refused handshake."""
-        self._limit_hit(limit, value=value)
-        self.tracker.record_disconnect("refused_handshake")
-
-    def _limit_hit(self, limit: str, **fields: Any) -> None:
-        """A server limit refused something: audited, and counted in ``limit_hits``."""
-        audit("limit_hit", limit=limit, **fields)
-        self.tracker.record_limit_hit(limit)
-
     def flush_soon(self) -> None:
         """Flush once this loop iteration's frames are read (see `CoreDriver`)."""
         self.driver.flush_soon()
@@ -409,11 +399,11 @@ class PresenceServer:
             self.tracker.record_disconnect("refused_handshake")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"stopping\n")
         if len(self.core.sessions) >= self.limits.max_connections:
-            self._refuse_handshake("max_connections", self.limits.max_connections)
+            self.core.refuse_handshake("max_connections", self.limits.max_connections)
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n")
         per_ip = self.limits.max_connections_per_ip
         if per_ip is not None and conn.peer is not None and self._per_ip[conn.peer] > per_ip:
-            self._refuse_handshake("max_connections_per_ip", per_ip)
+            self.core.refuse_handshake("max_connections_per_ip", per_ip)
             return _response(
                 http.HTTPStatus.TOO_MANY_REQUESTS, b"too many connections from one address\n"
             )
@@ -425,7 +415,6 @@ class PresenceServer:
             now=time.time(),
         )
         if refused is not None:
-            self.tracker.record_disconnect("refused_handshake")
             return _error(http.HTTPStatus(refused.status), refused.reason)
         response = conn.ws.accept(request)
         if response.status_code != 101:
@@ -509,7 +498,7 @@ class PresenceServer:
         the handshakes that will be answered 429.
         """
         if self._accepted >= self.limits.max_connections + _BACKLOG:
-            self._refuse_handshake("max_connections", self.limits.max_connections)
+            self.core.refuse_handshake("max_connections", self.limits.max_connections)
             return False
         per_ip = self.limits.max_connections_per_ip
         if per_ip is not None:
@@ -518,7 +507,7 @@ class PresenceServer:
             address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
             held = self._per_ip.get(address, 0)
             if held >= 2 * per_ip:
-                self._refuse_handshake("max_connections_per_ip", per_ip)
+                self.core.refuse_handshake("max_connections_per_ip", per_ip)
                 return False
             self._per_ip[address] = held + 1
             conn.peer = address  # counted until `closed`
